@@ -1,0 +1,276 @@
+"""U2A itself (paper section 3): token selection (eq. 4), loss (eq. 6-7), skipping missing encoders,
+video frames, parameter counts, modality dropout, and that it learns."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoders import AST, ASTConfig, BERT, BERTConfig, ViT, ViTConfig
+from lora import LoRALinear
+from u2a import U2A, U2AOutput, alignment_loss, modality_dropout, u2a_loss
+
+D = 32
+TINY = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def tiny_vit():
+    return ViT(ViTConfig(image_size=32, patch_size=8, **TINY))
+
+
+def tiny_bert():
+    return BERT(BERTConfig(vocab_size=100, max_position_embeddings=32, cls_token_id=2, **TINY))
+
+
+def tiny_model(num_classes=5, missing="mask_token", dropout=0.0):
+    torch.manual_seed(0)
+    model = U2A({"image": tiny_vit(), "text": tiny_bert()}, num_classes, dropout=dropout, missing=missing)
+    # A fresh adapter is the pretrained model; give the LoRA factors values so they matter in the tests.
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            torch.nn.init.normal_(mod.lora_B, std=0.1)
+    return model.eval()
+
+
+def tiny_batch(B=6, L=7, seed=1, present=None):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 100, (B, L), generator=g)
+    ids[:, 0] = 2  # [CLS]
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 5:] = 0  # one padded text
+    if present is None:
+        present = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1], [1, 0], [0, 1]], dtype=torch.bool)[:B]
+    return {
+        "image": torch.randn(B, 3, 32, 32, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "present": present,
+        "label": torch.randint(0, 5, (B,), generator=g),
+    }
+
+
+# -----------------------------------------------------------------------------
+# eq. 4: token selection
+
+def test_token_selection_all_three_cases():
+    model = tiny_model()
+    B = 3
+    cls = {"image": torch.randn(B, D), "text": torch.randn(B, D)}
+    mt = {"image": torch.randn(B, D), "text": torch.randn(B, D)}
+    present = torch.tensor([[1, 1], [0, 1], [1, 0]], dtype=torch.bool)
+    t1, t2 = model.select_tokens(cls, mt, present)
+    # both present -> (CLS_1, CLS_2)
+    assert torch.equal(t1[0], cls["image"][0]) and torch.equal(t2[0], cls["text"][0])
+    # m1 (image) missing -> (MT_2, CLS_2)
+    assert torch.equal(t1[1], mt["text"][1]) and torch.equal(t2[1], cls["text"][1])
+    # m2 (text) missing -> (CLS_1, MT_1)
+    assert torch.equal(t1[2], cls["image"][2]) and torch.equal(t2[2], mt["image"][2])
+    # eq. 5: the logits are the head of the sum
+    logits = model.classify(cls, mt, present)
+    assert torch.allclose(logits, model.head(t1 + t2))
+
+
+def test_forward_shapes_and_outputs():
+    model = tiny_model()
+    batch = tiny_batch()
+    out = model(batch)
+    assert isinstance(out, U2AOutput)
+    assert out.logits.shape == (6, 5)
+    for m in ("image", "text"):
+        assert out.cls[m].shape == (6, D) and out.mt[m].shape == (6, D)
+    # missing rows carry zeros, present rows do not
+    assert (out.cls["image"][2] == 0).all() and (out.cls["text"][1] == 0).all()
+    assert (out.cls["image"][0] != 0).any() and (out.mt["text"][2] != 0).any()
+
+
+# -----------------------------------------------------------------------------
+# Missing modalities are never encoded
+
+def test_missing_slot_content_does_not_matter():
+    """The logits of every sample are the same whatever sits in the missing slots, even NaN."""
+    model = tiny_model()
+    batch = tiny_batch()
+    ref = model(batch).logits
+    poisoned = {k: v.clone() for k, v in batch.items()}
+    no_image = ~batch["present"][:, 0]
+    no_text = ~batch["present"][:, 1]
+    poisoned["image"][no_image] = float("nan")
+    poisoned["input_ids"][no_text] = 3
+    poisoned["attention_mask"][no_text] = 0
+    out = model(poisoned).logits
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, ref)
+
+
+def test_missing_encoder_is_skipped():
+    """Each encoder sees only the rows that have its modality; a batch without it skips it entirely."""
+    model = tiny_model()
+    seen = {"image": [], "text": []}
+    for m in seen:
+        enc = model.branches[m].encoder
+        original = enc.encode
+
+        def spy(h, mask=None, _m=m, _orig=original):
+            seen[_m].append(h.shape[0])
+            return _orig(h, mask)
+        enc.encode = spy
+    batch = tiny_batch()
+    model(batch)
+    assert seen == {"image": [4], "text": [4]}
+    text_only = tiny_batch(present=torch.tensor([[0, 1]] * 6, dtype=torch.bool))
+    model(text_only)
+    assert seen == {"image": [4], "text": [4, 6]}
+
+
+def test_placeholder_baseline_encodes_everything():
+    """The naive baseline runs the encoders on the placeholders and always uses the CLS tokens."""
+    model = tiny_model(missing="placeholder")
+    batch = tiny_batch()
+    out = model(batch)
+    assert (out.cls["image"] != 0).any(1).all()  # every row encoded
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["image"][~batch["present"][:, 0]] = 0.0
+    # a missing image's placeholder content now changes that sample's logits
+    assert not torch.allclose(model(changed).logits[2], out.logits[2])
+
+
+def test_sample_without_any_modality_is_an_error():
+    model = tiny_model()
+    batch = tiny_batch(present=torch.tensor([[1, 1], [0, 0]], dtype=torch.bool), B=2)
+    with pytest.raises(ValueError, match="neither modality"):
+        model(batch)
+
+
+def test_padding_does_not_change_text_tokens():
+    """CLS and MT always attend; padded keys never do, so more padding changes nothing."""
+    model = tiny_model()
+    batch = tiny_batch(present=torch.ones(6, 2, dtype=torch.bool))
+    longer = dict(batch)
+    longer["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(6, 4, dtype=torch.long)], 1)
+    longer["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(6, 4, dtype=torch.long)], 1)
+    a, b = model(batch), model(longer)
+    assert torch.allclose(a.cls["text"], b.cls["text"], atol=1e-5)
+    assert torch.allclose(a.mt["text"], b.mt["text"], atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# eq. 6-7: the loss, by hand
+
+def test_loss_matches_hand_computation():
+    model = tiny_model()
+    batch = tiny_batch()
+    out = model(batch)
+    labels = batch["label"]
+    total, task, align = u2a_loss(out, labels, lam=0.2)
+    # by hand: cross-entropy over all six samples; alignment over the complete ones (rows 0 and 3)
+    logp = out.logits.log_softmax(1)
+    ce = -sum(logp[i, labels[i]] for i in range(6)) / 6
+    mse = 0.0
+    for i in (0, 3):
+        mse += ((out.mt["image"][i] - out.cls["text"][i]) ** 2).mean()
+        mse += ((out.mt["text"][i] - out.cls["image"][i]) ** 2).mean()
+    mse = mse / 2
+    assert torch.allclose(task, ce, atol=1e-6)
+    assert torch.allclose(align, mse, atol=1e-6)
+    assert torch.allclose(total, ce + 0.2 * mse, atol=1e-6)
+
+
+def test_multilabel_loss_is_bce_and_no_complete_sample_means_no_alignment():
+    model = tiny_model()
+    batch = tiny_batch(present=torch.tensor([[1, 0], [0, 1]] * 3, dtype=torch.bool))
+    out = model(batch)
+    targets = (torch.rand(6, 5) > 0.5).float()
+    total, task, align = u2a_loss(out, targets, multilabel=True)
+    assert torch.allclose(task, F.binary_cross_entropy_with_logits(out.logits, targets))
+    assert align.item() == 0.0 and torch.allclose(total, task)
+    assert alignment_loss(out).item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Training: only adapters, tokens and head learn; and the loss goes down
+
+def test_only_lora_tokens_and_head_are_trainable():
+    model = tiny_model()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names, "nothing trainable"
+    for n in names:
+        assert "lora_" in n or n.startswith("head.") or n.endswith((".cls", ".mt")), n
+    assert {"branches.image.cls", "branches.image.mt", "branches.text.cls", "branches.text.mt"} <= names
+
+
+def test_a_few_steps_reduce_the_loss():
+    model = tiny_model().train()
+    batch = tiny_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        total, _, _ = u2a_loss(model(batch), batch["label"])
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(total.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+
+
+# -----------------------------------------------------------------------------
+# Video: frames share one CLS and one MT, averaged over frames
+
+def test_video_frames_are_encoded_separately_and_averaged():
+    torch.manual_seed(0)
+    vit_video, vit_image = tiny_vit(), tiny_vit()
+    vit_image.load_state_dict(vit_video.state_dict())
+    model = U2A({"audio": AST(ASTConfig(max_length=64, num_mel_bins=32, **TINY)), "video": vit_video}, 4,
+                dropout=0.0).eval()
+    image_model = U2A({"image": vit_image, "text": tiny_bert()}, 4, dropout=0.0).eval()
+    image_model.branches["image"].load_state_dict(model.branches["video"].state_dict())
+    frames = torch.randn(2, 3, 3, 32, 32)  # (B, T, 3, H, W)
+    batch = {"audio": torch.randn(2, 64, 32), "video": frames, "present": torch.ones(2, 2, dtype=torch.bool)}
+    out = model(batch)
+    assert out.logits.shape == (2, 4)
+    # the clip's CLS is the mean of each frame's CLS through the image branch
+    per_frame = [image_model.branches["image"]({"image": frames[:, t]})[0] for t in range(3)]
+    assert torch.allclose(out.cls["video"], torch.stack(per_frame).mean(0), atol=1e-5)
+    # and so frame order does not matter
+    shuffled = dict(batch, video=frames[:, [2, 0, 1]])
+    assert torch.allclose(model(shuffled).cls["video"], out.cls["video"], atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Modality dropout (section 3): per step, keep both or drop one; never drop a sample's only modality
+
+def test_modality_dropout():
+    present = torch.ones(8, 2, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    seen = {}
+    for _ in range(600):
+        out = modality_dropout(present, g)
+        assert out.any(1).all()
+        key = tuple(out[0].tolist())
+        assert (out == out[0]).all()  # one choice for the whole batch
+        seen[key] = seen.get(key, 0) + 1
+    assert set(seen) == {(True, True), (False, True), (True, False)}
+    assert all(150 < v < 250 for v in seen.values()), seen
+    mixed = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    for _ in range(50):
+        assert modality_dropout(mixed, g).any(1).all()
+
+
+# -----------------------------------------------------------------------------
+# The paper's configuration: trainable parameter count (no weights needed: built on the meta device)
+
+@pytest.mark.parametrize("num_classes", [101, 31])
+def test_trainable_parameters_of_the_paper_configuration(num_classes):
+    with torch.device("meta"):
+        model = U2A({"image": ViT(), "text": BERT()}, num_classes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d, blocks, projections = 768, 12, 4
+    lora = 2 * blocks * projections * (d + d)          # rank 1: A (1 x d) + B (d x 1)
+    tokens = 2 * 2 * d                                 # CLS + MT per modality
+    head = d * num_classes + num_classes
+    assert trainable == lora + tokens + head
+    expected_millions = {101: 0.23, 31: 0.17}[num_classes]
+    assert round(trainable / 1e6, 2) == expected_millions
+    print(f"\n{num_classes} classes: {trainable:,} trainable parameters")

@@ -1,0 +1,236 @@
+"""
+U2A: Unified Unimodal Adaptation (Reza et al., 2025, arXiv 2501.17823), section 3, end to end.
+
+Two frozen pretrained encoders, one per modality, each adapted with rank-1 LoRA. Every encoder reads
+[CLS, tokens, MT]: a learnable class token and a learnable Mask Token around its frozen embeddings (eq. 1-3).
+When both modalities are there, the two CLS outputs are summed and classified (eq. 5). When one is missing,
+its CLS is replaced by the MT output of the modality that is there (eq. 4), and an alignment loss teaches
+each MT to imitate the other modality's CLS on complete samples (eq. 6-7).
+
+Read top to bottom: one modality branch -> the two-branch model (token selection, fusion, head) -> the loss
+-> random modality dropout -> loading the pretrained encoders for a modality.
+
+Choices the paper leaves open, made here:
+- CLS and MT both start as the encoder's own pretrained class token (as it enters the encoder, position
+  included), so an untrained U2A reads every input as the pretrained model does. They part ways through
+  their gradients: CLS is trained by the task loss on complete inputs, MT by the alignment loss and the task
+  loss on inputs whose other modality is missing.
+- Our CLS takes the place of the pretrained class token (position 0, with position 0's embedding folded in);
+  the MT goes at the end of the sequence with no position embedding of its own: it is a learned vector, so
+  any position embedding would only be folded into it. For BERT, the padding mask never hides CLS or MT.
+- The selected tokens pass through the encoder's own final norm (`final_norm`): CLIP's post_layernorm, which
+  CLIP applies to its class token; nothing for BERT (it has no final norm) and AST (its final layernorm is
+  already part of `encode`).
+- Video: each of the T frames is its own sequence [CLS, 196 patches, MT] through the image ViT, and the CLS
+  and MT outputs are averaged over frames. One long sequence of 3 x 196 patches would reuse CLIP's 197
+  positions three times (CLIP never saw such inputs) and cost 9x the attention instead of 3x; averaging frame
+  features is what audio-video work built on CLIP does (e.g. MMLoRA, MLA).
+- Random modality dropout (section 3, last paragraph) is drawn once per training step for the whole batch:
+  "for each training iteration, we either use both modalities or randomly drop one".
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from encoders import AST, BERT, ViT
+from lora import add_lora, mark_only_lora_as_trainable, parameter_table
+
+# Which keys of a batch (data.py's contract) each modality reads, and which encoder class reads them.
+MODALITY_INPUTS = {
+    "image": ("image",),                          # (B, 3, H, W)
+    "video": ("video",),                          # (B, T, 3, H, W)
+    "audio": ("audio",),                          # (B, 1024, 128) fbank
+    "text": ("input_ids", "attention_mask"),      # (B, L), (B, L)
+}
+MODALITY_ENCODER = {"image": ViT, "video": ViT, "audio": AST, "text": BERT}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, key, value and output
+
+
+# -----------------------------------------------------------------------------
+# One modality: frozen embedding -> [CLS, tokens, MT] -> encoder with LoRA (eq. 1-3)
+
+class Branch(nn.Module):
+    """Turns one modality's input into its CLS and MT output tokens, each (b, D)."""
+
+    def __init__(self, modality, encoder):
+        super().__init__()
+        if modality not in MODALITY_INPUTS:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_INPUTS)}")
+        self.modality = modality
+        self.input_keys = MODALITY_INPUTS[modality]
+        self.encoder = encoder
+        pretrained_cls = encoder.class_token().detach().clone()  # (D,)
+        self.cls = nn.Parameter(pretrained_cls.clone())           # T_CLS,m of eq. 2
+        self.mt = nn.Parameter(pretrained_cls.clone())            # T_MT,m of eq. 2
+
+    def embed(self, inputs):
+        """Eq. 1: the frozen embedding layer. Returns tokens (b, N, D) and a key mask (b, N) or None."""
+        enc = self.encoder
+        if self.modality == "text":
+            ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+            tokens = enc.embed(ids)[:, 1:]               # (b, L-1, D): our CLS replaces [CLS]
+            return tokens, attention_mask[:, 1:].bool()  # (b, L-1)
+        if self.modality == "video":
+            frames = inputs["video"]                     # (b, T, 3, H, W)
+            tokens = enc.embed(frames.flatten(0, 1))     # (b*T, 1+N, D): each frame its own sequence
+            return tokens[:, 1:], None
+        # image: drop CLIP's class token; audio: drop AST's cls token, keep its distillation token.
+        return enc.embed(inputs[self.modality])[:, 1:], None  # (b, N, D)
+
+    def forward(self, inputs):
+        tokens, mask = self.embed(inputs)                     # (b', N, D), b' = b or b*T
+        n = tokens.shape[0]
+        cls = self.cls.expand(n, 1, -1)                       # (b', 1, D)
+        mt = self.mt.expand(n, 1, -1)                         # (b', 1, D)
+        seq = torch.cat([cls, tokens.to(cls.dtype), mt], 1)  # (b', N+2, D)  eq. 2
+        if mask is not None:
+            always = mask.new_ones(n, 1)
+            mask = torch.cat([always, mask, always], 1)       # (b', N+2): CLS and MT always attend
+        out = self.encoder.encode(seq, mask)                  # (b', N+2, D)  eq. 3
+        cls_out = self.encoder.final_norm(out[:, 0])          # (b', D)
+        mt_out = self.encoder.final_norm(out[:, -1])          # (b', D)
+        if self.modality == "video":                          # average the T frames of each clip
+            T = inputs["video"].shape[1]
+            cls_out = cls_out.view(-1, T, cls_out.shape[-1]).mean(1)  # (b, D)
+            mt_out = mt_out.view(-1, T, mt_out.shape[-1]).mean(1)     # (b, D)
+        return cls_out, mt_out
+
+
+# -----------------------------------------------------------------------------
+# The model: two branches, token selection (eq. 4), sum fusion and a linear head (eq. 5)
+
+@dataclass
+class U2AOutput:
+    logits: torch.Tensor   # (B, C)
+    cls: dict              # modality -> (B, D) CLS output; zeros where that modality is missing
+    mt: dict               # modality -> (B, D) MT output; zeros where that modality is missing
+    present: torch.Tensor  # (B, 2) bool, column i = modality i was used
+
+
+class U2A(nn.Module):
+    """
+    encoders: {modality: encoder} for exactly two modalities, in the order (m1, m2) of the batch's
+    "present" columns. missing="mask_token" is U2A; missing="placeholder" is the naive baseline that
+    encodes the paper's placeholder inputs (zeros / empty text) and always uses the two CLS tokens.
+    """
+
+    def __init__(self, encoders, num_classes, rank=1, alpha=1.0, dropout=0.1, missing="mask_token"):
+        super().__init__()
+        if len(encoders) != 2:
+            raise ValueError(f"U2A takes exactly two modalities, got {list(encoders)}")
+        if missing not in ("mask_token", "placeholder"):
+            raise ValueError(f"missing must be 'mask_token' or 'placeholder', got {missing!r}")
+        self.modalities = tuple(encoders)
+        self.missing = missing
+        self.branches = nn.ModuleDict({m: Branch(m, enc) for m, enc in encoders.items()})
+        dims = {enc.config.hidden_size for enc in encoders.values()}
+        if len(dims) != 1:  # sum fusion (eq. 5) needs one width
+            raise ValueError(f"sum fusion needs encoders of one width, got {sorted(dims)}")
+        self.head = nn.Linear(dims.pop(), num_classes)     # h(.; Theta_h) of eq. 5
+        # LoRA on q/k/v/out of every block (section 4.2); only LoRA, the tokens and the head learn.
+        for enc in encoders.values():
+            add_lora(enc, LORA_TARGETS, rank=rank, alpha=alpha, dropout=dropout)
+        tokens = [f"branches.{m}.{t}" for m in self.modalities for t in ("cls", "mt")]
+        mark_only_lora_as_trainable(self, also=(*tokens, "head."))
+
+    def encode(self, batch):
+        """Runs each modality's branch on the samples that have it; returns cls, mt dicts of (B, D)."""
+        present = batch["present"].bool()                  # (B, 2)
+        if self.missing == "placeholder":                  # the baseline encodes placeholders too
+            present = torch.ones_like(present)
+        elif not present.any(1).all():
+            raise ValueError("a sample has neither modality: U2A needs at least one per sample")
+        rows_present = present.cpu()
+        B = present.shape[0]
+        cls, mt = {}, {}
+        for i, (m, branch) in enumerate(self.branches.items()):
+            rows = rows_present[:, i]
+            D = self.head.in_features
+            if rows.all():           # common case: no indexing, no copies
+                cls[m], mt[m] = branch({k: batch[k] for k in branch.input_keys})
+                continue
+            # A missing modality's encoder output is never used (eq. 4), so it is never computed:
+            # only the rows that have this modality go through its encoder.
+            idx = rows.nonzero().squeeze(1).to(present.device)  # (b,)
+            c = torch.zeros(B, D, device=present.device, dtype=self.head.weight.dtype)
+            t = torch.zeros_like(c)
+            if len(idx):
+                c_rows, t_rows = branch({k: batch[k].index_select(0, idx) for k in branch.input_keys})
+                c = c.index_copy(0, idx, c_rows.to(c.dtype))
+                t = t.index_copy(0, idx, t_rows.to(t.dtype))
+            cls[m], mt[m] = c, t
+        return cls, mt
+
+    def select_tokens(self, cls, mt, present):
+        """Eq. 4, per sample. Returns (T1, T2), each (B, D)."""
+        m1, m2 = self.modalities
+        if self.missing == "placeholder":
+            return cls[m1], cls[m2]
+        has1 = present[:, 0:1].bool()                      # (B, 1)
+        has2 = present[:, 1:2].bool()                      # (B, 1)
+        t1 = torch.where(has1, cls[m1], mt[m2])            # m1 missing -> MT of m2
+        t2 = torch.where(has2, cls[m2], mt[m1])            # m2 missing -> MT of m1
+        return t1, t2
+
+    def classify(self, cls, mt, present):
+        t1, t2 = self.select_tokens(cls, mt, present)
+        return self.head(t1 + t2)                          # (B, C)  eq. 5: sum fusion, linear head
+
+    def forward(self, batch):
+        cls, mt = self.encode(batch)
+        present = batch["present"].bool()
+        return U2AOutput(self.classify(cls, mt, present), cls, mt, present)
+
+    def parameter_table(self):
+        return parameter_table(self)
+
+
+# -----------------------------------------------------------------------------
+# The loss: task loss + lambda * alignment of mask tokens (eq. 6-7)
+
+def alignment_loss(out):
+    """Eq. 6: MSE(MT_1, CLS_2) + MSE(MT_2, CLS_1), averaged over the modality-complete samples."""
+    m1, m2 = list(out.cls)
+    complete = out.present.all(1)                          # (B,)
+    if not complete.any():                                 # no complete sample: nothing to align
+        return out.logits.new_zeros(())
+    return (F.mse_loss(out.mt[m1][complete], out.cls[m2][complete])
+            + F.mse_loss(out.mt[m2][complete], out.cls[m1][complete]))
+
+
+def u2a_loss(out, labels, multilabel=False, lam=0.2):
+    """Eq. 7: L_total = L_task + lambda * L_align. Returns (total, task, align)."""
+    if multilabel:   # MM-IMDb: 23 genres, several per film
+        task = F.binary_cross_entropy_with_logits(out.logits, labels.float())
+    else:
+        task = F.cross_entropy(out.logits, labels)
+    align = alignment_loss(out)
+    return task + lam * align, task, align
+
+
+# -----------------------------------------------------------------------------
+# Random modality dropout (section 3): on a complete training set, each step keeps both or drops one
+
+def modality_dropout(present, generator=None):
+    """present (B, 2) bool -> (B, 2): unchanged, m1 dropped, or m2 dropped, each with probability 1/3.
+    A sample never loses its only modality (possible only if the set was not complete after all)."""
+    choice = int(torch.randint(3, (1,), generator=generator))
+    if choice == 0:
+        return present
+    dropped = present.clone()
+    dropped[:, choice - 1] = False
+    lost_all = ~dropped.any(1)
+    dropped[lost_all] = present[lost_all]
+    return dropped
+
+
+# -----------------------------------------------------------------------------
+# Pretrained encoders for a modality
+
+def load_encoder(modality, path):
+    """The frozen pretrained encoder for a modality, read from a checkpoint folder or file."""
+    if modality not in MODALITY_ENCODER:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_ENCODER)}")
+    return MODALITY_ENCODER[modality].from_pretrained(path)
