@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=PAPER["lora_dropout"])
     p.add_argument("--lam", type=float, default=PAPER["lam"], help="lambda of eq. 7")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-missing-rate", type=float, default=0.0, help="eta for the training set, e.g. 0.7")
+    p.add_argument("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default 0)")
     p.add_argument("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
     p.add_argument("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
     p.add_argument("--test-missing-type")
@@ -100,6 +100,14 @@ def parse_args(argv=None):
         args.data_root = f"data/{args.data}"
     if args.resume and args.out is None:
         p.error("--resume needs --out: the run folder to continue")
+    if args.eval_only is not None:  # evaluate in the setting the checkpoint was trained in, unless told otherwise
+        if not args.eval_only.is_file():
+            p.error(f"--eval-only {args.eval_only}: no such checkpoint")
+        trained = checkpoint_meta(args.eval_only)["config"]
+        for key in ("train_missing_rate", "train_missing_type"):
+            if getattr(args, key) is None:
+                setattr(args, key, trained[key])
+    args.train_missing_rate = args.train_missing_rate or 0.0
     return args
 
 
@@ -163,15 +171,23 @@ def save_checkpoint(path, model, meta, optimizer=None):
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
 
 
-def load_checkpoint(path, model, optimizer=None):
+def open_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         f = safe_open(str(path), framework="pt")
+        return f, json.loads(f.metadata()["u2a"])
     except Exception as err:
         raise ValueError(f"{path} is not a safetensors checkpoint written by train.py: {err}") from None
-    meta = json.loads(f.metadata()["u2a"])
+
+
+def checkpoint_meta(path):
+    return open_checkpoint(path)[1]
+
+
+def load_checkpoint(path, model, optimizer=None):
+    f, meta = open_checkpoint(path)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     found = {k[len("model."):] for k in f.keys() if k.startswith("model.")}
@@ -570,9 +586,7 @@ def main(argv=None):
                   "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
     info = info_of(args)
     if args.eval_only:
-        if not args.eval_only.is_file():
-            raise FileNotFoundError(f"--eval-only {args.eval_only}: no such checkpoint")
-        method = json.loads(safe_open(str(args.eval_only), framework="pt").metadata()["u2a"])["method"]
+        method = checkpoint_meta(args.eval_only)["method"]
         model = build_model(args, info, method).to(device)
         metrics = evaluate_run(args, model, info, text_tokenizer(args, info), args.out, args.eval_only, device,
                                autocast_for(device))

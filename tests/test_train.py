@@ -1,0 +1,190 @@
+"""train.py end to end on the synthetic data with the shipped toy encoders (CPU, seconds each): the CLI,
+the default's summary table, checkpoints, exact resume after a crash, DDP == one process, the schedule."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--workers", "0"]
+
+
+def model_tensors(path):
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith(("model.", "optim."))}
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule (Table 5): 0.1x for the warm-up epochs, then (1 - progress)^0.9
+
+def test_lr_schedule():
+    total, warmup = 100, 20
+    assert all(train.lr_factor(s, total, warmup) == 0.1 for s in range(warmup))
+    assert train.lr_factor(warmup, total, warmup) == 1.0
+    assert train.lr_factor(60, total, warmup) == pytest.approx(0.5 ** 0.9)
+    assert train.lr_factor(99, total, warmup) == pytest.approx((1 / 80) ** 0.9)
+    assert train.lr_factor(total, total, warmup) == 0.0
+    decay = [train.lr_factor(s, total, warmup) for s in range(warmup, total + 1)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_paper_defaults_per_dataset():
+    food = train.parse_args(["--data", "food101"])
+    assert (food.lr, food.epochs, food.batch_size, food.warmup_epochs) == (1e-3, 10, 8, 5)
+    assert (food.weight_decay, food.eps, food.rank, food.alpha, food.lora_dropout, food.lam) == \
+        (0.02, 1e-8, 1, 1.0, 0.1, 0.2)
+    assert food.data_root == "data/food101"
+    ks = train.parse_args(["--data", "ks", "--lr", "1e-4"])
+    assert (ks.lr, ks.epochs, ks.batch_size) == (1e-4, 100, 4)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "imagenet"])
+
+
+# -----------------------------------------------------------------------------
+# The CLI: a short run writes everything it promises
+
+def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = train.main(SMALL + ["--epochs", "1", "--out", str(out), "--no-compare-naive",
+                                  "--train-missing-rate", "0.5", "--train-missing-type", "both"])
+    for name in ("config.json", "metrics.json", "best.safetensors", "last.safetensors", "missing_train.json",
+                 "missing_val.json", "test_tokens.safetensors"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["scenarios"].keys() == metrics["u2a"]["scenarios"].keys()
+    groups = {g for r in saved["scenarios"].values() for g in r["groups"]}
+    assert groups == {"complete", "table3", "table4", "table6", "figure2"}
+    assert len(saved["mt_cls_mse_per_class"]["image->text"]) == 8
+    table = data.load_missing_table(out / "missing_train.json")
+    assert int((~table).sum()) == 32 and table.any(1).all()  # 50% of 64, none loses both
+    printed = capsys.readouterr().out
+    assert "Table 4" in printed and "Figure 2" in printed and "toy" in printed.lower()
+    # the checkpoint holds only what training changed, plus where the frozen encoders came from
+    ckpt = load_file(str(out / "best.safetensors"))
+    assert all(k.startswith("model.") for k in ckpt)
+    assert any("lora_" in k for k in ckpt) and "model.head.weight" in ckpt
+    assert not any(".encoder." in k and "lora_" not in k for k in ckpt)
+    # --eval-only reproduces the test numbers from the checkpoint
+    again = train.main(SMALL + ["--eval-only", str(out / "best.safetensors"), "--out", str(tmp_path / "eval")])
+    assert again["u2a"]["scenarios"] == saved["scenarios"]
+
+
+def test_default_summary_table_compares_u2a_with_the_naive_baseline(tmp_path, capsys):
+    metrics = train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path)])  # synthetic: naive on by default
+    assert set(metrics) == {"u2a", "naive"}
+    lines = capsys.readouterr().out.split("== Summary")[1].splitlines()
+    header = next(line for line in lines if "image only" in line)
+    assert header.split() == ["image", "+", "text", "image", "only", "text", "only"]
+    rows = [line for line in lines if line.startswith(("U2A", "naive"))]
+    assert len(rows) == 2
+    for row in rows:
+        numbers = [float(x) for x in row.split()[-3:]]
+        assert all(0 <= x <= 100 for x in numbers)
+    assert (tmp_path / "u2a" / "metrics.json").is_file() and (tmp_path / "naive" / "metrics.json").is_file()
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*make_toy"):
+        train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path), "--weights", str(tmp_path / "nope")])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: round trip and exact resume
+
+def test_checkpoint_round_trip(tmp_path):
+    args = train.parse_args(SMALL)
+    info = train.info_of(args)
+    model = train.build_model(args, info, "u2a")
+    opt = train.make_optimizer(model, args)
+    batch = next(iter(data.make_loader(data.make_dataset("synthetic", None, "train", limit=8), 8, False)))
+    loss, _, _ = train.u2a_loss(model(batch), batch["label"])
+    loss.backward()
+    opt.step()
+    path = tmp_path / "ckpt.safetensors"
+    train.save_checkpoint(path, model, {"step": 1, "method": "u2a", "config": train.vars_json(args)}, opt)
+    fresh = train.build_model(args, info, "u2a")
+    fresh_opt = train.make_optimizer(fresh, args)
+    meta = train.load_checkpoint(path, fresh, fresh_opt)
+    assert meta["step"] == 1
+    for (n, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), n
+    names = {id(p): n for n, p in model.named_parameters()}
+    fresh_params = dict(fresh.named_parameters())
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            assert torch.equal(fresh_opt.state[fresh_params[names[id(p)]]][key].reshape(value.shape), value)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a safetensors checkpoint"):
+        train.load_checkpoint(tmp_path / "bad.safetensors", fresh)
+    naive = train.build_model(args, info, "naive")
+    naive.head = torch.nn.Linear(naive.head.in_features, 3)  # a model of another shape
+    with pytest.raises((ValueError, RuntimeError)):
+        train.load_checkpoint(path, naive)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    run = SMALL + ["--epochs", "2", "--no-compare-naive", "--save-every", "1"]
+    train.main(run + ["--out", str(tmp_path / "whole")])
+
+    real_loss, calls = train.u2a_loss, {"n": 0}
+
+    def crash_at_step_6(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # mid-way through epoch 2 (4 steps per epoch)
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+    monkeypatch.setattr(train, "u2a_loss", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run + ["--out", str(tmp_path / "crashed")])
+    monkeypatch.setattr(train, "u2a_loss", real_loss)
+    assert json.loads(_meta(tmp_path / "crashed" / "last.safetensors"))["step"] == 5
+    train.main(run + ["--out", str(tmp_path / "crashed"), "--resume"])
+
+    whole, resumed = model_tensors(tmp_path / "whole" / "last.safetensors"), \
+        model_tensors(tmp_path / "crashed" / "last.safetensors")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+
+
+def _meta(path):
+    from safetensors import safe_open
+    return safe_open(str(path), framework="pt").metadata()["u2a"]
+
+
+# -----------------------------------------------------------------------------
+# DDP: two gloo processes with batch 8 each == one process with batch 16
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_cpu_matches_a_single_process(tmp_path):
+    # LoRA dropout off: each process has its own RNG stream, so dropout masks could not match.
+    run = SMALL + ["--epochs", "1", "--no-compare-naive", "--lora-dropout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *run, "--out", str(tmp_path / "single")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "train.py", *run,
+                          "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-4000:]
+    single = model_tensors(tmp_path / "single" / "last.safetensors")
+    double = model_tensors(tmp_path / "ddp" / "last.safetensors")
+    assert single.keys() == double.keys()
+    moved = 0
+    for k in single:
+        if k.startswith("model."):
+            assert torch.allclose(single[k], double[k], atol=1e-5, rtol=1e-4), k
+            moved += 1
+    assert moved > 0
