@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", type=Path, metavar="CKPT", help="evaluate a checkpoint, no training")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: each epoch)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int, help="DataLoader processes (default: 0 for synthetic, else up to 4)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="unreadable files")
     args = p.parse_args(argv)
@@ -94,6 +94,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.warmup_factor, args.power, args.eps = PAPER["warmup_factor"], PAPER["power"], PAPER["eps"]
+    if args.workers is None:  # the synthetic set is already in memory: worker processes would only cost
+        args.workers = 0 if args.data == "synthetic" else min(4, os.cpu_count() or 1)
     if args.compare_naive is None:
         args.compare_naive = args.data == "synthetic" and args.eval_only is None
     if args.data_root is None and args.data != "synthetic":
