@@ -1,0 +1,154 @@
+"""
+The teaching notebooks run top to bottom without an error, as a student would run them:
+  - by default (no U2A_RUN): synthetic data and the toy encoders, from notebooks/ as the working directory;
+  - pointed at a train.py run folder of a real dataset layout: a tiny fake MM-IMDb (multi-label, F1) trained for
+    one epoch with small random encoders saved in the paper's checkpoint layouts by transformers, from the
+    repository root; 03 then runs again without the encoders on disk (it scores the stored test tokens).
+They are committed without outputs.
+
+Each notebook runs in a fresh kernel of this interpreter: a kernelspec written into a temporary folder, so
+that whatever `python3` kernels the machine has installed elsewhere are never picked.
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+NAMES = ["01_pipeline.ipynb", "02_lora.ipynb", "03_missing_modalities.ipynb"]
+CELL_TIMEOUT = 300  # seconds; the longest cell trains U2A and the naive baseline (03)
+PLOTS = {"01_pipeline.ipynb": 2, "02_lora.ipynb": 3, "03_missing_modalities.ipynb": 6}  # figures each one draws
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """A folder holding one kernelspec, `python3`, that starts ipykernel with this very interpreter."""
+    folder = tmp_path_factory.mktemp("kernels")
+    (folder / "python3").mkdir()
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (u2a tests)", "language": "python"}
+    (folder / "python3" / "kernel.json").write_text(json.dumps(spec))
+    return folder
+
+
+def execute(name, kernels, cwd, run=None):
+    """Run every cell of notebooks/<name> in a fresh kernel; any cell error raises CellExecutionError."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    km = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
+    env = {k: v for k, v in os.environ.items() if k != "U2A_RUN"}
+    if run is not None:
+        env["U2A_RUN"] = str(run)
+    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(cwd)}}).execute(env=env)
+    return nb
+
+
+def text_of(nb):
+    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+
+
+def figures(nb):
+    return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+               for out in cell.outputs)
+
+
+# -----------------------------------------------------------------------------
+# As committed
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_committed_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and code[0].source.startswith("#"), "cell 1: a comment, then the imports and the seed"
+    assert nb.cells[0].cell_type == "markdown" and "Runtime" in nb.cells[0].source
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), \
+        f"{name} has outputs: clear them before committing"
+    assert all(cell.source.lstrip().startswith("#") for cell in code), "every code cell opens with a comment"
+
+
+# -----------------------------------------------------------------------------
+# The default: synthetic data, toy encoders, no U2A_RUN
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_clean_on_the_synthetic_default(name, kernels):
+    nb = execute(name, kernels, cwd=NOTEBOOKS)
+    out = text_of(nb)
+    assert f"{name.split('.')[0]} OK" in out, "the final cell prints its check"
+    assert "synthetic" in out
+    assert figures(nb) >= PLOTS[name]
+
+
+# -----------------------------------------------------------------------------
+# A run folder of a real dataset layout: a fake MM-IMDb and small random encoders in the published layouts
+
+GENRES = [["Drama", "Comedy"], ["Horror"], ["Drama", "Romance"], ["Action", "Thriller"], ["Comedy"],
+          ["Documentary"], ["Horror", "Thriller"], ["Animation", "Family"], ["Drama"], ["Sci-Fi", "Action"]]
+SPLITS = {"train": range(0, 5), "dev": range(5, 7), "test": range(7, 10)}
+WORDS = ["a", "the", "film", "about", "love", "war", "ghost", "city", "family", "robot", "space", "killer"]
+
+
+def make_mmimdb(root):
+    """The MM-IMDb archive layout that data.py reads: split.json, dataset/<id>.jpeg and dataset/<id>.json."""
+    (root / "dataset").mkdir(parents=True)
+    for i, genres in enumerate(GENRES):
+        colour = (40 * i % 255, 90, 200 - 15 * i)
+        Image.new("RGB", (60 + 3 * i, 90), colour).save(root / "dataset" / f"{i:04d}.jpeg")
+        plot = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8))
+        (root / "dataset" / f"{i:04d}.json").write_text(json.dumps({"genres": genres, "plot": [plot]}))
+    (root / "split.json").write_text(json.dumps({s: [f"{i:04d}" for i in r] for s, r in SPLITS.items()}))
+    return root
+
+
+def make_encoders(weights):
+    """A random CLIP and BERT in the hub's own file layouts (written by transformers), small and fast. The CLIP
+    vision tower keeps the real 224 x 224 input, so that data.clip_image's output fits it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    width = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    text_tower = dict(width, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=dict(width, image_size=224, patch_size=32),
+                                                          text_config=text_tower, projection_dim=16))
+    clip.save_pretrained(weights / train.ENCODER_FOLDERS["image"])  # the whole CLIP: vision_model.*, text_model.*
+    # bert-base-uncased's vocabulary layout: [PAD] 0, [unused] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), max_position_embeddings=300,
+                                                          **width))
+    folder = weights / train.ENCODER_FOLDERS["text"]
+    bert.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+
+
+@pytest.fixture(scope="module")
+def mmimdb_run(tmp_path_factory):
+    """A train.py run folder on the fake MM-IMDb: U2A and the naive baseline, one epoch each."""
+    tmp = tmp_path_factory.mktemp("mmimdb")
+    make_encoders(tmp / "weights")
+    run = tmp / "run"
+    train.main(["--data", "mmimdb", "--data-root", str(make_mmimdb(tmp / "data")), "--weights", str(tmp / "weights"),
+                "--out", str(run), "--epochs", "1", "--batch-size", "2", "--workers", "0", "--compare-naive"])
+    return run, tmp / "weights"
+
+
+def test_notebooks_read_a_run_folder_of_a_real_dataset(mmimdb_run, kernels):
+    run, weights = mmimdb_run
+    for name in NAMES[:2]:  # 01 and 02 step through the trained model: they need its encoders
+        out = text_of(execute(name, kernels, cwd=ROOT, run=run))
+        assert f"{name.split('.')[0]} OK" in out and "mmimdb" in out
+    shutil.move(weights, weights.with_name("elsewhere"))  # 03 needs only metrics.json and the stored tokens
+    nb = execute(NAMES[2], kernels, cwd=ROOT, run=run)
+    out = text_of(nb)
+    assert "03_missing_modalities OK: mmimdb" in out and "f1_macro" in out
+    assert "head only" in out and "using its metrics.json only" in out
+    assert figures(nb) >= PLOTS[NAMES[2]]
