@@ -249,17 +249,21 @@ def placeholder_tokens(model, info, tokenizer, device):
     return {m: cls[m].float().cpu() for m in model.modalities}
 
 
-@torch.no_grad()
-def scenario_logits(model, feats, present, placeholders=None):
-    """Logits of the stored tokens under a present table: U2A selects MT tokens (eq. 4); the naive
-    baseline swaps in its placeholders' CLS. Runs the head on the CPU in float32."""
-    head = model.head
+def scenario_tokens(model, feats, present, placeholders=None):
+    """The selected tokens (T1, T2) of eq. 4 for stored tokens under a present table: U2A selects MT
+    tokens; the naive baseline swaps in its placeholders' CLS."""
     cls = {m: feats[f"cls.{m}"] for m in model.modalities}
     mt = {m: feats[f"mt.{m}"] for m in model.modalities}
     if placeholders is not None:
         cls = {m: torch.where(present[:, i:i + 1], cls[m], placeholders[m]) for i, m in enumerate(model.modalities)}
-    t1, t2 = model.select_tokens(cls, mt, present)
-    return torch.nn.functional.linear(t1 + t2, head.weight.float().cpu(), head.bias.float().cpu())
+    return model.select_tokens(cls, mt, present)
+
+
+@torch.no_grad()
+def scenario_logits(model, feats, present, placeholders=None):
+    """Eq. 5 over stored tokens: the head of T1 + T2, on the CPU in float32."""
+    t1, t2 = scenario_tokens(model, feats, present, placeholders)
+    return torch.nn.functional.linear(t1 + t2, model.head.weight.float().cpu(), model.head.bias.float().cpu())
 
 
 def evaluate(model, feats, info, scenarios, placeholders, seed):
@@ -437,6 +441,7 @@ def run(args, method, out, rank, world, device):
             data.save_missing_table(out / f"missing_{split}.json", ds.present, rate=args.train_missing_rate,
                                     type=args.train_missing_type, seed=args.seed)
     complete = bool(train_set.present.all())
+    lam = args.lam if method == "u2a" else 0.0  # the naive baseline has no mask tokens to align
     use_dropout = method == "u2a" and (args.modality_dropout == "on" or (args.modality_dropout == "auto" and complete))
 
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every process
@@ -484,8 +489,8 @@ def run(args, method, out, rank, world, device):
         loader = data.make_loader(train_set, per_rank, False, tokenizer, args.workers, args.seed + epoch,
                                   sampler=sampler)
         model.train()
-        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+                   **({} if is_main else {"disable": True}))  # (so TQDM_DISABLE=1 still works on rank 0)
         for batch in bar:
             batch = to_device(batch, device)
             if use_dropout:  # the same choice on every process: drawn from the step
@@ -494,7 +499,7 @@ def run(args, method, out, rank, world, device):
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * schedule(step)
             with autocast:
-                loss, task, align = u2a_loss(train_model(batch), batch["label"], info.multilabel, args.lam)
+                loss, task, align = u2a_loss(train_model(batch), batch["label"], info.multilabel, lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
