@@ -70,8 +70,11 @@ class MLP(nn.Module):
 
 
 def quick_gelu(x):
-    """CLIP's GELU approximation; using erf GELU instead would drift from the pretrained CLIP weights."""
-    return x * torch.sigmoid(1.702 * x)
+    """CLIP's GELU approximation x * sigmoid(1.702 x); using erf GELU instead would drift from the pretrained
+    CLIP weights. Written through silu(z) = z * sigmoid(z), the same function: silu is one kernel with a
+    one-kernel backward, so autograd keeps one activation instead of two (x and sigmoid(1.702 x)) and skips
+    three elementwise passes; ~3% of a CPU training step of U2A (tests/bench.py)."""
+    return F.silu(1.702 * x) / 1.702
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # transformers' "gelu" is the exact erf GELU
