@@ -1,6 +1,6 @@
 """Toy pretrained encoders for the synthetic dataset: a tiny ViT and a tiny BERT with real learned weights.
 
-    python weights/make_toy.py                  # rebuild weights/toy/ (~20 s on an idle 2-core CPU)
+    python weights/make_toy.py                  # rebuild weights/toy/ (~10 s on a 2-core CPU)
     python weights/make_toy.py --dest DIR       # somewhere else
 
 Why: `python train.py` with no arguments trains U2A on the synthetic dataset (data.py) on a laptop CPU in a
@@ -21,7 +21,7 @@ the real checkpoints (and transformers reads too):
     DIR/bert/  model.safetensors (BertModel keys, no prefix, as MiniLM), config.json (a BertConfig with
                cls_token_id), vocab.txt (synthetic_vocab(), one token a line)
     DIR/README.md   what these are and the unimodal accuracies reached
-Seeded and deterministic: the same machine writes the same files every time. train.py calls
+Seeded, deterministic and single-threaded: the same machine writes the same files every time. train.py calls
 `ensure_toy_weights()`, which builds them only when they are missing.
 """
 import argparse
@@ -198,7 +198,7 @@ README = """# Toy encoders (NOT the paper's)
 Tiny `ViT` and `BERT` ({layers} layers, width {width}) pre-trained on synthetic unimodal data by
 `weights/make_toy.py`, for the synthetic default of `python train.py` on a CPU. Held-out unimodal accuracy:
 ViT {vit:.1%} (blob quadrant, {quadrants} classes), BERT {bert:.1%} (keyword group, {groups} classes).
-Rebuilt by `{command}` (~20 s on an idle 2-core CPU).
+Rebuilt by `{command}` (~10 s on a 2-core CPU).
 They are NOT CLIP ViT-B/16 and BERT-base: the paper's results need those (`python weights/download.py`).
 """
 
@@ -206,12 +206,16 @@ They are NOT CLIP ViT-B/16 and BERT-base: the paper's results need those (`pytho
 def make_toy(dest=TOY_DIR, cfg=None):
     """Pre-train both toy encoders and write them under `dest`; returns {"vit": acc, "bert": acc}."""
     cfg = cfg or PretrainConfig()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # cheap on CPU: same files every run on one machine
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)  # cheap on CPU: same files every run
+    # One thread: these matrices are tiny, so more threads only add synchronisation (2 threads took 2-10x
+    # longer on a busy 2-core machine), and the sums no longer depend on the machine's core count.
+    torch.set_num_threads(1)
     try:
         return _make_toy(dest, cfg)
-    finally:  # train.py may call us: leave its setting as it was
+    finally:  # train.py may call us: leave its settings as they were
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
 
 
 def _make_toy(dest, cfg):
@@ -246,7 +250,7 @@ def ensure_toy_weights(dest=TOY_DIR):
     missing = [f for f in FILES if not os.path.isfile(os.path.join(dest, f))]
     if missing:
         print(f"toy encoders: {', '.join(missing)} missing under {dest}; building them "
-              "(~20 s on an idle 2-core CPU)")
+              "(~10 s on a 2-core CPU)")
         make_toy(dest)
     return dest
 
