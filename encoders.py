@@ -45,16 +45,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, queries=None):
+        """queries: positions whose output is wanted (None = all), (B, S, D) -> (B, Q, D); keys and values
+        always come from every token."""
         B, S, D = x.shape
-        q = self.q_proj(x).view(B, S, self.heads, -1).transpose(1, 2)  # (B, H, S, D/H)
+        xq = x if queries is None else x[:, queries]  # (B, Q, D)
+        Q = xq.shape[1]
+        q = self.q_proj(xq).view(B, Q, self.heads, -1).transpose(1, 2)  # (B, H, Q, D/H)
         k = self.k_proj(x).view(B, S, self.heads, -1).transpose(1, 2)  # (B, H, S, D/H)
         v = self.v_proj(x).view(B, S, self.heads, -1).transpose(1, 2)  # (B, H, S, D/H)
         if mask is not None:
             mask = mask[:, None, None, :]  # (B, 1, 1, S): the same keys are hidden from every head and query
         # None keeps SDPA free to pick its fastest kernel; the default scale is (D/H)^-0.5 as in all three models
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, D/H)
-        y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Q, D/H)
+        y = y.transpose(1, 2).reshape(B, Q, D)  # (B, Q, D)
         return self.out_proj(y)
 
 
@@ -91,12 +95,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_hidden, act)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, queries=None):
+        """queries: positions whose output is wanted (None = all): (B, S, D) -> (B, Q, D). Attention reads
+        every token; everything after it runs on the wanted rows only."""
+        rows = x if queries is None else x[:, queries]  # (B, Q, D): their residual stream
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), mask)  # (B, S, D)
+            x = rows + self.attn(self.norm1(x), mask, queries)  # (B, Q, D)
             x = x + self.mlp(self.norm2(x))
         else:
-            x = self.norm1(x + self.attn(x, mask))  # (B, S, D)
+            x = self.norm1(rows + self.attn(x, mask, queries))  # (B, Q, D)
             x = self.norm2(x + self.mlp(x))
         return x
 
@@ -109,6 +116,15 @@ def make_blocks(cfg, pre_norm):
         Block(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, act, cfg.layer_norm_eps, pre_norm)
         for _ in range(cfg.num_hidden_layers)
     )
+
+
+def run_blocks(blocks, h, mask=None, outputs=None):
+    """h (B, S, D) through every block. With `outputs` (positions, e.g. U2A's [0, -1] for CLS and MT) the last
+    block computes only those rows, (B, len(outputs), D): no block follows to mix them with the others, so
+    the other rows would be computed only to be thrown away (~1/12 of a 12-block encoder's work)."""
+    for block in blocks[:-1]:
+        h = block(h, mask)
+    return blocks[-1](h, mask, queries=outputs)
 
 
 class Config:
@@ -160,12 +176,10 @@ class ViT(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+N, D)
 
-    def encode(self, h, mask=None):
-        """eq. 3, f_m: (B, S, D) -> (B, S, D). CLIP normalises the embedded sequence before its blocks."""
-        h = self.pre_layrnorm(h)
-        for block in self.blocks:
-            h = block(h, mask)
-        return h
+    def encode(self, h, mask=None, outputs=None):
+        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `outputs` positions only (run_blocks). CLIP normalises
+        the embedded sequence before its blocks."""
+        return run_blocks(self.blocks, self.pre_layrnorm(h), mask, outputs)
 
     @property
     def final_norm(self):
@@ -226,11 +240,10 @@ class BERT(nn.Module):
             typ = self.token_type_embeddings(token_type_ids)  # (B, L, D)
         return self.embed_norm(self.word_embeddings(input_ids) + pos + typ)  # (B, L, D)
 
-    def encode(self, h, mask=None):
-        """eq. 3, f_m: (B, S, D) -> (B, S, D); mask (B, S) bool, True = real token."""
-        for block in self.blocks:
-            h = block(h, mask)
-        return h
+    def encode(self, h, mask=None, outputs=None):
+        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `outputs` positions only (run_blocks); mask (B, S) bool,
+        True = real token."""
+        return run_blocks(self.blocks, h, mask, outputs)
 
     def class_token(self):
         cls = self.word_embeddings.weight[self.config.cls_token_id]  # (D,)
@@ -290,11 +303,10 @@ class AST(nn.Module):
         special = [self.cls_token.expand(B, -1, -1), self.distillation_token.expand(B, -1, -1)]  # 2 x (B, 1, D)
         return torch.cat([*special, x], dim=1) + self.position_embeddings  # (B, 2+N, D)
 
-    def encode(self, h, mask=None):
-        """eq. 3, f_m: (B, S, D) -> (B, S, D), including AST's final layernorm over all tokens."""
-        for block in self.blocks:
-            h = block(h, mask)
-        return self.layernorm(h)
+    def encode(self, h, mask=None, outputs=None):
+        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `outputs` positions only (run_blocks), including AST's
+        final layernorm."""
+        return self.layernorm(run_blocks(self.blocks, h, mask, outputs))
 
     def class_token(self):
         return (self.cls_token + self.position_embeddings[:, 0]).view(-1)  # (D,)

@@ -88,9 +88,10 @@ class Branch(nn.Module):
         if mask is not None:
             always = mask.new_ones(n, 1)
             mask = torch.cat([always, mask, always], 1)       # (b', N+2): CLS and MT always attend
-        out = self.encoder.encode(seq, mask)                  # (b', N+2, D)  eq. 3
+        # eq. 3; only the CLS and MT outputs are used (eq. 4-5), so the last block computes just those two rows
+        out = self.encoder.encode(seq, mask, outputs=[0, -1])  # (b', 2, D)
         cls_out = self.encoder.final_norm(out[:, 0])          # (b', D)
-        mt_out = self.encoder.final_norm(out[:, -1])          # (b', D)
+        mt_out = self.encoder.final_norm(out[:, 1])           # (b', D)
         if self.modality == "video":                          # average the T frames of each clip
             T = inputs["video"].shape[1]
             cls_out = cls_out.view(-1, T, cls_out.shape[-1]).mean(1)  # (b, D)

@@ -220,6 +220,19 @@ def test_embed_shapes_at_paper_sizes():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_encode_outputs_are_those_rows_of_the_full_output(small, kind):
+    """encode(..., outputs) computes only some positions in the last block: the same numbers as the full run."""
+    model = OURS[kind].from_pretrained(small[kind])
+    h = torch.randn(2, 9, model.config.hidden_size)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:-1] = False  # padding in the middle, the last position kept (U2A's MT)
+    with torch.no_grad():
+        full = model.encode(h, mask)
+        torch.testing.assert_close(model.encode(h, mask, outputs=[0, -1]), full[:, [0, -1]])
+        torch.testing.assert_close(model.encode(h, outputs=[3]), model.encode(h)[:, [3]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_no_mask_equals_all_true_mask(small, kind):
     model = OURS[kind].from_pretrained(small[kind])
     h = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(1))

@@ -108,9 +108,9 @@ def test_missing_encoder_is_skipped():
         enc = model.branches[m].encoder
         original = enc.encode
 
-        def spy(h, mask=None, _m=m, _orig=original):
+        def spy(h, mask=None, _m=m, _orig=original, **kwargs):
             seen[_m].append(h.shape[0])
-            return _orig(h, mask)
+            return _orig(h, mask, **kwargs)
         enc.encode = spy
     batch = tiny_batch()
     model(batch)
