@@ -254,3 +254,22 @@ def test_count_parameters_by_hand():
     assert lines[2].split() == ["head", "0", "7,690"]
     share = 100 * 1536 / (base_total + 1536)
     assert lines[-1].startswith("total") and f"({share:.2f}% trainable)" in lines[-1]
+
+
+def test_lora_dropout_is_inverted_dropout_with_rate_p():
+    """LoRADropout's CPU path: entries kept with probability 1 - p, scaled by 1/(1-p); identity in eval."""
+    from lora import LoRADropout
+    torch.manual_seed(0)
+    drop = LoRADropout(0.1).train()
+    x = torch.ones(200_000)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    # the gradient flows through the kept entries with the same scale
+    x = torch.ones(1000, requires_grad=True)
+    out = LoRADropout(0.5).train()(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out.detach() != 0).float() * 2.0)
