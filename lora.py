@@ -32,8 +32,8 @@ class LoRADropout(nn.Dropout):
         if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
             return super().forward(x)
         # float32 uniforms even for bf16 inputs: 8 mantissa bits would round the keep probability
-        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # (..., in): True with probability 1 - p
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))    # kept entries scaled by 1/(1-p): E[out] = x
+        keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p).to(x.dtype)  # (..., in): 1 w.p. 1 - p, else 0
+        return x * keep.mul_(1.0 / (1.0 - self.p))  # kept entries scaled by 1/(1-p): E[out] = x
 
 
 class LoRALinear(nn.Module):
@@ -77,8 +77,9 @@ class LoRALinear(nn.Module):
         if self.merged:  # B A already folded into base.weight
             return y
         # left to right: x A^T is a (B, N, rank) intermediate, far cheaper than forming the (out, in) B A
-        h = self.dropout(x) @ self.lora_A.T  # (B, N, in) @ (in, r) -> (B, N, r)
-        return y + (h @ self.lora_B.T) * self.scaling  # (B, N, r) @ (r, out) -> (B, N, out)
+        # scaling applied to the (B, N, r) intermediate, not the (B, N, out) result: the same product, r/out the work
+        h = (self.dropout(x) @ self.lora_A.T) * self.scaling  # (B, N, in) @ (in, r) -> (B, N, r)
+        return y + h @ self.lora_B.T  # (B, N, r) @ (r, out) -> (B, N, out)
 
     @torch.no_grad()
     def merge(self):
