@@ -188,3 +188,46 @@ def test_ddp_on_cpu_matches_a_single_process(tmp_path):
             assert torch.allclose(single[k], double[k], atol=1e-5, rtol=1e-4), k
             moved += 1
     assert moved > 0
+
+
+# -----------------------------------------------------------------------------
+# Every real dataset, end to end: its public layout (tests/test_data.py's fixtures) and encoders in the
+# folders and file layouts that weights/download.py fetches (small random ones, written by transformers)
+
+def write_published_encoders(weights):
+    import checkpoints  # tests/checkpoints.py: needs transformers, a test-only dependency
+    import test_notebooks
+    test_notebooks.make_encoders(weights)  # whole CLIP at 224 x 224, BertModel + vocab.txt
+    checkpoints.save_ast(weights / train.ENCODER_FOLDERS["audio"])  # 1024 frames x 128 mel bins, as data.fbank
+
+
+@pytest.fixture(scope="module")
+def published_weights(tmp_path_factory):
+    pytest.importorskip("transformers")
+    weights = tmp_path_factory.mktemp("weights")
+    write_published_encoders(weights)
+    return weights
+
+
+@pytest.mark.parametrize("name", ["food101", "mmimdb", "cremad", "ks", "ave"])
+def test_every_dataset_trains_and_reports_the_paper_scenarios(name, published_weights, tmp_path, capsys):
+    import test_data
+    root = test_data.MAKERS[name](tmp_path / name)
+    out = tmp_path / "run"
+    metrics = train.main(["--data", name, "--data-root", str(root), "--weights", str(published_weights),
+                          "--out", str(out), "--epochs", "1", "--batch-size", "2", "--workers", "0"])
+    info = data.dataset_info(name, root)
+    m1, m2 = info.modalities
+    saved = json.loads((out / "metrics.json").read_text())
+    scenarios = saved["scenarios"]
+    assert set(metrics) == {"u2a"} and metrics["u2a"]["scenarios"] == scenarios
+    assert {g for r in scenarios.values() for g in r["groups"]} >= {"complete", "table4", "figure2"}
+    metric_names = {"f1_macro", "f1_micro"} if name == "mmimdb" else {"accuracy"}
+    for result in scenarios.values():
+        assert metric_names <= result.keys() and all(0 <= result[k] <= 100 for k in metric_names)
+    assert set(saved["mt_cls_mse_per_class"]) == {f"{m1}->{m2}", f"{m2}->{m1}"}
+    config = json.loads((out / "config.json").read_text())
+    recipe = train.RECIPES["audio-video" if "audio" in info.modalities else "image-text"]
+    assert config["data"] == name and config["lr"] == recipe["lr"] and config["weight_decay"] == 0.02
+    printed = capsys.readouterr().out
+    assert "Table 4" in printed and "toy" not in printed.lower()
