@@ -127,8 +127,17 @@ def run_blocks(blocks, h, mask=None, outputs=None):
     return blocks[-1](h, mask, queries=outputs)
 
 
+@dataclass
 class Config:
-    """Base of the three config dataclasses: read the fields we know from a transformers config.json."""
+    """What make_blocks reads, shared by the three config dataclasses; the defaults are the base-size stack
+    (768 wide, 12 blocks) that all three checkpoints use. Reads the fields it knows from a transformers
+    config.json, ignoring the rest."""
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # transformers' "gelu" is the exact erf GELU (BERT, AST)
+    layer_norm_eps: float = 1e-12
 
     @classmethod
     def from_json(cls, path):
@@ -147,10 +156,6 @@ class ViTConfig(Config):
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
@@ -205,12 +210,6 @@ class BERTConfig(Config):
     vocab_size: int = 30522
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
     cls_token_id: int = 101  # [CLS] in the uncased WordPiece vocab: its embedding is BERT's class token
 
 
@@ -269,12 +268,6 @@ class ASTConfig(Config):
     patch_size: int = 16
     frequency_stride: int = 10  # patches overlap by 6 in both directions
     time_stride: int = 10
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
 
 
 class AST(nn.Module):

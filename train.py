@@ -300,7 +300,7 @@ def print_tables(results, info, args, title):
         (lambda r: f"{r['accuracy']:6.2f}")
     print(f"\n== {title}: {info.name}, {label} ==")
     by_group = lambda g: [(name, r) for name, r in results.items() if g in r["groups"]]
-    print(f"Table 4 (trained on complete data, one modality missing at test)")
+    print("Table 4 (trained on complete data, one modality missing at test)")
     print(f"  {'available':<16}{'missing':<12}{label}")
     rows = by_group("complete") + by_group("table4")
     for name, r in rows:

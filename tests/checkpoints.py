@@ -12,6 +12,7 @@ a swapped norm or token go unnoticed), and the model is saved exactly as the hub
     (encoder.layer.N.attention.attention.query, ...) even though its live modules are named differently.
 Each writes model.safetensors + config.json into a directory and returns the directory.
 `full=True` uses the real checkpoints' sizes; the default is a small model that runs in milliseconds.
+save_run_encoders fills a --weights folder for train.py: all three, small, in the downloader's folders.
 """
 import json
 import os
@@ -94,3 +95,26 @@ def save_bert(directory, full=False, seed=0):
 def save_ast(directory, full=False, seed=0):
     random_model(transformers.ASTForAudioClassification, ast_config(full), seed).save_pretrained(directory)
     return directory
+
+
+def save_run_encoders(weights, folders, words):
+    """A --weights folder for train.py on a real dataset: `folders` is train.ENCODER_FOLDERS, `words` the
+    vocabulary after bert-base-uncased's special tokens. Small random encoders, saved by transformers, with
+    the real input sizes that data.py produces: a whole CLIP at 224 x 224 (patch 32 keeps it fast), a
+    BertModel with its vocab.txt, and an AST on 1024 frames x 128 mel bins."""
+    weights = os.fspath(weights)
+    width = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    text_tower = dict(width, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    clip = random_model(transformers.CLIPModel, transformers.CLIPConfig(
+        vision_config=dict(width, image_size=224, patch_size=32), text_config=text_tower, projection_dim=16), 0)
+    clip.save_pretrained(os.path.join(weights, folders["image"]))  # the whole CLIP: vision_model.*, text_model.*
+    # bert-base-uncased's vocabulary layout: [PAD] 0, [unused] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
+    bert = random_model(transformers.BertModel,
+                        transformers.BertConfig(vocab_size=len(vocab), max_position_embeddings=300, **width), 1)
+    folder = os.path.join(weights, folders["text"])
+    bert.save_pretrained(folder)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    save_ast(os.path.join(weights, folders["audio"]), seed=2)  # ast_config: 1024 x 128 input, as data.fbank
+    return weights

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -115,30 +114,13 @@ def make_mmimdb(root):
     return root
 
 
-def make_encoders(weights):
-    """A random CLIP and BERT in the hub's own file layouts (written by transformers), small and fast. The CLIP
-    vision tower keeps the real 224 x 224 input, so that data.clip_image's output fits it."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    width = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    text_tower = dict(width, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=dict(width, image_size=224, patch_size=32),
-                                                          text_config=text_tower, projection_dim=16))
-    clip.save_pretrained(weights / train.ENCODER_FOLDERS["image"])  # the whole CLIP: vision_model.*, text_model.*
-    # bert-base-uncased's vocabulary layout: [PAD] 0, [unused] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    bert = transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), max_position_embeddings=300,
-                                                          **width))
-    folder = weights / train.ENCODER_FOLDERS["text"]
-    bert.save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-
-
 @pytest.fixture(scope="module")
 def mmimdb_run(tmp_path_factory):
     """A train.py run folder on the fake MM-IMDb: U2A and the naive baseline, one epoch each."""
+    pytest.importorskip("transformers")
+    import checkpoints  # tests/checkpoints.py: needs transformers, a test-only dependency
     tmp = tmp_path_factory.mktemp("mmimdb")
-    make_encoders(tmp / "weights")
+    checkpoints.save_run_encoders(tmp / "weights", train.ENCODER_FOLDERS, WORDS)
     run = tmp / "run"
     train.main(["--data", "mmimdb", "--data-root", str(make_mmimdb(tmp / "data")), "--weights", str(tmp / "weights"),
                 "--out", str(run), "--epochs", "1", "--batch-size", "2", "--workers", "0", "--compare-naive"])

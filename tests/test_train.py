@@ -194,19 +194,12 @@ def test_ddp_on_cpu_matches_a_single_process(tmp_path):
 # Every real dataset, end to end: its public layout (tests/test_data.py's fixtures) and encoders in the
 # folders and file layouts that weights/download.py fetches (small random ones, written by transformers)
 
-def write_published_encoders(weights):
-    import checkpoints  # tests/checkpoints.py: needs transformers, a test-only dependency
-    import test_notebooks
-    test_notebooks.make_encoders(weights)  # whole CLIP at 224 x 224, BertModel + vocab.txt
-    checkpoints.save_ast(weights / train.ENCODER_FOLDERS["audio"])  # 1024 frames x 128 mel bins, as data.fbank
-
-
 @pytest.fixture(scope="module")
 def published_weights(tmp_path_factory):
     pytest.importorskip("transformers")
-    weights = tmp_path_factory.mktemp("weights")
-    write_published_encoders(weights)
-    return weights
+    import checkpoints  # tests/checkpoints.py: needs transformers, a test-only dependency
+    words = ["best", "recipe", "plot", "film"]
+    return checkpoints.save_run_encoders(tmp_path_factory.mktemp("weights"), train.ENCODER_FOLDERS, words)
 
 
 @pytest.mark.parametrize("name", ["food101", "mmimdb", "cremad", "ks", "ave"])
