@@ -4,6 +4,7 @@ Data for U2A: what a user has on disk -> batches of two modalities, some of them
 Paper: sections 4.1-4.2 (datasets, preprocessing), 4.4 and supplementary 3 (missing-modality
 settings). The file reads top to bottom in the order the data flows:
 
+  0. stream_seed            one seed for every random stream of a run
   1. DatasetInfo            what each of the six datasets is (modalities m1/m2, classes, metric)
   2. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
                             video frames, WordPiece tokenizer
@@ -36,6 +37,7 @@ Design choices (the paper leaves them open):
 """
 import csv
 import functools
+import hashlib
 import json
 import math
 import os
@@ -53,6 +55,23 @@ from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
+
+# -----------------------------------------------------------------------------
+# 0. Seeds: every random stream of a run comes from the run's one seed, here
+
+def stream_seed(seed, stream, *keys):
+    """The seed of one random stream of a run: stream_seed(run seed, name, *keys) -> int in [0, 2^63).
+
+    The streams of train.py, each independent of every other: "missing/<split>" (the missing tables),
+    "sampler"/epoch (each epoch's order), "modality_dropout"/step, "sample"/epoch/index (random frames and
+    crops of one sample: the same whichever DataLoader worker reads it), "lora_dropout"/rank (each DDP
+    process draws its own masks), "init" (LoRA and head initialisation, the same on every process).
+    A hash, not `seed + offset`: with offsets, two streams of one run that both draw randperm(n) drew the
+    same permutation (epoch 0's order was then sorted by the training missing table), and seed 1's first
+    stream was seed 0's second."""
+    key = "/".join(str(k) for k in (seed, stream, *keys))
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
 
 # -----------------------------------------------------------------------------
 # 1. What each dataset is
