@@ -2,20 +2,26 @@
 Train and evaluate U2A (paper section 4) on one dataset, then report every missing-modality scenario of the
 paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun (DDP).
 
-    python train.py                                  # offline default: synthetic data + toy encoders, <1 min on CPU
+    python train.py                                  # offline default: synthetic data + toy encoders (CPU, ~15 s)
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
     torchrun --nproc_per_node 2 train.py --data mmimdb
-    python train.py --data food101 --eval-only runs/food101-.../best.safetensors
+    python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
+    python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
-Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> metrics -> checkpoints
--> evaluation over the paper's scenarios -> the training loop -> main.
+Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> metrics -> evaluation
+over the paper's scenarios -> the run folder and checkpoints -> set-up (devices, DDP, seeds, data, model)
+-> one training step -> the training loop -> main.
+
+Every random draw of a run is keyed by the run's seed through data.stream_seed (the missing tables, each
+epoch's order, modality dropout and LoRA dropout per step, frames and crops per sample), so a run is the
+same whether it is resumed, split across processes or read by any number of DataLoader workers.
 """
 import argparse
 import json
 import math
 import os
 import random
-import sys
+import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
-from u2a import U2A, load_encoder, modality_dropout, u2a_loss
+import u2a
+from u2a import U2AConfig, modality_dropout, u2a_loss
+from weights.download import CHECKPOINTS
 
 # -----------------------------------------------------------------------------
 # Defaults: the paper's Table 5 (supplementary section 2) and section 4.2
@@ -38,14 +45,22 @@ PAPER = dict(weight_decay=0.02, eps=1e-8, power=0.9, warmup_epochs=5, warmup_fac
 RECIPES = {  # per dataset group: learning rate, epochs, batch size
     "image-text": dict(lr=1e-3, epochs=10, batch_size=8),
     "audio-video": dict(lr=5e-5, epochs=100, batch_size=4),
-    # Not the paper's: the toy default is sized to finish U2A and the naive baseline in ~3 CPU minutes.
+    # Not the paper's: the toy default is sized to finish U2A and the naive baseline in seconds on a CPU.
     "synthetic": dict(lr=2e-3, epochs=6, batch_size=32, warmup_epochs=1),
 }
-# Where each modality's pretrained encoder lives under --weights (as weights/download.py writes it).
-ENCODER_FOLDERS = {"image": "clip-vit-base-patch16", "video": "clip-vit-base-patch16",
-                   "text": "bert-base-uncased", "audio": "ast-finetuned-audioset"}
+# Where each modality's pretrained encoder lives under --weights: weights/download.py's folders.
+ENCODER_FOLDERS = {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
+                   "text": CHECKPOINTS["bert"].folder, "audio": CHECKPOINTS["ast"].folder}
 TOY_FOLDERS = {"image": "toy/vit", "text": "toy/bert"}  # weights/make_toy.py: tiny encoders for the default
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+LOG_EVERY = 10  # steps between progress-bar/log updates: each one waits for the GPU (loss.item())
+
+# Settings that decide a run's result: --resume continues with the checkpoint's values and refuses others;
+# --eval-only takes them from the checkpoint. The rest (--out, --gpu, --workers, ...) may change freely.
+RUN_SETTINGS = ("data", "data_root", "limit", "seed", "epochs", "batch_size", "lr", "warmup_epochs",
+                "weight_decay", "rank", "alpha", "lora_dropout", "lam", "train_missing_rate",
+                "train_missing_type", "modality_dropout", "method", "compare_naive", "on_error", "precision")
+MODEL_SETTINGS = ("rank", "alpha", "lora_dropout", "lam", "method")  # a checkpoint's own, never overridden
 
 
 def recipe_of(name):
@@ -53,69 +68,125 @@ def recipe_of(name):
         "image-text" if data.dataset_info(name).modalities == ("image", "text") else "audio-video")
 
 
+# -----------------------------------------------------------------------------
+# Command line. Every option defaults to None so that main() knows which ones the user gave (a resumed or
+# evaluated run takes the others from its checkpoint); fill_defaults() then applies the paper's values.
+
+DEFAULTS_HELP = "\n".join(
+    ["defaults per dataset (Table 5; synthetic is the offline toy):"]
+    + [f"  {group:<12} lr {r['lr']:g}, epochs {r['epochs']}, batch {r['batch_size']}, warm-up epochs "
+       f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}" for group, r in RECIPES.items()]
+    + [f"  all          AdamW (eps {PAPER['eps']:g}, weight decay {PAPER['weight_decay']}), warm-up at "
+       f"{PAPER['warmup_factor']}x lr, then polynomial decay (power {PAPER['power']}); LoRA rank "
+       f"{PAPER['rank']}, alpha {PAPER['alpha']:g}, dropout {PAPER['lora_dropout']}; lambda {PAPER['lam']}"])
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__, epilog=DEFAULTS_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", help=f"one of {', '.join(data.DATASETS)} (default: synthetic)")
+    a("--data-root", help="dataset folder (default: data/<name>/)")
+    a("--weights", type=Path, help=f"folder of pretrained checkpoints (default: {WEIGHTS_DIR})")
+    a("--out", type=Path, help="run folder (default: runs/<data>-<time>/)")
+    a("--gpu", type=int, help="CUDA device index (one process); without it the run uses the CPU")
+    a("--precision", choices=("bf16", "fp16", "fp32"),
+      help="autocast precision (default: bf16 on GPUs that support it natively, else fp32)")
+    a("--epochs", type=int, help="(default: per dataset, below)")
+    a("--batch-size", type=int, help="global batch, split across DDP processes (default: per dataset)")
+    a("--lr", type=float, help="(default: per dataset)")
+    a("--warmup-epochs", type=int, help="(default: per dataset)")
+    a("--weight-decay", type=float, help=f"(default: {PAPER['weight_decay']})")
+    a("--rank", type=int, help=f"LoRA rank (default: {PAPER['rank']})")
+    a("--alpha", type=float, help=f"LoRA alpha (default: {PAPER['alpha']:g})")
+    a("--lora-dropout", type=float, help=f"(default: {PAPER['lora_dropout']})")
+    a("--lam", type=float, help=f"lambda of eq. 7 (default: {PAPER['lam']})")
+    a("--seed", type=int, help="the run's one seed (default: 0)")
+    a("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default: 0)")
+    a("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
+    a("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
+    a("--test-missing-type")
+    a("--modality-dropout", choices=("auto", "on", "off"),
+      help="auto (default): on when the training set is complete (section 3)")
+    a("--method", choices=("u2a", "naive"), help="naive: no mask tokens, placeholders through the encoders "
+                                                 "(the baseline) (default: u2a)")
+    a("--compare-naive", action=argparse.BooleanOptionalAction,
+      help="also train the naive baseline and print both (default: on for synthetic)")
+    a("--limit", type=int, help="use the first N samples of each split")
+    a("--eval-only", type=Path, metavar="RUN", help="evaluate a checkpoint or run folder, no training")
+    a("--resume", action="store_true", default=None, help="continue the run in --out as it was configured")
+    a("--save-every", type=int, help="also checkpoint every N steps (default: 0, each epoch)")
+    a("--workers", type=int, help="DataLoader processes (default: 0 for synthetic, else up to 4)")
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--on-error", choices=("raise", "skip"), help="unreadable files: stop (default) or skip and count them")
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic", help=f"one of {', '.join(data.DATASETS)}")
-    p.add_argument("--data-root", help="dataset folder (default data/<name>/)")
-    p.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="folder of pretrained checkpoints")
-    p.add_argument("--out", type=Path, help="run folder (default runs/<data>-<time>/)")
-    p.add_argument("--gpu", type=int, help="CUDA device index; without it the run uses the CPU")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch, split across DDP processes")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--weight-decay", type=float, default=PAPER["weight_decay"])
-    p.add_argument("--rank", type=int, default=PAPER["rank"], help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=PAPER["alpha"], help="LoRA alpha")
-    p.add_argument("--lora-dropout", type=float, default=PAPER["lora_dropout"])
-    p.add_argument("--lam", type=float, default=PAPER["lam"], help="lambda of eq. 7")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default 0)")
-    p.add_argument("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
-    p.add_argument("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
-    p.add_argument("--test-missing-type")
-    p.add_argument("--modality-dropout", choices=("auto", "on", "off"), default="auto",
-                   help="auto: on when the training set is complete (section 3)")
-    p.add_argument("--method", choices=("u2a", "naive"), default="u2a",
-                   help="naive: no mask tokens, placeholders through the encoders (the baseline)")
-    p.add_argument("--compare-naive", action=argparse.BooleanOptionalAction,
-                   help="also train the naive baseline and print both (default: on for synthetic)")
-    p.add_argument("--limit", type=int, help="use the first N samples of each split")
-    p.add_argument("--eval-only", type=Path, metavar="CKPT", help="evaluate a checkpoint, no training")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: each epoch)")
-    p.add_argument("--workers", type=int, help="DataLoader processes (default: 0 for synthetic, else up to 4)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="unreadable files")
+    """-> (args with every default filled in, the set of options the user gave)."""
+    p = make_parser()
     args = p.parse_args(argv)
-    if args.data not in data.DATASETS:
+    given = {k for k, v in vars(args).items() if v is not None}
+    check_args(p, args)
+    return fill_defaults(args), given
+
+
+def check_args(p, args):
+    """Argument errors, before anything is read or written."""
+    if args.data is not None and args.data not in data.DATASETS:
         p.error(f"unknown dataset {args.data!r}: expected one of {', '.join(data.DATASETS)}")
+    for key in ("epochs", "batch_size", "limit"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    for key in ("warmup_epochs", "save_every", "workers"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
+    if args.resume and args.out is None:
+        p.error("--resume needs --out: the run folder to continue")
+    if args.resume and args.eval_only:
+        p.error("--resume and --eval-only exclude each other")
+    if args.eval_only is not None and not args.eval_only.exists():
+        p.error(f"--eval-only {args.eval_only}: no such checkpoint or run folder")
+    if args.gpu is not None and "RANK" in os.environ:
+        p.error("--gpu is for one process: under torchrun each process uses cuda:LOCAL_RANK (choose the "
+                "GPUs with CUDA_VISIBLE_DEVICES)")
+    if args.gpu is not None and not torch.cuda.is_available():
+        p.error(f"--gpu {args.gpu}: CUDA is not available on this machine (torch {torch.__version__}); "
+                f"drop --gpu to run on the CPU")
+
+
+def fill_defaults(args):
+    """The paper's values (Table 5) for every option the user left out."""
+    args.data = args.data or "synthetic"
     recipe = {**PAPER, **RECIPES[recipe_of(args.data)]}
-    for key in ("epochs", "batch_size", "lr", "warmup_epochs"):
+    for key in ("epochs", "batch_size", "lr", "warmup_epochs", "weight_decay", "rank", "alpha",
+                "lora_dropout", "lam"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.warmup_factor, args.power, args.eps = PAPER["warmup_factor"], PAPER["power"], PAPER["eps"]
-    if args.workers is None:  # the synthetic set is already in memory: worker processes would only cost
-        args.workers = 0 if args.data == "synthetic" else min(4, os.cpu_count() or 1)
-    if args.compare_naive is None:
-        args.compare_naive = args.data == "synthetic" and args.eval_only is None
-    if args.data_root is None and args.data != "synthetic":
-        args.data_root = f"data/{args.data}"
-    if args.resume and args.out is None:
-        p.error("--resume needs --out: the run folder to continue")
-    if args.eval_only is not None:  # evaluate in the setting the checkpoint was trained in, unless told otherwise
-        if not args.eval_only.is_file():
-            p.error(f"--eval-only {args.eval_only}: no such checkpoint")
-        trained = checkpoint_meta(args.eval_only)["config"]
-        for key in ("train_missing_rate", "train_missing_type"):
-            if getattr(args, key) is None:
-                setattr(args, key, trained[key])
-    args.train_missing_rate = args.train_missing_rate or 0.0
+    defaults = dict(weights=WEIGHTS_DIR, seed=0, train_missing_rate=0.0, modality_dropout="auto",
+                    method="u2a", save_every=0, on_error="raise", resume=False, compile=False,
+                    workers=0 if args.data == "synthetic" else min(4, os.cpu_count() or 1),
+                    data_root=None if args.data == "synthetic" else f"data/{args.data}",
+                    compare_naive=args.data == "synthetic" and args.eval_only is None,
+                    precision="bf16" if args.gpu is not None and torch.cuda.is_bf16_supported() else "fp32")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
+        raise SystemExit(f"train.py: error: --epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: "
+                         f"the whole run would train at {args.warmup_factor}x the learning rate; give more "
+                         f"epochs or --warmup-epochs 0")
     return args
 
 
+def vars_json(args):
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 # -----------------------------------------------------------------------------
-# Learning rate (Table 5): 0.1x during the warm-up epochs, then polynomial decay with power 0.9
+# Learning rate (Table 5): 0.1x during the warm-up epochs, then polynomial decay with power 0.9. Our choice
+# where the paper is silent: after warm-up the factor starts at 1.0 and decays over the remaining steps.
 
 def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_factor"], power=PAPER["power"]):
     if step < warmup_steps:
@@ -148,96 +219,42 @@ def headline(info):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: only what training changed (LoRA, CLS/MT, head), as safetensors, written atomically.
-# A resumable one also carries the optimizer, the step and the RNG states; no pickle anywhere.
-
-def trainable_state(model):
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path, model, meta, optimizer=None):
-    tensors = {f"model.{n}": t for n, t in trainable_state(model).items()}
-    if optimizer is not None:
-        names = {id(p): n for n, p in model.named_parameters()}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state.get(p, {}).items():
-                    tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().reshape(-1).contiguous() \
-                        if value.dim() == 0 else value.detach().cpu().contiguous()
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        tensors["rng.numpy"] = torch.from_numpy(np.random.get_state()[1].astype(np.int64))
-        meta = {**meta, "rng_python": random.getstate()}
-    tmp = Path(f"{path}.tmp")
-    save_file(tensors, str(tmp), metadata={"u2a": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
-def open_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        f = safe_open(str(path), framework="pt")
-        return f, json.loads(f.metadata()["u2a"])
-    except Exception as err:
-        raise ValueError(f"{path} is not a safetensors checkpoint written by train.py: {err}") from None
-
-
-def checkpoint_meta(path):
-    return open_checkpoint(path)[1]
-
-
-def load_checkpoint(path, model, optimizer=None):
-    f, meta = open_checkpoint(path)
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    found = {k[len("model."):] for k in f.keys() if k.startswith("model.")}
-    if found != expected:
-        raise ValueError(f"{path}: trainable tensors do not match this model; missing "
-                         f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
-    with torch.no_grad():
-        for n in expected:
-            params[n].copy_(f.get_tensor(f"model.{n}"))
-    if optimizer is not None:
-        for n in expected:
-            state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(f"optim.{n}.")
-                     and k[len(f"optim.{n}."):].count(".") == 0}
-            if state:
-                p = params[n]
-                optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in state.items()}
-        torch.set_rng_state(f.get_tensor("rng.torch"))
-        if torch.cuda.is_available() and "rng.cuda" in f.keys():
-            torch.cuda.set_rng_state(f.get_tensor("rng.cuda"))
-        state = np.random.get_state()
-        np.random.set_state((state[0], f.get_tensor("rng.numpy").numpy().astype(np.uint32), *state[2:]))
-        version, internal, gauss = meta["rng_python"]
-        random.setstate((version, tuple(internal), gauss))
-    return meta
-
-
-# -----------------------------------------------------------------------------
 # Evaluation. A present modality's CLS and MT outputs depend on that modality alone (each encoder reads
-# only its own input), so the test set is encoded once with both modalities and every scenario of the
-# paper is then just token selection (eq. 4) + head (eq. 5) over those stored tokens: exact, and ~20x
-# cheaper than re-running the encoders per scenario.
+# only its own input), so a split is encoded once with both modalities and every scenario of the paper is
+# then just token selection (eq. 4) + head (eq. 5) over those stored tokens: exact, and ~20x cheaper than
+# re-running the encoders per scenario. Under DDP each process encodes every world-th sample and the
+# tokens are gathered: no process idles at a barrier through a long validation (NCCL's watchdog).
 
 @torch.no_grad()
-def encode_split(model, loader, device, autocast, desc):
-    """-> dict of CPU tensors: cls/mt per modality (n, D), labels, and the set's present table."""
+def encode_split(model, dataset, ctx, desc):
+    """-> dict of CPU tensors, in sample order: cls/mt per modality (n, D), labels, present, index.
+    Samples skipped in on_error="skip" mode are absent (their index is not in "index")."""
     model.eval()
-    parts = {"labels": [], "present": []}
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        batch = to_device(batch, device)
-        with autocast:
+    shard = list(range(ctx.rank, len(dataset), ctx.world))
+    loader = data.make_loader(dataset, ctx.eval_batch, False, ctx.tokenizer, ctx.workers,
+                              data.stream_seed(ctx.seed, "eval_loader"), sampler=shard)
+    parts = {"labels": [], "present": [], "index": []}
+    for batch in progress(loader, ctx, desc):
+        if len(batch["index"]) == 0:  # every sample of the batch was skipped
+            continue
+        batch = to_device(batch, ctx.device)
+        with ctx.autocast:
             cls, mt = model.encode(batch)
         for m in model.modalities:
             parts.setdefault(f"cls.{m}", []).append(cls[m].float().cpu())
             parts.setdefault(f"mt.{m}", []).append(mt[m].float().cpu())
         parts["labels"].append(batch["label"].cpu())
         parts["present"].append(batch["present"].cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
+        parts["index"].append(batch["index"].cpu())
+    if ctx.world > 1:
+        gathered = [None] * ctx.world
+        dist.all_gather_object(gathered, parts)
+        parts = {k: [t for p in gathered for t in p.get(k, [])] for k in parts}
+    if not parts["index"]:
+        raise RuntimeError(f"{desc}: no sample of the split could be read")
+    feats = {k: torch.cat(v) for k, v in parts.items()}
+    order = feats["index"].argsort()
+    return {k: v[order] for k, v in feats.items()}
 
 
 @torch.no_grad()
@@ -267,14 +284,15 @@ def scenario_logits(model, feats, present, placeholders=None):
     return torch.nn.functional.linear(t1 + t2, model.head.weight.float().cpu(), model.head.bias.float().cpu())
 
 
-def evaluate(model, feats, info, scenarios, placeholders, seed):
+def evaluate(model, feats, info, scenarios, placeholders, n, seed):
     """Scores of every scenario, plus the analyses behind Figures 3-6: per-class scores and the MSE
-    between each MT and the CLS it stands in for."""
-    n, labels = len(feats["labels"]), feats["labels"]
+    between each MT and the CLS it stands in for. n: the split's size (the scenarios' tables are drawn
+    for the whole split; feats may lack skipped samples)."""
+    labels = feats["labels"]
     results = {}
     for sc in scenarios:
-        present = sc.table(n, seed) & feats["present"]  # a file unreadable in skip mode stays missing
-        keep = present.any(1)                            # a sample left with nothing cannot be scored
+        present = sc.table(n, seed)[feats["index"]] & feats["present"]  # an unreadable file stays missing
+        keep = present.any(1)                                            # a sample left with nothing
         logits = scenario_logits(model, feats, present, placeholders)
         results[sc.name] = {"groups": list(sc.groups), **scores(logits[keep], labels[keep], info.multilabel)}
     m1, m2 = model.modalities
@@ -290,6 +308,37 @@ def evaluate(model, feats, info, scenarios, placeholders, seed):
             per_class[key] = (torch.bincount(labels, per_sample, minlength=info.num_classes) / counts).tolist()
     analysis = {"mt_cls_mse": {k: v.mean().item() for k, v in mse.items()}, "mt_cls_mse_per_class": per_class}
     return results, analysis
+
+
+def validate(model, val_set, info, ctx):
+    """The validation headline metric with the validation set's own missing table (rank 0's value)."""
+    feats = encode_split(model, val_set, ctx, "val")
+    return scores(scenario_logits(model, feats, feats["present"]), feats["labels"], info.multilabel)[headline(info)]
+
+
+def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0):
+    """Test-set evaluation of a trained model over every scenario of the paper; rank 0 writes metrics.json."""
+    feats = encode_split(model, test_set, ctx, "test")
+    if ctx.rank > 0:
+        return None
+    placeholders = placeholder_tokens(model, info, ctx.tokenizer, ctx.device) if model.missing == "placeholder" else None
+    test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
+    test_type = args.test_missing_type or args.train_missing_type
+    seed = data.stream_seed(args.seed, "missing/test")
+    scenarios = data.eval_scenarios(info, test_rate, test_type, seed=seed)
+    results, analysis = evaluate(model, feats, info, scenarios, placeholders, len(test_set), seed)
+    (out / "missing_test").mkdir(parents=True, exist_ok=True)
+    for sc in scenarios:
+        data.save_missing_table(out / "missing_test" / f"{slug(sc.name)}.json", sc.table(len(test_set), seed),
+                                scenario=sc.name, seed=seed)
+    metrics = {"method": model.config.method, "data": info.name, "checkpoint": str(ckpt),
+               "train_seconds": round(train_seconds, 1), "class_names": info.class_names,
+               "test_samples": len(test_set), "test_skipped": len(test_set) - len(feats["index"]),
+               "scenarios": results, **analysis}
+    write_json(out / "metrics.json", metrics)
+    if len(feats["labels"]) * model.head.in_features <= 50_000_000:  # tokens for the notebooks' plots
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(out / "test_tokens.safetensors"))
+    return metrics
 
 
 def print_tables(results, info, args, title):
@@ -322,249 +371,6 @@ def name_shares(name, m1, m2):
     return float(parts[m1].rstrip("%")), float(parts[m2].rstrip("%"))
 
 
-# -----------------------------------------------------------------------------
-# Set-up helpers: devices, DDP, seeds, data, model
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process. Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device(f"cuda:{args.gpu}") if args.gpu is not None else torch.device("cpu")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--gpu {args.gpu} given but CUDA is not available on this machine")
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Epoch e visits a permutation drawn from (seed, e); rank r of w takes every w-th index, so w
-    processes of batch b/w see exactly the samples of one process with batch b. `skip` batches are
-    left out at the start: a resumed run continues mid-epoch without reading what it already saw."""
-
-    def __init__(self, n, batch_size, seed, epoch, rank=0, world=1, skip=0):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        order = order[:n - n % world]  # every process gets as many samples, so none waits on a lost batch
-        self.indices = order[skip * batch_size:].tolist()[rank::world]
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def info_of(args):
-    return data.dataset_info(args.data, None if args.data == "synthetic" else args.data_root)
-
-
-def build_data(args, split):
-    return data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
-                             on_error=args.on_error, seed=args.seed)
-
-
-def text_tokenizer(args, info):
-    """The text encoder's own WordPiece tokenizer (the synthetic set brings its toy one)."""
-    if "text" not in info.modalities or args.data == "synthetic":
-        return None
-    return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
-
-
-def autocast_for(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def encoder_paths(args, info):
-    folders = TOY_FOLDERS if args.data == "synthetic" else ENCODER_FOLDERS
-    paths = {}
-    for m in info.modalities:
-        path = Path(args.weights) / folders[m]
-        if not (path / "model.safetensors").is_file():
-            fetch = "python weights/make_toy.py" if args.data == "synthetic" else \
-                f"python weights/download.py --dest {args.weights}"
-            raise FileNotFoundError(f"no pretrained {m} encoder: {path / 'model.safetensors'} is missing; "
-                                    f"get it with `{fetch}`")
-        paths[m] = path
-    return paths
-
-
-def build_model(args, info, method):
-    encoders = {m: load_encoder(m, p) for m, p in encoder_paths(args, info).items()}
-    missing = "mask_token" if method == "u2a" else "placeholder"
-    return U2A(encoders, info.num_classes, rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
-               missing=missing)
-
-
-def make_optimizer(model, args):
-    """AdamW (Table 5) over trainable parameters only; decay on matrices (LoRA factors, head weight),
-    none on vectors (CLS/MT tokens, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps)
-
-
-# -----------------------------------------------------------------------------
-# One run: train (with validation-based model selection), then evaluate on test
-
-def run(args, method, out, rank, world, device):
-    is_main = rank == 0
-    out.mkdir(parents=True, exist_ok=True)
-    info = info_of(args)
-    tokenizer, autocast = text_tokenizer(args, info), autocast_for(device)
-
-    # Missing tables: drawn once from the seed and saved beside the run (section 4.4.1).
-    def table(split, n):
-        if not args.train_missing_rate:
-            return torch.ones(n, 2, dtype=torch.bool)
-        return data.missing_table(n, args.train_missing_rate, args.train_missing_type,
-                                  args.seed + {"train": 0, "val": 1}[split], info.modalities)
-
-    train_set, val_set = build_data(args, "train"), build_data(args, "val")
-    train_set.set_present(table("train", len(train_set)))
-    val_set.set_present(table("val", len(val_set)))
-    if is_main:
-        for split, ds in (("train", train_set), ("val", val_set)):
-            data.save_missing_table(out / f"missing_{split}.json", ds.present, rate=args.train_missing_rate,
-                                    type=args.train_missing_type, seed=args.seed)
-    complete = bool(train_set.present.all())
-    lam = args.lam if method == "u2a" else 0.0  # the naive baseline has no mask tokens to align
-    use_dropout = method == "u2a" and (args.modality_dropout == "on" or (args.modality_dropout == "auto" and complete))
-
-    torch.manual_seed(args.seed)  # the same LoRA initialisation on every process
-    model = build_model(args, info, method).to(device)
-    if is_main:
-        print(f"{method}: {model.parameter_table()}")
-    optimizer = make_optimizer(model, args)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide by the {world} processes")
-    per_rank = args.batch_size // world
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    schedule = lambda step: lr_factor(step, total, steps_per_epoch * args.warmup_epochs)
-    step, best, best_step = 0, -math.inf, -1
-    last_ckpt, best_ckpt = out / "last.safetensors", out / "best.safetensors"
-    base = {m: str(p) for m, p in encoder_paths(args, info).items()}
-    if args.resume and last_ckpt.is_file():
-        meta = load_checkpoint(last_ckpt, model, optimizer)
-        step, best, best_step = meta["step"], meta["best"], meta["best_step"]
-        if is_main:
-            print(f"resumed {last_ckpt} at step {step}/{total}")
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)  # a dropped or absent modality leaves its branch without gradients
-
-    def checkpoint(path, with_optimizer):
-        meta = {"step": step, "best": best, "best_step": best_step, "method": method, "data": args.data,
-                "base_checkpoints": base, "config": vars_json(args)}
-        save_checkpoint(path, model, meta, optimizer if with_optimizer else None)
-
-    def validate():
-        loader = data.make_loader(val_set, per_rank * 4, False, tokenizer, args.workers, args.seed)
-        feats = encode_split(model, loader, device, autocast, "val")
-        return scores(scenario_logits(model, feats, feats["present"], None), feats["labels"],
-                      info.multilabel)[headline(info)]
-
-    t0, seen = time.time(), 0
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler = EpochSampler(len(train_set), args.batch_size, args.seed, epoch, rank, world, skip)
-        loader = data.make_loader(train_set, per_rank, False, tokenizer, args.workers, args.seed + epoch,
-                                  sampler=sampler)
-        model.train()
-        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                   **({} if is_main else {"disable": True}))  # (so TQDM_DISABLE=1 still works on rank 0)
-        for batch in bar:
-            batch = to_device(batch, device)
-            if use_dropout:  # the same choice on every process: drawn from the step
-                batch["present"] = modality_dropout(batch["present"],
-                                                    torch.Generator().manual_seed(args.seed * 7919 + step))
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * schedule(step)
-            with autocast:
-                loss, task, align = u2a_loss(train_model(batch), batch["label"], info.multilabel, lam)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            seen += len(batch["label"]) * world
-            bar.set_postfix(loss=f"{loss.item():.3f}", align=f"{align.item():.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}", sps=f"{seen / (time.time() - t0):.0f}")
-            if args.save_every and step % args.save_every == 0 and is_main:
-                checkpoint(last_ckpt, True)
-            if step % steps_per_epoch == 0:
-                break
-        if is_main:  # model selection on validation, never on test
-            score = validate()
-            if score > best:
-                best, best_step = score, step
-                checkpoint(best_ckpt, False)
-            checkpoint(last_ckpt, True)
-            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {headline(info)} {score:.2f} "
-                  f"(best {best:.2f}), loss {loss.item():.3f}")
-        if world > 1:
-            dist.barrier()
-    if is_main:
-        return evaluate_run(args, model, info, tokenizer, out, best_ckpt, device, autocast, time.time() - t0)
-    return None
-
-
-def evaluate_run(args, model, info, tokenizer, out, ckpt, device, autocast, train_seconds=0.0):
-    """Test-set evaluation of a checkpoint over every scenario of the paper; writes metrics.json."""
-    meta = load_checkpoint(ckpt, model)
-    test_set = build_data(args, "test")
-    loader = data.make_loader(test_set, args.batch_size * 4, False, tokenizer, args.workers, args.seed)
-    feats = encode_split(model, loader, device, autocast, "test")
-    placeholders = placeholder_tokens(model, info, tokenizer, device) if model.missing == "placeholder" else None
-    test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
-    test_type = args.test_missing_type or args.train_missing_type
-    scenarios = data.eval_scenarios(info, test_rate, test_type, seed=args.seed)
-    results, analysis = evaluate(model, feats, info, scenarios, placeholders, args.seed + 2)
-    (out / "missing_test").mkdir(exist_ok=True)
-    for sc in scenarios:
-        data.save_missing_table(out / "missing_test" / f"{slug(sc.name)}.json", sc.table(len(test_set), args.seed + 2),
-                                scenario=sc.name, seed=args.seed + 2)
-    metrics = {"method": model.missing, "data": args.data, "checkpoint": str(ckpt), "best_step": meta["step"],
-               "train_seconds": round(train_seconds, 1), "class_names": info.class_names,
-               "scenarios": results, **analysis}
-    write_json(out / "metrics.json", metrics)
-    if len(feats["labels"]) * model.head.in_features <= 50_000_000:  # tokens for the notebooks' plots
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(out / "test_tokens.safetensors"))
-    return metrics
-
-
-def slug(name):
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
-
-
-def vars_json(args):
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-def write_json(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def lesson_table(metrics_by_method, info):
     """The embedded default's summary: both modalities, then each one missing, per method."""
     key, (m1, m2) = headline(info), info.modalities
@@ -578,49 +384,508 @@ def lesson_table(metrics_by_method, info):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    seed_everything(args.seed)
-    if args.out is None:
-        args.out = Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"
-    is_main = rank == 0
+# -----------------------------------------------------------------------------
+# The run folder and its checkpoints. The model's part (trained tensors + U2AConfig) is u2a.save_checkpoint;
+# a resumable checkpoint adds the optimizer, the step and the RNG states. No pickle anywhere.
+
+def slug(name):
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def write_json(path, obj):
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # this process's own temporary name
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def lock_run_folder(out):
+    """A run folder belongs to one live run: `lock` holds its host and pid. A lock whose process is gone
+    (a crash) is taken over; a live one is an error."""
+    lock = out / "lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a run that died
+                continue
+            raise RuntimeError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
+                               f"give another --out, or delete {lock} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_resumable(path, model, optimizer, meta):
+    """u2a.save_checkpoint + the optimizer state and the RNG states, so --resume continues exactly."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().reshape(-1).contiguous() \
+                    if value.dim() == 0 else value.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # all five fields of numpy's state
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    meta = {**meta, "rng_numpy": [name, int(pos), int(has_gauss), float(gauss)], "rng_python": random.getstate()}
+    u2a.save_checkpoint(path, model, tensors, meta)
+
+
+def load_resumable(path, model, optimizer):
+    meta = u2a.load_trained(model, path)
+    f, _ = u2a.open_checkpoint(path)
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
+                 if k.startswith(f"optim.{n}.") and k[len(f"optim.{n}."):].count(".") == 0}
+        if state:
+            optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in state.items()}
+    torch.set_rng_state(f.get_tensor("rng.torch"))
+    if torch.cuda.is_available() and "rng.cuda" in f.keys():
+        torch.cuda.set_rng_state(f.get_tensor("rng.cuda"))
+    name, pos, has_gauss, gauss = meta["rng_numpy"]
+    np.random.set_state((name, f.get_tensor("rng.numpy").numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss = meta["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Set-up: devices, DDP, precision, seeds, data, model, optimizer
+
+class Context:
+    """Where and how this process runs: fixed at start, passed to every step that needs it."""
+
+    def __init__(self, args, rank, world, device, tokenizer):
+        self.rank, self.world, self.device, self.tokenizer = rank, world, device, tokenizer
+        self.seed, self.workers, self.precision = args.seed, args.workers, args.precision
+        self.autocast = autocast_for(device, args.precision)
+        self.eval_batch = max(1, args.batch_size // world) * 4
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        if args.gpu is None:
+            return 0, 1, torch.device("cpu")
+        torch.cuda.set_device(args.gpu)  # so the CUDA RNG state and every allocation are this GPU's
+        return 0, 1, torch.device(f"cuda:{args.gpu}")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+
+
+def autocast_for(device, precision):
+    """fp32: no autocast. bf16/fp16: torch.autocast on the run's device type (fp16 also needs the grad
+    scaler of make_scaler). The CPU tests run bf16 through this same context."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def progress(iterable, ctx, desc):
+    """A progress bar on rank 0 only (TQDM_DISABLE=1 silences it: `disable` is left to tqdm there)."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **({} if ctx.rank == 0 else {"disable": True}))
+
+
+def all_sum(t, ctx):
+    """Sum a tensor over the DDP processes (in place); the identity for one process."""
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def seed_step(seed, rank, step):
+    """Step `step` of process `rank` draws its LoRA dropout masks from its own stream: independent across
+    processes, and the same after a resume (no RNG state has to survive a crash)."""
+    torch.manual_seed(data.stream_seed(seed, "lora_dropout", rank, step))
+
+
+def threads_for(args):
+    """The toy encoders' matrices are tiny: a second thread only spin-waits (seen here: 15 s on one thread
+    against 20-400 s on two busy cores). Real encoders keep torch's default."""
+    return 1 if args.data == "synthetic" else None
+
+
+def info_of(args):
+    return data.dataset_info(args.data, None if args.data == "synthetic" else args.data_root)
+
+
+def encoder_paths(args, info):
+    """{modality: folder} of the pretrained encoders under --weights; None for those that are missing."""
+    folders = TOY_FOLDERS if args.data == "synthetic" else ENCODER_FOLDERS
+    paths = {m: Path(args.weights) / folders[m] for m in info.modalities}
+    return {m: p if (p / "model.safetensors").is_file() else None for m, p in paths.items()}
+
+
+def check_inputs(args):
+    """The data root and the pretrained weights, checked together so one start reports every fix."""
+    problems = []
+    if args.data != "synthetic" and not Path(args.data_root).is_dir():
+        problems.append(f"no dataset at --data-root {args.data_root}: expected {data.LAYOUTS[args.data]} "
+                        f"(README.md, 'Datasets', says where to get it)")
+    info = data.dataset_info(args.data) if problems else info_of(args)
+    missing = [m for m, p in encoder_paths(args, info).items() if p is None]
+    if missing:
+        fetch = "python weights/make_toy.py" if args.data == "synthetic" else \
+            f"python weights/download.py --dest {args.weights}"
+        folders = TOY_FOLDERS if args.data == "synthetic" else ENCODER_FOLDERS
+        problems.append(f"no pretrained {' and '.join(missing)} encoder: "
+                        f"{', '.join(str(Path(args.weights) / folders[m] / 'model.safetensors') for m in missing)} "
+                        f"missing; get it with `{fetch}`")
+    if problems:
+        raise FileNotFoundError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def text_tokenizer(args, info):
+    """The text encoder's own WordPiece tokenizer (the synthetic set brings its toy one)."""
+    if "text" not in info.modalities or args.data == "synthetic":
+        return None
+    return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
+
+
+def build_splits(args, info, splits=("train", "val", "test")):
+    """Every split, built and checked before the first step: a broken test split is found now, not after
+    hours of training. The train/val missing tables are drawn from the run's seed (section 4.4.1)."""
+    sets = {}
+    for split in splits:
+        ds = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
+                               on_error=args.on_error, seed=args.seed)
+        if len(ds) == 0:
+            raise ValueError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
+                             f"{args.limit}); expected {data.LAYOUTS.get(args.data, 'generated data')}")
+        if split != "test" and args.train_missing_rate:
+            ds.set_present(data.missing_table(len(ds), args.train_missing_rate, args.train_missing_type,
+                                              data.stream_seed(args.seed, f"missing/{split}"), info.modalities))
+        sets[split] = ds
+    return sets
+
+
+def model_config(args, info, method):
+    paths = encoder_paths(args, info)
+    return U2AConfig(encoders={m: str(paths[m]) for m in info.modalities}, class_names=list(info.class_names),
+                     multilabel=info.multilabel, method=method, rank=args.rank, alpha=args.alpha,
+                     lora_dropout=args.lora_dropout, lam=args.lam)
+
+
+def make_optimizer(model, args):
+    """AdamW (Table 5) over trainable parameters only. Our choice where the paper is silent: decay on
+    matrices (LoRA factors, head weight), none on vectors (CLS/MT tokens, biases), as nanoGPT does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Epoch e visits a permutation drawn from (seed, e), cut into n // B global batches of B samples (the
+    n % B left over wait for another epoch, a different few each time). Process r of w takes every w-th
+    sample of each global batch, so every process has the same n // B steps of B / w samples and w processes
+    see exactly the batches of one. `skip` batches are left out at the start: a resumed run continues
+    mid-epoch without reading what it already saw."""
+
+    def __init__(self, n, batch_size, seed, epoch, rank=0, world=1, skip=0):
+        steps = n // batch_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(data.stream_seed(seed, "sampler", epoch)))
+        self.indices = order[:steps * batch_size].view(steps, batch_size)[skip:, rank::world].flatten().tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+# -----------------------------------------------------------------------------
+# One training step (eq. 7). Both means of the loss divide by counts over every process: DDP averages the
+# processes' gradients, so each process's loss is scaled by the world size to make the result one process's.
+
+def train_step(model, batch, optimizer, scaler, ctx, lam, multilabel, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    present = batch["present"]
+    counts = all_sum(torch.stack([present.new_tensor(len(present), dtype=torch.float),
+                                  present.all(1).sum().float()]), ctx)      # (2,) samples, complete samples
+    with ctx.autocast:
+        out = model(batch)
+    loss, task, align = u2a_loss(out, batch["label"], multilabel, lam, counts[0], counts[1])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss * ctx.world).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return torch.stack([loss.detach(), task.detach(), align.detach()])  # (3,), on the device: no sync
+
+
+# -----------------------------------------------------------------------------
+# One run: train (with validation-based model selection), then evaluate on test
+
+def run(args, method, out, sets, info, ctx):
+    is_main = ctx.rank == 0
+    lam = args.lam if method == "u2a" else 0.0  # the naive baseline has no mask tokens to align
+    complete = bool(sets["train"].present.all())
+    use_dropout = method == "u2a" and (args.modality_dropout == "on" or (args.modality_dropout == "auto" and complete))
     if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val"):
+            data.save_missing_table(out / f"missing_{split}.json", sets[split].present, rate=args.train_missing_rate,
+                                    type=args.train_missing_type, seed=data.stream_seed(args.seed, f"missing/{split}"))
+
+    torch.manual_seed(data.stream_seed(args.seed, "init"))  # the same LoRA initialisation on every process
+    model = u2a.build_model(model_config(args, info, method)).to(ctx.device)
+    if is_main:
+        print(f"{method}: {model.parameter_table()}")
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
+    steps_per_epoch = len(sets["train"]) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    last_ckpt, best_ckpt, log_path = out / "last.safetensors", out / "best.safetensors", out / "log.jsonl"
+    step, best, best_step = 0, -math.inf, -1
+    if args.resume and last_ckpt.is_file():
+        meta = load_resumable(last_ckpt, model, optimizer)
+        step, best, best_step = meta["step"], meta["best"], meta["best_step"]
+        if is_main:
+            print(f"resumed {last_ckpt} at step {step}/{total}")
+    train_model = torch.compile(model) if args.compile else model
+    if ctx.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=True)  # a dropped or absent modality leaves its branch without gradients
+
+    def checkpoint(path, resumable):
+        meta = {"step": step, "best": best, "best_step": best_step, "data": args.data, "config": vars_json(args)}
+        if resumable:
+            save_resumable(path, model, optimizer, meta)
+        else:
+            u2a.save_checkpoint(path, model, meta=meta)
+
+    t0, seen, skipped, nonfinite = time.time(), 0, 0, torch.zeros((), device=ctx.device)
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sets["train"].set_epoch(epoch, args.seed)
+        sampler = EpochSampler(len(sets["train"]), args.batch_size, args.seed, epoch, ctx.rank, ctx.world, skip)
+        loader = data.make_loader(sets["train"], args.batch_size // ctx.world, False, ctx.tokenizer, args.workers,
+                                  data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
+        model.train()
+        bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
+        for batch in bar:
+            skipped += int(batch.get("skipped", 0))
+            batch = to_device(batch, ctx.device)
+            if use_dropout:  # the same choice on every process: drawn from the step
+                g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", step))
+                batch["present"] = modality_dropout(batch["present"], g)
+            seed_step(args.seed, ctx.rank, step)
+            lr = args.lr * lr_factor(step, total, steps_per_epoch * args.warmup_epochs)
+            losses = train_step(train_model, batch, optimizer, scaler, ctx, lam, info.multilabel, lr)
+            nonfinite += ~torch.isfinite(losses).all()
+            step += 1
+            seen += len(batch["label"]) * ctx.world
+            if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:
+                stop_if_not_finite(nonfinite, step, ctx, last_ckpt)
+                loss, task, align = all_sum(losses, ctx).tolist()  # each process holds its share of eq. 7
+                if is_main:
+                    record = {"step": step, "epoch": epoch, "loss": loss, "task": task, "align": align, "lr": lr,
+                              "samples_per_s": round(seen / (time.time() - t0), 1)}
+                    append_log(log_path, record)
+                    bar.set_postfix(loss=f"{loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}",
+                                    sps=f"{record['samples_per_s']:.0f}")
+            if args.save_every and step % args.save_every == 0 and is_main:
+                checkpoint(last_ckpt, True)
+        score = validate(model, sets["val"], info, ctx)  # model selection on validation, never on test
+        if is_main:
+            if score > best:
+                best, best_step = score, step
+                checkpoint(best_ckpt, False)
+            checkpoint(last_ckpt, True)
+            append_log(log_path, {"step": step, "epoch": epoch, "val": score})
+            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {headline(info)} {score:.2f} "
+                  f"(best {best:.2f}), loss {loss:.3f}"
+                  + (f", {skipped} unreadable samples skipped so far" if skipped else ""))
+        if ctx.world > 1:
+            dist.barrier()
+    if ctx.world > 1:
+        dist.barrier()
+    model = u2a.from_checkpoint(best_ckpt).to(ctx.device)  # the validation-selected model, as saved
+    return evaluate_test(model, sets["test"], info, args, ctx, out, best_ckpt, time.time() - t0)
+
+
+def stop_if_not_finite(nonfinite, step, ctx, last_ckpt):
+    """A non-finite loss (NaN input, divergence) stops the run before a NaN checkpoint is written. Checked
+    every LOG_EVERY steps on the device-side flag, so the loop itself never waits for the GPU."""
+    if all_sum(nonfinite.clone(), ctx).item() > 0:
+        raise FloatingPointError(f"the loss became NaN or infinite by step {step}; stopped before writing "
+                                 f"a checkpoint (the last good one, if any: {last_ckpt}). Check the inputs "
+                                 f"(a file with NaN/Inf values) or lower --lr")
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# main: resolve the settings (fresh, resumed or evaluated run), check everything, then train or evaluate
+
+def resolve_resume(args, given):
+    """--resume continues a run as it was configured: its config.json gives every setting of the run; a
+    setting given now that contradicts it is an error."""
+    saved_path = args.out / "config.json"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"--resume: {args.out} holds no run to resume (no {saved_path})")
+    saved = json.loads(saved_path.read_text())
+    clash = [k for k in RUN_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
+    if clash:
+        raise ValueError("--resume continues the run as it was configured; these settings differ from "
+                         f"{saved_path}: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run: "
+                                                       f"{saved.get(k)})" for k in clash))
+    for k in RUN_SETTINGS + ("weights", "test_missing_rate", "test_missing_type", "warmup_factor", "power", "eps"):
+        if k in saved and k not in given:
+            setattr(args, k, Path(saved[k]) if k == "weights" else saved[k])
+    return args
+
+
+def eval_checkpoints(path):
+    """--eval-only takes a checkpoint, a run folder, or the default run's folder (u2a/ and naive/)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    found = [p for p in (path / "best.safetensors", path / "u2a" / "best.safetensors",
+                         path / "naive" / "best.safetensors") if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"--eval-only {path}: no best.safetensors in it, nor in its u2a/ or naive/")
+    return found[:1] if found[0].parent == path else found
+
+
+def resolve_eval(args, given, ckpt):
+    """--eval-only: the run's settings and the model come from the checkpoint; the user may point at
+    other data (--data-root) or another test setting, never change the model."""
+    _, meta = u2a.open_checkpoint(ckpt)
+    saved = meta["config"]
+    clash = [k for k in MODEL_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
+    if clash:
+        raise ValueError(f"{ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}"
+                                                                 for k in clash)
+                         + ": the model's settings come from the checkpoint; leave them out")
+    evaluated = argparse.Namespace(**vars(args))
+    for k, v in saved.items():
+        if k not in given and k not in ("out", "eval_only", "resume", "gpu", "workers", "compile"):
+            setattr(evaluated, k, Path(v) if k == "weights" else v)
+    evaluated.out = args.out if "out" in given else ckpt.parent
+    return evaluated, meta
+
+
+def check_classes(info, trained, ckpt):
+    if list(info.class_names) != list(trained["class_names"]):
+        differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], info.class_names)) if a != b]
+        raise ValueError(f"{ckpt} was trained on {len(trained['class_names'])} classes "
+                         f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
+                         f"{len(info.class_names)} classes (first differences: {differ[:3]})")
+
+
+def evaluate_only(args, given, rank, world, device):
+    all_metrics = {}
+    for ckpt in eval_checkpoints(args.eval_only):
+        ev, meta = resolve_eval(args, given, ckpt)
+        check_inputs(ev)
+        info = info_of(ev)
+        check_classes(info, meta["model"], ckpt)
+        ctx = Context(ev, rank, world, device, text_tokenizer(ev, info))
+        test_set = build_splits(ev, info, ("test",))["test"]
+        paths = encoder_paths(ev, info) if "weights" in given else None
+        model = u2a.from_checkpoint(ckpt, paths).to(device)
+        metrics = evaluate_test(model, test_set, info, ev, ctx, ev.out, ckpt)
+        if rank == 0:
+            print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, {ckpt}")
+            all_metrics[metrics["method"]] = metrics
+    return all_metrics
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    threads = torch.get_num_threads()
+    if threads_for(args):
+        torch.set_num_threads(threads_for(args))
+    rank, world, device = setup_distributed(args)
+    try:
+        if args.eval_only:
+            return evaluate_only(args, given, rank, world, device)
+        if args.resume:
+            args = resolve_resume(args, given)
+        return train_and_report(args, rank, world, device)
+    finally:
+        torch.set_num_threads(threads)
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train_and_report(args, rank, world, device):
+    is_main = rank == 0
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must divide by the {world} processes")
+    check_inputs(args)
+    info = info_of(args)
+    sets = build_splits(args, info)
+    if len(sets["train"]) < args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
+                         f"({len(sets['train'])} samples)")
+    ctx = Context(args, rank, world, device, text_tokenizer(args, info))
+    if args.out is None:  # one folder for the run, named on rank 0 and shared with the other processes
+        name = [Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if world > 1:
+            dist.broadcast_object_list(name, src=0)
+        args.out = name[0]
+    lock = None
+    if is_main:  # only now, every check passed: a failed start leaves no empty run folder behind
         args.out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_folder(args.out)
         write_json(args.out / "config.json", vars_json(args))
+        print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
+              f"samples; {args.precision} on {device}" + (f" x {world} processes" if world > 1 else ""))
         if args.data == "synthetic":
             print("Offline default: synthetic image+text data and TOY encoders (tiny ViT/BERT pretrained on "
                   "synthetic shapes and words, weights/toy/). The paper's results need the real encoders "
                   "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
-    info = info_of(args)
-    if args.eval_only:
-        method = checkpoint_meta(args.eval_only)["method"]
-        model = build_model(args, info, method).to(device)
-        metrics = evaluate_run(args, model, info, text_tokenizer(args, info), args.out, args.eval_only, device,
-                               autocast_for(device))
-        print_tables(metrics["scenarios"], info, args, f"{method}, {args.eval_only}")
-        return {method: metrics}
-    methods = [args.method] + (["naive"] if args.compare_naive and args.method != "naive" else [])
-    all_metrics, t0 = {}, time.time()
-    for method in methods:
-        out = args.out if len(methods) == 1 else args.out / method
-        metrics = run(args, method, out, rank, world, device)
+    try:
+        methods = [args.method] + (["naive"] if args.compare_naive and args.method != "naive" else [])
+        all_metrics, t0 = {}, time.time()
+        for method in methods:
+            out = args.out if len(methods) == 1 else args.out / method
+            metrics = run(args, method, out, sets, info, ctx)
+            if is_main:
+                all_metrics[method] = metrics
+                print_tables(metrics["scenarios"], info, args, method)
         if is_main:
-            all_metrics[method] = metrics
-            print_tables(metrics["scenarios"], info, args, method)
-    if is_main:
-        print(f"\n== Summary: {args.data}, test {headline(info)} (%), {time.time() - t0:.0f} s, run folder {args.out} ==")
-        print(lesson_table(all_metrics, info))
-        if args.data == "synthetic":
-            print("(toy encoders on synthetic data: a demonstration of the paper's lesson, not its numbers)")
-    if world > 1:
-        dist.destroy_process_group()
-    return all_metrics
+            print(f"\n== Summary: {args.data}, test {headline(info)} (%), {time.time() - t0:.0f} s, "
+                  f"run folder {args.out} ==")
+            print(lesson_table(all_metrics, info))
+            if args.data == "synthetic":
+                print("(toy encoders on synthetic data: a demonstration of the paper's lesson, not its numbers)")
+        return all_metrics
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    if "--data" not in sys.argv[1:] or "synthetic" in sys.argv[1:]:
-        # The toy encoders' matrices are tiny: a second thread only spin-waits (seen here: 15 s on one
-        # thread against 20-400 s on two busy cores).
-        torch.set_num_threads(1)
     main()

@@ -28,11 +28,16 @@ Choices the paper leaves open, made here:
 - Random modality dropout (section 3, last paragraph) is drawn once per training step for the whole batch:
   "for each training iteration, we either use both modalities or randomly drop one".
 """
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from encoders import AST, BERT, ViT
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
@@ -117,7 +122,8 @@ class U2A(nn.Module):
     encodes the paper's placeholder inputs (zeros / empty text) and always uses the two CLS tokens.
     """
 
-    def __init__(self, encoders, num_classes, rank=1, alpha=1.0, dropout=0.1, missing="mask_token"):
+    def __init__(self, encoders, num_classes, rank=1, alpha=1.0, dropout=0.1, missing="mask_token",
+                 targets=LORA_TARGETS):
         super().__init__()
         if len(encoders) != 2:
             raise ValueError(f"U2A takes exactly two modalities, got {list(encoders)}")
@@ -132,7 +138,7 @@ class U2A(nn.Module):
         self.head = nn.Linear(dims.pop(), num_classes)     # h(.; Theta_h) of eq. 5
         # LoRA on q/k/v/out of every block (section 4.2); only LoRA, the tokens and the head learn.
         for enc in encoders.values():
-            add_lora(enc, LORA_TARGETS, rank=rank, alpha=alpha, dropout=dropout)
+            add_lora(enc, targets, rank=rank, alpha=alpha, dropout=dropout)
         tokens = [f"branches.{m}.{t}" for m in self.modalities for t in ("cls", "mt")]
         mark_only_lora_as_trainable(self, also=(*tokens, "head."))
 
@@ -149,7 +155,7 @@ class U2A(nn.Module):
         for i, (m, branch) in enumerate(self.branches.items()):
             rows = rows_present[:, i]
             D = self.head.in_features
-            if rows.all():           # common case: no indexing, no copies
+            if rows.all() and B > 0:  # common case: no indexing, no copies
                 cls[m], mt[m] = branch({k: batch[k] for k in branch.input_keys})
                 continue
             # A missing modality's encoder output is never used (eq. 4), so it is never computed:
@@ -191,23 +197,33 @@ class U2A(nn.Module):
 # -----------------------------------------------------------------------------
 # The loss: task loss + lambda * alignment of mask tokens (eq. 6-7)
 
-def alignment_loss(out):
-    """Eq. 6: MSE(MT_1, CLS_2) + MSE(MT_2, CLS_1), averaged over the modality-complete samples."""
+def alignment_loss(out, n_complete=None):
+    """Eq. 6: MSE(MT_1, CLS_2) + MSE(MT_2, CLS_1), averaged over the modality-complete samples.
+    n_complete: the number of complete samples to average over (default: this batch's). Under DDP it is
+    the count over all processes: eq. 6 averages over the whole batch, and a process whose share of the
+    batch holds no complete sample must not halve the term's weight."""
     m1, m2 = list(out.cls)
-    complete = out.present.all(1)                          # (B,)
-    if not complete.any():                                 # no complete sample: nothing to align
-        return out.logits.new_zeros(())
-    return (F.mse_loss(out.mt[m1][complete], out.cls[m2][complete])
-            + F.mse_loss(out.mt[m2][complete], out.cls[m1][complete]))
+    complete = out.present.all(1)                                     # (B,)
+    cls = {m: t.float() for m, t in out.cls.items()}                  # float32 even under autocast
+    mt = {m: t.float() for m, t in out.mt.items()}
+    per_sample = ((mt[m1] - cls[m2]) ** 2).mean(1) + ((mt[m2] - cls[m1]) ** 2).mean(1)  # (B,)
+    n = complete.sum() if n_complete is None else n_complete
+    return (per_sample * complete).sum() / torch.clamp(torch.as_tensor(n, device=per_sample.device), min=1)
 
 
-def u2a_loss(out, labels, multilabel=False, lam=0.2):
-    """Eq. 7: L_total = L_task + lambda * L_align. Returns (total, task, align)."""
-    if multilabel:   # MM-IMDb: 23 genres, several per film
-        task = F.binary_cross_entropy_with_logits(out.logits, labels.float())
+def u2a_loss(out, labels, multilabel=False, lam=0.2, n_samples=None, n_complete=None):
+    """Eq. 7: L_total = L_task + lambda * L_align. Returns (total, task, align).
+    n_samples, n_complete: the denominators of the task and alignment means (default: this batch's
+    counts); train.py passes the counts over every DDP process, so that the averaged gradients equal one
+    process's."""
+    logits = out.logits.float()                                       # (B, C)
+    if multilabel:   # MM-IMDb: 23 genres, several per film; the mean over genres, summed over films
+        task = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(1).sum()
     else:
-        task = F.cross_entropy(out.logits, labels)
-    align = alignment_loss(out)
+        task = F.cross_entropy(logits, labels, reduction="sum")
+    n = len(labels) if n_samples is None else n_samples
+    task = task / torch.clamp(torch.as_tensor(n, device=logits.device), min=1)
+    align = alignment_loss(out, n_complete)
     return task + lam * align, task, align
 
 
@@ -235,3 +251,96 @@ def load_encoder(modality, path):
     if modality not in MODALITY_ENCODER:
         raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_ENCODER)}")
     return MODALITY_ENCODER[modality].from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# A trained model: the config that builds it, and a checkpoint that rebuilds it from the file alone
+
+@dataclass
+class U2AConfig:
+    """Everything that builds a U2A model, with the paper's values (section 4.2, Table 5) as defaults.
+    Every checkpoint stores it, so a trained model rebuilds from its file alone (U2A.from_checkpoint)."""
+    encoders: dict                      # modality -> folder of its pretrained encoder, in (m1, m2) order
+    class_names: list                   # the head's classes, in label order
+    multilabel: bool = False            # MM-IMDb: sigmoid per genre instead of one softmax
+    method: str = "u2a"                 # "naive": placeholders through the encoders, no mask tokens
+    rank: int = 1                       # LoRA rank
+    alpha: float = 1.0                  # LoRA alpha
+    lora_dropout: float = 0.1
+    lora_targets: tuple = LORA_TARGETS
+    lam: float = 0.2                    # lambda of eq. 7
+    encoder_configs: dict = field(default_factory=dict)  # filled when built: checked when rebuilt
+
+
+METHODS = {"u2a": "mask_token", "naive": "placeholder"}  # U2AConfig.method -> U2A(missing=...)
+
+
+def build_model(config):
+    """The U2A model a config describes: pretrained encoders loaded, LoRA added, tokens and head fresh."""
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {config.method!r}")
+    encoders = {m: load_encoder(m, path) for m, path in config.encoders.items()}
+    found = {m: asdict(enc.config) for m, enc in encoders.items()}
+    for m, expected in config.encoder_configs.items():  # the same frozen weights' shape as in training
+        if found[m] != expected:
+            raise ValueError(f"the {m} encoder at {config.encoders[m]} is not the one this model was trained "
+                             f"on: its config is {found[m]}, expected {expected}")
+    model = U2A(encoders, len(config.class_names), rank=config.rank, alpha=config.alpha,
+                dropout=config.lora_dropout, missing=METHODS[config.method], targets=tuple(config.lora_targets))
+    model.config = U2AConfig(**{**asdict(config), "encoder_configs": found})
+    return model
+
+
+def save_checkpoint(path, model, extra_tensors=None, meta=None):
+    """Only what training changed (LoRA factors, CLS/MT tokens, head) as `model.<name>`, plus the model's
+    config in the file's metadata; `extra_tensors`/`meta` carry a caller's own state (train.py: optimizer,
+    step). Written to a name of this process's own, then renamed: a crash leaves the previous file intact."""
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update(extra_tensors or {})
+    meta = {**(meta or {}), "model": asdict(model.config)}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file(tensors, tmp, metadata={"u2a": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def open_checkpoint(path):
+    """-> (open safetensors file, metadata dict) of a checkpoint written by save_checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        f = safe_open(str(path), framework="pt")  # never torch.load: unpickling can run arbitrary code
+        return f, json.loads(f.metadata()["u2a"])
+    except Exception as err:
+        raise ValueError(f"{path} is not a safetensors checkpoint written by u2a ({err})") from None
+
+
+def load_trained(model, path):
+    """Copy a checkpoint's trained tensors into `model`; every one must fit. Returns the metadata."""
+    f, meta = open_checkpoint(path)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    found = {k[len("model."):] for k in f.keys() if k.startswith("model.")}
+    misfit = sorted(n for n in expected & found if tuple(f.get_slice(f"model.{n}").get_shape()) != params[n].shape)
+    if found != expected or misfit:
+        trained = meta.get("model", {})
+        raise ValueError(f"{path}: its trained tensors do not fit this model (it was trained with method "
+                         f"{trained.get('method')}, rank {trained.get('rank')}, "
+                         f"{len(trained.get('class_names', []))} classes); missing {sorted(expected - found)[:3]}, "
+                         f"unexpected {sorted(found - expected)[:3]}, other shapes {misfit[:3]}")
+    with torch.no_grad():
+        for n in expected:
+            params[n].copy_(f.get_tensor(f"model.{n}"))
+    return meta
+
+
+def from_checkpoint(path, encoders=None):
+    """The trained model of a checkpoint, rebuilt from the file alone, in eval mode.
+    encoders: {modality: folder} where the pretrained encoders are now, if they moved since training."""
+    _, meta = open_checkpoint(path)
+    config = U2AConfig(**meta["model"])
+    if encoders:
+        config.encoders = {m: str(encoders[m]) for m in config.encoders}
+    model = build_model(config)
+    load_trained(model, path)
+    return model.eval()
+

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 import data
 import train
+import u2a
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--workers", "0"]
+SMALL = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--workers", "0", "--warmup-epochs", "0"]
 
 
 def model_tensors(path):
@@ -37,12 +38,12 @@ def test_lr_schedule():
 
 
 def test_paper_defaults_per_dataset():
-    food = train.parse_args(["--data", "food101"])
+    food, _ = train.parse_args(["--data", "food101"])
     assert (food.lr, food.epochs, food.batch_size, food.warmup_epochs) == (1e-3, 10, 8, 5)
     assert (food.weight_decay, food.eps, food.rank, food.alpha, food.lora_dropout, food.lam) == \
         (0.02, 1e-8, 1, 1.0, 0.1, 0.2)
     assert food.data_root == "data/food101"
-    ks = train.parse_args(["--data", "ks", "--lr", "1e-4"])
+    ks, _ = train.parse_args(["--data", "ks", "--lr", "1e-4"])
     assert (ks.lr, ks.epochs, ks.batch_size) == (1e-4, 100, 4)
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "imagenet"])
@@ -100,19 +101,19 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 # Checkpoints: round trip and exact resume
 
 def test_checkpoint_round_trip(tmp_path):
-    args = train.parse_args(SMALL)
+    args, _ = train.parse_args(SMALL)
     info = train.info_of(args)
-    model = train.build_model(args, info, "u2a")
+    model = u2a.build_model(train.model_config(args, info, "u2a"))
     opt = train.make_optimizer(model, args)
     batch = next(iter(data.make_loader(data.make_dataset("synthetic", None, "train", limit=8), 8, False)))
     loss, _, _ = train.u2a_loss(model(batch), batch["label"])
     loss.backward()
     opt.step()
     path = tmp_path / "ckpt.safetensors"
-    train.save_checkpoint(path, model, {"step": 1, "method": "u2a", "config": train.vars_json(args)}, opt)
-    fresh = train.build_model(args, info, "u2a")
+    train.save_resumable(path, model, opt, {"step": 1, "config": train.vars_json(args)})
+    fresh = u2a.build_model(train.model_config(args, info, "u2a"))
     fresh_opt = train.make_optimizer(fresh, args)
-    meta = train.load_checkpoint(path, fresh, fresh_opt)
+    meta = train.load_resumable(path, fresh, fresh_opt)
     assert meta["step"] == 1
     for (n, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), n
@@ -121,13 +122,18 @@ def test_checkpoint_round_trip(tmp_path):
     for p, state in opt.state.items():
         for key, value in state.items():
             assert torch.equal(fresh_opt.state[fresh_params[names[id(p)]]][key].reshape(value.shape), value)
+    # the file alone rebuilds the trained model
+    rebuilt = u2a.from_checkpoint(path)
+    for (n, a), b in zip(model.named_parameters(), rebuilt.parameters()):
+        assert torch.equal(a, b), n
+    assert rebuilt.config.class_names == info.class_names and rebuilt.config.rank == args.rank
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a safetensors checkpoint"):
-        train.load_checkpoint(tmp_path / "bad.safetensors", fresh)
-    naive = train.build_model(args, info, "naive")
+        u2a.load_trained(fresh, tmp_path / "bad.safetensors")
+    naive = u2a.build_model(train.model_config(args, info, "naive"))
     naive.head = torch.nn.Linear(naive.head.in_features, 3)  # a model of another shape
-    with pytest.raises((ValueError, RuntimeError)):
-        train.load_checkpoint(path, naive)
+    with pytest.raises(ValueError, match="trained with method u2a"):
+        u2a.load_trained(naive, path)
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -146,7 +152,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
         train.main(run + ["--out", str(tmp_path / "crashed")])
     monkeypatch.setattr(train, "u2a_loss", real_loss)
     assert json.loads(_meta(tmp_path / "crashed" / "last.safetensors"))["step"] == 5
-    train.main(run + ["--out", str(tmp_path / "crashed"), "--resume"])
+    train.main(["--out", str(tmp_path / "crashed"), "--resume"])  # every setting comes from the run folder
 
     whole, resumed = model_tensors(tmp_path / "whole" / "last.safetensors"), \
         model_tensors(tmp_path / "crashed" / "last.safetensors")
@@ -194,21 +200,14 @@ def test_ddp_on_cpu_matches_a_single_process(tmp_path):
 # Every real dataset, end to end: its public layout (tests/test_data.py's fixtures) and encoders in the
 # folders and file layouts that weights/download.py fetches (small random ones, written by transformers)
 
-@pytest.fixture(scope="module")
-def published_weights(tmp_path_factory):
-    pytest.importorskip("transformers")
-    import checkpoints  # tests/checkpoints.py: needs transformers, a test-only dependency
-    words = ["best", "recipe", "plot", "film"]
-    return checkpoints.save_run_encoders(tmp_path_factory.mktemp("weights"), train.ENCODER_FOLDERS, words)
-
-
 @pytest.mark.parametrize("name", ["food101", "mmimdb", "cremad", "ks", "ave"])
 def test_every_dataset_trains_and_reports_the_paper_scenarios(name, published_weights, tmp_path, capsys):
     import test_data
     root = test_data.MAKERS[name](tmp_path / name)
     out = tmp_path / "run"
     metrics = train.main(["--data", name, "--data-root", str(root), "--weights", str(published_weights),
-                          "--out", str(out), "--epochs", "1", "--batch-size", "2", "--workers", "0"])
+                          "--out", str(out), "--epochs", "1", "--batch-size", "2", "--workers", "0",
+                          "--warmup-epochs", "0"])
     info = data.dataset_info(name, root)
     m1, m2 = info.modalities
     saved = json.loads((out / "metrics.json").read_text())
