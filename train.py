@@ -196,34 +196,9 @@ def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_facto
 
 
 # -----------------------------------------------------------------------------
-# Metrics: accuracy (Food-101, audio-video) or F1-macro/micro at 0.5 (MM-IMDb), with per-class scores
-
-def scores(logits, labels, multilabel):
-    if multilabel:
-        pred, truth = logits.sigmoid() > 0.5, labels > 0.5                    # (n, C)
-        tp = (pred & truth).sum(0).float()
-        fp = (pred & ~truth).sum(0).float()
-        fn = (~pred & truth).sum(0).float()
-        per_class = 2 * tp / (2 * tp + fp + fn).clamp(min=1)                  # F1 per class (0 if unseen)
-        micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1)
-        return {"f1_macro": 100 * per_class.mean().item(), "f1_micro": 100 * micro.item(),
-                "per_class": (100 * per_class).tolist()}
-    correct = (logits.argmax(1) == labels).float()                           # (n,)
-    counts = torch.bincount(labels, minlength=logits.shape[1]).float()
-    per_class = torch.bincount(labels, weights=correct, minlength=logits.shape[1]) / counts.clamp(min=1)
-    return {"accuracy": 100 * correct.mean().item(), "per_class": (100 * per_class).tolist()}
-
-
-def headline(info):
-    return "f1_macro" if info.multilabel else "accuracy"
-
-
-# -----------------------------------------------------------------------------
-# Evaluation. A present modality's CLS and MT outputs depend on that modality alone (each encoder reads
-# only its own input), so a split is encoded once with both modalities and every scenario of the paper is
-# then just token selection (eq. 4) + head (eq. 5) over those stored tokens: exact, and ~20x cheaper than
-# re-running the encoders per scenario. Under DDP each process encodes every world-th sample and the
-# tokens are gathered: no process idles at a barrier through a long validation (NCCL's watchdog).
+# Evaluation: a split is encoded once and every scenario scored from the stored tokens (u2a.py, last
+# section). Under DDP each process encodes every world-th sample and the tokens are gathered: no process
+# idles at a barrier through a long validation (NCCL's watchdog).
 
 @torch.no_grad()
 def encode_split(model, dataset, ctx, desc):
@@ -257,63 +232,11 @@ def encode_split(model, dataset, ctx, desc):
     return {k: v[order] for k, v in feats.items()}
 
 
-@torch.no_grad()
-def placeholder_tokens(model, info, tokenizer, device):
-    """The naive baseline's stand-ins: each encoder's CLS on the paper's placeholder (zeros / "")."""
-    empty = {m: None for m in info.modalities}
-    dummy_label = torch.zeros(info.num_classes) if info.multilabel else 0
-    batch = to_device(data.collate([{**empty, "label": dummy_label, "index": 0}], info, tokenizer), device)
-    cls, _ = model.encode(batch)
-    return {m: cls[m].float().cpu() for m in model.modalities}
-
-
-def scenario_tokens(model, feats, present, placeholders=None):
-    """The selected tokens (T1, T2) of eq. 4 for stored tokens under a present table: U2A selects MT
-    tokens; the naive baseline swaps in its placeholders' CLS."""
-    cls = {m: feats[f"cls.{m}"] for m in model.modalities}
-    mt = {m: feats[f"mt.{m}"] for m in model.modalities}
-    if placeholders is not None:
-        cls = {m: torch.where(present[:, i:i + 1], cls[m], placeholders[m]) for i, m in enumerate(model.modalities)}
-    return model.select_tokens(cls, mt, present)
-
-
-@torch.no_grad()
-def scenario_logits(model, feats, present, placeholders=None):
-    """Eq. 5 over stored tokens: the head of T1 + T2, on the CPU in float32."""
-    t1, t2 = scenario_tokens(model, feats, present, placeholders)
-    return torch.nn.functional.linear(t1 + t2, model.head.weight.float().cpu(), model.head.bias.float().cpu())
-
-
-def evaluate(model, feats, info, scenarios, placeholders, n, seed):
-    """Scores of every scenario, plus the analyses behind Figures 3-6: per-class scores and the MSE
-    between each MT and the CLS it stands in for. n: the split's size (the scenarios' tables are drawn
-    for the whole split; feats may lack skipped samples)."""
-    labels = feats["labels"]
-    results = {}
-    for sc in scenarios:
-        present = sc.table(n, seed)[feats["index"]] & feats["present"]  # an unreadable file stays missing
-        keep = present.any(1)                                            # a sample left with nothing
-        logits = scenario_logits(model, feats, present, placeholders)
-        results[sc.name] = {"groups": list(sc.groups), **scores(logits[keep], labels[keep], info.multilabel)}
-    m1, m2 = model.modalities
-    mse = {f"{m1}->{m2}": ((feats[f"mt.{m1}"] - feats[f"cls.{m2}"]) ** 2).mean(1),  # MT_1 estimates CLS_2
-           f"{m2}->{m1}": ((feats[f"mt.{m2}"] - feats[f"cls.{m1}"]) ** 2).mean(1)}
-    per_class = {}
-    for key, per_sample in mse.items():
-        if info.multilabel:  # a film counts towards each of its genres
-            weights = labels / labels.sum(0).clamp(min=1)
-            per_class[key] = (weights * per_sample[:, None]).sum(0).tolist()
-        else:
-            counts = torch.bincount(labels, minlength=info.num_classes).clamp(min=1)
-            per_class[key] = (torch.bincount(labels, per_sample, minlength=info.num_classes) / counts).tolist()
-    analysis = {"mt_cls_mse": {k: v.mean().item() for k, v in mse.items()}, "mt_cls_mse_per_class": per_class}
-    return results, analysis
-
-
 def validate(model, val_set, info, ctx):
     """The validation headline metric with the validation set's own missing table (rank 0's value)."""
     feats = encode_split(model, val_set, ctx, "val")
-    return scores(scenario_logits(model, feats, feats["present"]), feats["labels"], info.multilabel)[headline(info)]
+    logits = u2a.scenario_logits(model, feats, feats["present"])
+    return u2a.scores(logits, feats["labels"], info.multilabel)[u2a.headline(info.multilabel)]
 
 
 def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0):
@@ -321,12 +244,16 @@ def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0
     feats = encode_split(model, test_set, ctx, "test")
     if ctx.rank > 0:
         return None
-    placeholders = placeholder_tokens(model, info, ctx.tokenizer, ctx.device) if model.missing == "placeholder" else None
+    placeholders = None
+    if model.config.method == "naive":  # the paper's placeholders (zeros / ""), through the encoders
+        empty = {**{m: None for m in info.modalities}, "label": torch.zeros(info.num_classes) if info.multilabel else 0,
+                 "index": 0}
+        placeholders = u2a.placeholder_tokens(model, to_device(data.collate([empty], info, ctx.tokenizer), ctx.device))
     test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
     test_type = args.test_missing_type or args.train_missing_type
     seed = data.stream_seed(args.seed, "missing/test")
     scenarios = data.eval_scenarios(info, test_rate, test_type, seed=seed)
-    results, analysis = evaluate(model, feats, info, scenarios, placeholders, len(test_set), seed)
+    results, analysis = u2a.evaluate_scenarios(model, feats, scenarios, placeholders, len(test_set), seed)
     (out / "missing_test").mkdir(parents=True, exist_ok=True)
     for sc in scenarios:
         data.save_missing_table(out / "missing_test" / f"{slug(sc.name)}.json", sc.table(len(test_set), seed),
@@ -343,7 +270,7 @@ def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0
 
 def print_tables(results, info, args, title):
     """The paper's tables: Table 4 (a whole modality missing), Table 3/6 (missing ratios), Figure 2."""
-    key, (m1, m2) = headline(info), info.modalities
+    key, (m1, m2) = u2a.headline(info.multilabel), info.modalities
     label = "F1-macro / F1-micro" if info.multilabel else "accuracy (%)"
     fmt = (lambda r: f"{r['f1_macro']:6.2f} / {r['f1_micro']:6.2f}") if info.multilabel else \
         (lambda r: f"{r['accuracy']:6.2f}")
@@ -373,7 +300,7 @@ def name_shares(name, m1, m2):
 
 def lesson_table(metrics_by_method, info):
     """The embedded default's summary: both modalities, then each one missing, per method."""
-    key, (m1, m2) = headline(info), info.modalities
+    key, (m1, m2) = u2a.headline(info.multilabel), info.modalities
     cols = [f"{m1} + {m2}", f"{m1} only", f"{m2} only"]
     names = [f"{m1} 100% + {m2} 100%", f"{m1} 100% + {m2} 0%", f"{m1} 0% + {m2} 100%"]
     lines = [f"{'':34}" + "".join(f"{c:>16}" for c in cols)]
@@ -719,7 +646,7 @@ def run(args, method, out, sets, info, ctx):
                 checkpoint(best_ckpt, False)
             checkpoint(last_ckpt, True)
             append_log(log_path, {"step": step, "epoch": epoch, "val": score})
-            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {headline(info)} {score:.2f} "
+            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
                   f"(best {best:.2f}), loss {loss:.3f}"
                   + (f", {skipped} unreadable samples skipped so far" if skipped else ""))
         if ctx.world > 1:
@@ -876,7 +803,7 @@ def train_and_report(args, rank, world, device):
                 all_metrics[method] = metrics
                 print_tables(metrics["scenarios"], info, args, method)
         if is_main:
-            print(f"\n== Summary: {args.data}, test {headline(info)} (%), {time.time() - t0:.0f} s, "
+            print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
                   f"run folder {args.out} ==")
             print(lesson_table(all_metrics, info))
             if args.data == "synthetic":

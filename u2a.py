@@ -344,3 +344,80 @@ def from_checkpoint(path, encoders=None):
     load_trained(model, path)
     return model.eval()
 
+
+# -----------------------------------------------------------------------------
+# Scoring the paper's scenarios (section 4.4). A present modality's CLS and MT outputs depend on that
+# modality alone (each encoder reads only its own input), so a split is encoded once with every modality
+# it has, and each scenario is then eq. 4-5 over the stored tokens: the same select_tokens + head as the
+# forward pass, exact, and ~20x cheaper than re-running the encoders per scenario.
+
+@torch.no_grad()
+def placeholder_tokens(model, placeholder_batch):
+    """The naive baseline's stand-ins: each encoder's CLS on the paper's placeholders (a batch of one
+    sample whose every modality is the placeholder: zeros / ""), {modality: (1, D)}."""
+    cls, _ = model.encode(placeholder_batch)
+    return {m: cls[m].float().cpu() for m in model.modalities}
+
+
+@torch.no_grad()
+def scenario_logits(model, tokens, present, placeholders=None):
+    """Eq. 4-5 over stored tokens {"cls.<m>", "mt.<m>": (n, D)} under a present table (n, 2) -> (n, C)
+    float32 on the CPU. The naive baseline's missing CLS become its placeholders' CLS, as in its forward."""
+    device = model.head.weight.device
+    cls = {m: tokens[f"cls.{m}"].to(device) for m in model.modalities}
+    mt = {m: tokens[f"mt.{m}"].to(device) for m in model.modalities}
+    present = present.to(device)
+    if placeholders is not None:
+        cls = {m: torch.where(present[:, i:i + 1], cls[m], placeholders[m].to(device))
+               for i, m in enumerate(model.modalities)}
+    return model.classify(cls, mt, present).float().cpu()
+
+
+def scores(logits, labels, multilabel):
+    """Accuracy (Food-101, audio-video) or F1-macro/micro at 0.5 (MM-IMDb), with per-class scores."""
+    if multilabel:
+        pred, truth = logits.sigmoid() > 0.5, labels > 0.5                    # (n, C)
+        tp = (pred & truth).sum(0).float()
+        fp = (pred & ~truth).sum(0).float()
+        fn = (~pred & truth).sum(0).float()
+        per_class = 2 * tp / (2 * tp + fp + fn).clamp(min=1)                  # F1 per class (0 if unseen)
+        micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1)
+        return {"f1_macro": 100 * per_class.mean().item(), "f1_micro": 100 * micro.item(),
+                "per_class": (100 * per_class).tolist()}
+    correct = (logits.argmax(1) == labels).float()                           # (n,)
+    counts = torch.bincount(labels, minlength=logits.shape[1]).float()
+    per_class = torch.bincount(labels, weights=correct, minlength=logits.shape[1]) / counts.clamp(min=1)
+    return {"accuracy": 100 * correct.mean().item(), "per_class": (100 * per_class).tolist()}
+
+
+def headline(multilabel):
+    return "f1_macro" if multilabel else "accuracy"
+
+
+def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed=None):
+    """Scores of every scenario (data.eval_scenarios), plus the analyses behind Figures 3-6: per-class
+    scores and the MSE between each MT and the CLS it stands in for. tokens: a split's stored tokens with
+    "labels", "present" (the files found) and "index" (the samples, of n in the split: a skipped sample is
+    absent); each scenario's table is drawn for all n with `seed`."""
+    labels, multilabel = tokens["labels"], model.config.multilabel
+    n = len(labels) if n is None else n
+    results = {}
+    for sc in scenarios:
+        present = sc.table(n, seed)[tokens["index"]] & tokens["present"]  # an unreadable file stays missing
+        keep = present.any(1)                                              # a sample left with nothing
+        logits = scenario_logits(model, tokens, present, placeholders)
+        results[sc.name] = {"groups": list(sc.groups), **scores(logits[keep], labels[keep], multilabel)}
+    m1, m2 = model.modalities
+    mse = {f"{m1}->{m2}": ((tokens[f"mt.{m1}"] - tokens[f"cls.{m2}"]) ** 2).mean(1),  # MT_1 estimates CLS_2
+           f"{m2}->{m1}": ((tokens[f"mt.{m2}"] - tokens[f"cls.{m1}"]) ** 2).mean(1)}
+    per_class = {}
+    for key, per_sample in mse.items():
+        if multilabel:  # a film counts towards each of its genres
+            weights = labels / labels.sum(0).clamp(min=1)
+            per_class[key] = (weights * per_sample[:, None]).sum(0).tolist()
+        else:
+            counts = torch.bincount(labels, minlength=len(model.config.class_names)).clamp(min=1)
+            per_class[key] = (torch.bincount(labels, per_sample, minlength=len(model.config.class_names))
+                              / counts).tolist()
+    analysis = {"mt_cls_mse": {k: v.mean().item() for k, v in mse.items()}, "mt_cls_mse_per_class": per_class}
+    return results, analysis
