@@ -316,8 +316,11 @@ def resample(waveform, orig_rate, new_rate):
 
 
 def read_wav(path):
-    """WAV -> (1-D float32 waveform, sample rate); several channels are averaged to mono."""
+    """WAV -> (1-D float32 waveform, sample rate); several channels are averaged to mono. A float WAV
+    holding NaN or Inf is refused here: its features would be NaN and train the model to NaN."""
     samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{path} has non-finite samples (NaN or Inf)")
     return torch.from_numpy(samples.mean(axis=1)), rate
 
 
@@ -526,7 +529,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
             if modality == "audio":
                 return fbank(*read_wav(source))
             return read_frames(source, self.train)
-        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short audio
+        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
             if self.on_error == "raise":
                 raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
                                    f"(on_error='skip' marks it absent instead)") from err

@@ -515,3 +515,22 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
         warnings.simplefilter("ignore")
         item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
     assert item["audio"] is None and item["video"] is not None
+
+
+def write_float_wav(path, bad_value):
+    wave = speechlike(1.0, seed=0)
+    wave[SR // 2] = bad_value
+    sf.write(path, wave, SR, subtype="FLOAT")  # PCM cannot hold NaN or Inf; float WAVs can
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_non_finite_audio_is_rejected_where_it_is_read(tmp_path, bad_value):
+    root = make_cremad(tmp_path / "cremad")
+    write_float_wav(root / "AudioWAV" / "1089_DFA_ANG_XX.wav", bad_value)
+    with pytest.raises(ValueError, match=r"1089_DFA_ANG_XX.wav has non-finite samples"):
+        data.read_wav(root / "AudioWAV" / "1089_DFA_ANG_XX.wav")
+    with pytest.raises(RuntimeError, match="cannot read audio .*1089_DFA_ANG_XX.wav: .*non-finite"):
+        data.make_dataset("cremad", root, "test")[1]
+    with pytest.warns(UserWarning, match="unreadable audio .*1089_DFA_ANG_XX.wav"):
+        item = data.make_dataset("cremad", root, "test", on_error="skip")[1]
+    assert item["audio"] is None and item["video"] is not None
