@@ -32,6 +32,8 @@ Design choices (the paper leaves them open):
   - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip"
     keeps every sample and marks the unreadable modality absent (one warning with the count);
     only a sample with no usable modality at all is dropped, again with a warning and a count.
+  - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
+    or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
 """
@@ -188,23 +190,25 @@ def clip_image(pil):
 CROP_SCALE, CROP_RATIO, CROP_TRIES, FLIP_PROB = (0.08, 1.0), (3 / 4, 4 / 3), 10, 0.5
 
 
-def augment_frame(pil):
-    """RandomResizedCrop + horizontal flip with torch's RNG (seeded per DataLoader worker)."""
+def augment_frame(pil, generator):
+    """RandomResizedCrop + horizontal flip, every draw from `generator` (the sample's own stream)."""
     w, h = pil.size
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))  # aspect is log-uniform, as torchvision's
     for _ in range(CROP_TRIES):
-        area = w * h * torch.empty(1).uniform_(*CROP_SCALE).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])).item())
+        area = w * h * torch.empty(1).uniform_(*CROP_SCALE, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            left = torch.randint(0, w - cw + 1, ()).item()
-            top = torch.randint(0, h - ch + 1, ()).item()
+            left = torch.randint(0, w - cw + 1, (), generator=generator).item()
+            top = torch.randint(0, h - ch + 1, (), generator=generator).item()
             break
     else:  # no crop fitted: the largest centred square
         cw = ch = min(w, h)
         left, top = (w - cw) // 2, (h - ch) // 2
     box = (left, top, left + cw, top + ch)
     pil = pil.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC, box=box)
-    return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(()).item() < FLIP_PROB else pil
+    flip = torch.rand((), generator=generator).item() < FLIP_PROB
+    return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil
 
 
 # Video: 3 frames per clip (sec. 4.2), each through the image transform
@@ -212,10 +216,12 @@ NUM_FRAMES = 3
 FRAME_SUFFIXES = (".jpg", ".jpeg")
 
 
-def frame_indices(num_available, train):
+def frame_indices(num_available, generator=None):
     """NUM_FRAMES indices into a clip's sorted frames: split the clip into NUM_FRAMES equal segments
-    and take a random frame of each in training, the middle one in testing (uniform)."""
-    offsets = torch.rand(NUM_FRAMES) if train else torch.full((NUM_FRAMES,), 0.5)
+    and take a random frame of each in training (drawn from `generator`), the middle one in testing
+    (generator None: uniform)."""
+    offsets = (torch.full((NUM_FRAMES,), 0.5) if generator is None
+               else torch.rand(NUM_FRAMES, generator=generator))                 # (NUM_FRAMES,) in [0, 1)
     idx = ((torch.arange(NUM_FRAMES) + offsets) * num_available / NUM_FRAMES).long()
     return idx.clamp(max=num_available - 1).tolist()  # short clips repeat frames
 
@@ -227,15 +233,16 @@ def list_frames(folder):
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES))
 
 
-def read_frames(folder, train):
-    """A clip's frame folder -> (NUM_FRAMES, 3, 224, 224)."""
+def read_frames(folder, generator=None):
+    """A clip's frame folder -> (NUM_FRAMES, 3, 224, 224). With a generator (training): random frames,
+    each augmented; without: the middle frames as they are."""
     frame_paths = list_frames(folder)
     if not frame_paths:
         raise FileNotFoundError(f"no {'/'.join(FRAME_SUFFIXES)} frames in {folder}")
     frames = []
-    for i in frame_indices(len(frame_paths), train):
+    for i in frame_indices(len(frame_paths), generator):
         with Image.open(frame_paths[i]) as pil:
-            frames.append(clip_image(augment_frame(pil) if train else pil))
+            frames.append(clip_image(pil if generator is None else augment_frame(pil, generator)))
     return torch.stack(frames)
 
 
@@ -497,8 +504,15 @@ class MultimodalDataset(torch.utils.data.Dataset):
         self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
         self.present = self.available.clone()
         self.unreadable = 0  # files that failed to decode in this process (skip mode)
+        self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
         if present is not None:
             self.set_present(present)
+
+    def set_epoch(self, epoch, seed):
+        """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
+        the same whichever DataLoader worker reads it, with any number of workers, and after a resume.
+        Call it before iterating a new loader: persistent workers keep the copy they started with."""
+        self.epoch, self.seed = epoch, seed
 
     def set_present(self, present):
         """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
@@ -510,7 +524,9 @@ class MultimodalDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        item = {m: self.read(m, self.sources[m][i]) if self.present[i, col] else None
+        # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
+        item = {m: self.read(m, self.sources[m][i], g) if self.present[i, col] else None
                 for col, m in enumerate(self.info.modalities)}
         if all(item[m] is None for m in self.info.modalities):
             raise RuntimeError(f"{self.info.name}/{self.split} sample {i}: no readable modality left "
@@ -518,8 +534,9 @@ class MultimodalDataset(torch.utils.data.Dataset):
         label = self.labels[i]
         return {**item, "label": label if self.info.multilabel else int(label), "index": i}
 
-    def read(self, modality, source):
-        """One modality of one sample from disk -> its model input."""
+    def read(self, modality, source, generator=None):
+        """One modality of one sample from disk -> its model input. generator: training's random frames
+        and crops."""
         try:
             if modality == "text":
                 return source
@@ -528,7 +545,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
                     return clip_image(pil)
             if modality == "audio":
                 return fbank(*read_wav(source))
-            return read_frames(source, self.train)
+            return read_frames(source, generator)
         except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
             if self.on_error == "raise":
                 raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
@@ -841,7 +858,7 @@ class SyntheticDataset(MultimodalDataset):
         super().__init__(dataset_info("synthetic"), split, {"image": images[:n], "text": texts[:n]},
                          labels[:n], present=present)
 
-    def read(self, modality, source):
+    def read(self, modality, source, generator=None):
         return source  # already the model input
 
 
@@ -883,7 +900,8 @@ def _default_tokenizer(info):
 
 
 def seed_worker(worker_id):
-    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that."""
+    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that, for
+    any randomness besides the samples' own streams (a transform of your own, say)."""
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
@@ -891,9 +909,9 @@ def seed_worker(worker_id):
 
 def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
                 drop_last=False, sampler=None):
-    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs (random frames, frame
-    augmentation) follow `seed`. pin_memory defaults to CUDA being available. The synthetic
-    dataset brings its own tokenizer when none is given."""
+    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs follow `seed`; training's random
+    frames and crops follow the dataset's set_epoch, whatever the workers. pin_memory defaults to CUDA
+    being available. The synthetic dataset brings its own tokenizer when none is given."""
     info = dataset.info
     tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
     if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends

@@ -270,14 +270,15 @@ def test_wav_at_another_rate_is_resampled(tmp_path):
 
 
 def test_frame_indices_uniform_in_test_random_in_train():
-    assert data.frame_indices(10, train=False) == [1, 5, 8]
-    assert data.frame_indices(1, train=False) == [0, 0, 0]
-    torch.manual_seed(0)
-    draws = [data.frame_indices(9, train=True) for _ in range(50)]
+    assert data.frame_indices(10) == [1, 5, 8]
+    assert data.frame_indices(1) == [0, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = [data.frame_indices(9, g) for _ in range(50)]
     assert all(0 <= a <= 2 and 3 <= b <= 5 and 6 <= c <= 8 for a, b, c in draws)  # one per segment
     assert len({tuple(d) for d in draws}) > 5
-    torch.manual_seed(0)
-    assert draws == [data.frame_indices(9, train=True) for _ in range(50)]
+    torch.manual_seed(1)  # the global RNG plays no part
+    g = torch.Generator().manual_seed(0)
+    assert draws == [data.frame_indices(9, g) for _ in range(50)]
 
 
 def test_tokenizer_from_folder_and_bare_vocab_agree(tmp_path):
@@ -375,15 +376,28 @@ def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, ber
     assert batch["input_ids"][no_text][0, :2].tolist() == [101, 102]
 
 
-def test_loader_workers_are_seeded(roots):
+def videos_by_index(loader):
+    return {i: v for b in loader for i, v in zip(b["index"].tolist(), b["video"])}
+
+
+def test_random_frames_and_crops_follow_the_sample_not_the_worker(roots):
+    """A resume (or another number of workers) must show each sample the same frames and crops."""
     ds = data.make_dataset("ave", roots["ave"], "train", train=True)  # random frames + augmentation
-    runs = []
-    for _ in range(2):
-        loader = data.make_loader(ds, 2, shuffle=True, num_workers=2, seed=5)
-        runs.append([(b["index"].tolist(), b["video"].sum().item()) for b in loader])
-    assert runs[0] == runs[1]
-    other = [(b["index"].tolist(), b["video"].sum().item()) for b in data.make_loader(ds, 2, True, seed=6)]
-    assert other != runs[0]
+    ds.set_epoch(3, seed=5)
+    one_process = videos_by_index(data.make_loader(ds, 1, shuffle=False))
+    two_workers = videos_by_index(data.make_loader(ds, 2, shuffle=True, num_workers=2, seed=7))
+    backwards = {i: ds[i]["video"] for i in reversed(range(len(ds)))}
+    assert sorted(one_process) == sorted(two_workers) == sorted(backwards) == list(range(len(ds)))
+    for i in range(len(ds)):
+        assert torch.equal(one_process[i], two_workers[i]) and torch.equal(one_process[i], backwards[i])
+    ds.set_epoch(4, seed=5)
+    assert all(not torch.equal(ds[i]["video"], one_process[i]) for i in range(len(ds)))  # a new epoch: new draws
+    ds.set_epoch(3, seed=6)
+    assert all(not torch.equal(ds[i]["video"], one_process[i]) for i in range(len(ds)))  # another run too
+    test = data.make_dataset("ave", roots["ave"], "train")  # eval mode: the middle frames, unaugmented
+    first = videos_by_index(data.make_loader(test, 2, shuffle=True, num_workers=2, seed=7))
+    test.set_epoch(4, seed=5)
+    assert all(torch.equal(test[i]["video"], first[i]) for i in range(len(test)))
 
 
 # ----------------------------------------------------------------------------- synthetic data
