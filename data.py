@@ -14,7 +14,8 @@ settings). The file reads top to bottom in the order the data flows:
 
 A batch (SPEC.md) is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
-"label" (B,) long or (B,C) float multi-hot, "index" (B,) long. A missing modality holds the paper's
+"label" (B,) long or (B,C) float multi-hot, "index" (B,) long, "skipped" and "unreadable" () long (skip
+mode's counts: samples dropped, files that failed to decode). A missing modality holds the paper's
 placeholder (sec. 3: zeros for image/video/audio, the empty string -> [CLS][SEP] for text) and is
 never read from disk.
 
@@ -29,9 +30,11 @@ Expected layouts under --data-root (full trees in README.md):
 Design choices (the paper leaves them open):
   - val: mmimdb ("dev"), ave and synthetic have one; for food101/cremad/ks a fixed VAL_SHARE of
     train is carved out with `seed` (default 0, independent of the run seed), never from test.
-  - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip"
-    keeps every sample and marks the unreadable modality absent (one warning with the count);
-    only a sample with no usable modality at all is dropped, again with a warning and a count.
+  - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip" marks
+    the modality absent instead: a file missing at construction with a warning and a count, a file
+    that fails to decode (a WAV with NaN/Inf included) counted in its batch's "unreadable". A sample
+    with no usable modality left is dropped: at construction with a warning and a count, or by
+    collate, counted in the batch's "skipped".
   - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
     or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
@@ -492,7 +495,9 @@ def _scenario_name(m1, m2, rate, mtype):
 class MultimodalDataset(torch.utils.data.Dataset):
     """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
     frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
-    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index"."""
+    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index", "unreadable"
+    (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
+    nothing readable left is None, which collate drops and counts."""
 
     def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
                  on_error="raise"):
@@ -503,7 +508,6 @@ class MultimodalDataset(torch.utils.data.Dataset):
         # available: files found at construction; present: available & the missing table
         self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
         self.present = self.available.clone()
-        self.unreadable = 0  # files that failed to decode in this process (skip mode)
         self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
         if present is not None:
             self.set_present(present)
@@ -526,17 +530,17 @@ class MultimodalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
         g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
-        item = {m: self.read(m, self.sources[m][i], g) if self.present[i, col] else None
-                for col, m in enumerate(self.info.modalities)}
-        if all(item[m] is None for m in self.info.modalities):
-            raise RuntimeError(f"{self.info.name}/{self.split} sample {i}: no readable modality left "
-                               f"(sources: {[self.sources[m][i] for m in self.info.modalities]})")
+        wanted = [m for col, m in enumerate(self.info.modalities) if self.present[i, col]]
+        item = {m: self.read(m, self.sources[m][i], g) if m in wanted else None for m in self.info.modalities}
+        if all(item[m] is None for m in self.info.modalities):  # skip mode only: raise mode raised in read
+            return None
         label = self.labels[i]
-        return {**item, "label": label if self.info.multilabel else int(label), "index": i}
+        return {**item, "label": label if self.info.multilabel else int(label), "index": i,
+                "unreadable": sum(item[m] is None for m in wanted)}
 
     def read(self, modality, source, generator=None):
-        """One modality of one sample from disk -> its model input. generator: training's random frames
-        and crops."""
+        """One modality of one sample from disk -> its model input; None when it does not decode in
+        skip mode. generator: training's random frames and crops."""
         try:
             if modality == "text":
                 return source
@@ -550,10 +554,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
             if self.on_error == "raise":
                 raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
                                    f"(on_error='skip' marks it absent instead)") from err
-            self.unreadable += 1
-            warnings.warn(f"{self.info.name}: unreadable {modality} {source} marked absent ({err}); "
-                          f"{self.unreadable} unreadable so far in this process")
-            return None
+            return None  # counted in the batch's "unreadable"; on_error='raise' names the file
 
     def __repr__(self):
         m1, m2 = self.info.modalities
@@ -873,21 +874,34 @@ def input_shape(info, modality):
 def collate(samples, info, tokenizer=None):
     """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
     text, i.e. [CLS][SEP]); "present" records which is which. Text is tokenised once per batch.
-    The synthetic dataset brings its own tokenizer when none is given."""
+    The synthetic dataset brings its own tokenizer when none is given. Skip mode: None items (nothing
+    readable) are dropped, so B can be smaller than len(samples), even 0; the batch counts them in
+    "skipped" and the kept items' undecodable files in "unreadable" (0-dim long tensors)."""
     tokenizer = tokenizer or _default_tokenizer(info)
-    present = torch.tensor([[s[m] is not None for m in info.modalities] for s in samples],
-                           dtype=torch.bool).view(len(samples), 2)                   # (B, 2)
-    labels = [s["label"] for s in samples]
-    batch = {"present": present, "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-             "label": torch.stack(labels).float() if info.multilabel else torch.tensor(labels, dtype=torch.long)}
+    kept = [s for s in samples if s is not None]
+    B = len(kept)
+    present = torch.tensor([[s[m] is not None for m in info.modalities] for s in kept],
+                           dtype=torch.bool).view(B, 2)                              # (B, 2)
+    labels = [s["label"] for s in kept]
+    if info.multilabel:  # (B, C); torch.stack needs at least one tensor
+        label = torch.stack(labels).float() if kept else torch.zeros(0, info.num_classes)
+    else:
+        label = torch.tensor(labels, dtype=torch.long)                                 # (B,)
+    # skip mode's counts, () long: samples dropped, and the kept samples' files that failed to decode
+    # (a hand-built item, such as train.py's placeholder batch, has no "unreadable")
+    batch = {"present": present, "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+             "label": label, "skipped": torch.tensor(len(samples) - B),
+             "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept))}
     for m in info.modalities:
         if m == "text":
-            enc = tokenizer.encode_batch([s["text"] or "" for s in samples])
-            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long)          # (B, L)
-            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+            enc = tokenizer.encode_batch([s["text"] or "" for s in kept])
+            L = len(enc[0].ids) if enc else 0  # all padded to the longest text
+            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
+            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)
         else:
             placeholder = torch.zeros(input_shape(info, m))
-            batch[m] = torch.stack([placeholder if s[m] is None else s[m] for s in samples])  # (B, ...)
+            rows = [placeholder if s[m] is None else s[m] for s in kept]
+            batch[m] = torch.stack(rows) if kept else torch.zeros(0, *placeholder.shape)  # (B, ...)
     return batch
 
 

@@ -4,7 +4,6 @@ have exact counts, and bad input fails with the promised errors."""
 import csv
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -518,17 +517,47 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
     with pytest.raises(RuntimeError, match="cannot read image .*baklava_0.jpg"):
         ds[2]
     ds = data.make_dataset("food101", root, "test", on_error="skip")
-    with pytest.warns(UserWarning, match="unreadable image .*baklava_0.jpg.*1 unreadable so far"):
-        item = ds[2]
-    assert item["image"] is None and item["text"] and len(ds) == 6
+    item = ds[2]
+    assert item["image"] is None and item["text"] and item["unreadable"] == 1 and len(ds) == 6
+    assert ds[3]["unreadable"] == 0
     cremad = make_cremad(tmp_path / "cremad")
     (cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
         data.make_dataset("cremad", cremad, "test")[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
-    assert item["audio"] is None and item["video"] is not None
+    item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
+    assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
+
+
+def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
+    root = make_cremad(tmp_path / "cremad")  # test: 1088_IOM_NEU_XX, 1089_DFA_ANG_XX
+    (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")  # its only present modality
+    (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
+    present = torch.tensor([[True, False], [True, True]])
+    with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
+        data.make_dataset("cremad", root, "test", present=present)[0]
+    ds = data.make_dataset("cremad", root, "test", present=present, on_error="skip")
+    assert ds[0] is None
+    batch = next(iter(data.make_loader(ds, 2, shuffle=False, num_workers=2)))
+    assert batch["skipped"].item() == 1 and batch["unreadable"].item() == 1  # 1088 dropped; 1089's video unreadable
+    assert batch["skipped"].shape == batch["unreadable"].shape == () and batch["skipped"].dtype == torch.long
+    assert batch["index"].tolist() == [1] and batch["present"].tolist() == [[True, False]]
+    assert batch["audio"].shape == (1, 1024, 128) and batch["video"].abs().sum() == 0
+    empty, kept = list(data.make_loader(ds, 1, shuffle=False))  # a batch of skipped samples: zero rows
+    counts = [b[k].item() for b in (empty, kept) for k in ("skipped", "unreadable")]
+    assert counts == [1, 0, 0, 1]
+    assert empty["present"].shape == (0, 2) and empty["label"].shape == empty["index"].shape == (0,)
+    assert empty["audio"].shape == (0, 1024, 128) and empty["video"].shape == (0, 3, 3, 224, 224)
+
+
+def test_a_batch_with_every_sample_skipped_has_every_key_with_zero_rows():
+    info = data.dataset_info("mmimdb")  # multi-hot labels and text
+    batch = data.collate([None, None], info, tokenizer=data.synthetic_tokenizer())
+    assert batch["skipped"].item() == 2 and batch["unreadable"].item() == 0
+    assert batch["present"].shape == (0, 2) and batch["index"].shape == (0,)
+    assert batch["label"].shape == (0, 23) and batch["label"].dtype == torch.float32
+    assert batch["image"].shape == (0, 3, 224, 224)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (0, 0)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
 
 
 def write_float_wav(path, bad_value):
@@ -545,6 +574,5 @@ def test_non_finite_audio_is_rejected_where_it_is_read(tmp_path, bad_value):
         data.read_wav(root / "AudioWAV" / "1089_DFA_ANG_XX.wav")
     with pytest.raises(RuntimeError, match="cannot read audio .*1089_DFA_ANG_XX.wav: .*non-finite"):
         data.make_dataset("cremad", root, "test")[1]
-    with pytest.warns(UserWarning, match="unreadable audio .*1089_DFA_ANG_XX.wav"):
-        item = data.make_dataset("cremad", root, "test", on_error="skip")[1]
-    assert item["audio"] is None and item["video"] is not None
+    item = data.make_dataset("cremad", root, "test", on_error="skip")[1]
+    assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
