@@ -14,7 +14,8 @@ settings). The file reads top to bottom in the order the data flows:
 
 A batch (SPEC.md) is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
-"label" (B,) long or (B,C) float multi-hot, "index" (B,) long. A missing modality holds the paper's
+"label" (B,) long or (B,C) float multi-hot, "index" (B,) long, "skipped" and "unreadable" () long (skip
+mode's counts: samples dropped, files that failed to decode). A missing modality holds the paper's
 placeholder (sec. 3: zeros for image/video/audio, the empty string -> [CLS][SEP] for text) and is
 never read from disk.
 
@@ -29,9 +30,13 @@ Expected layouts under --data-root (full trees in README.md):
 Design choices (the paper leaves them open):
   - val: mmimdb ("dev"), ave and synthetic have one; for food101/cremad/ks a fixed VAL_SHARE of
     train is carved out with `seed` (default 0, independent of the run seed), never from test.
-  - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip"
-    keeps every sample and marks the unreadable modality absent (one warning with the count);
-    only a sample with no usable modality at all is dropped, again with a warning and a count.
+  - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip" marks
+    the modality absent instead: a file missing at construction with a warning and a count, a file
+    that fails to decode (a WAV with NaN/Inf included) counted in its batch's "unreadable". A sample
+    with no usable modality left is dropped: at construction with a warning and a count, or by
+    collate, counted in the batch's "skipped".
+  - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
+    or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
 """
@@ -188,23 +193,25 @@ def clip_image(pil):
 CROP_SCALE, CROP_RATIO, CROP_TRIES, FLIP_PROB = (0.08, 1.0), (3 / 4, 4 / 3), 10, 0.5
 
 
-def augment_frame(pil):
-    """RandomResizedCrop + horizontal flip with torch's RNG (seeded per DataLoader worker)."""
+def augment_frame(pil, generator):
+    """RandomResizedCrop + horizontal flip, every draw from `generator` (the sample's own stream)."""
     w, h = pil.size
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))  # aspect is log-uniform, as torchvision's
     for _ in range(CROP_TRIES):
-        area = w * h * torch.empty(1).uniform_(*CROP_SCALE).item()
-        aspect = math.exp(torch.empty(1).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])).item())
+        area = w * h * torch.empty(1).uniform_(*CROP_SCALE, generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            left = torch.randint(0, w - cw + 1, ()).item()
-            top = torch.randint(0, h - ch + 1, ()).item()
+            left = torch.randint(0, w - cw + 1, (), generator=generator).item()
+            top = torch.randint(0, h - ch + 1, (), generator=generator).item()
             break
     else:  # no crop fitted: the largest centred square
         cw = ch = min(w, h)
         left, top = (w - cw) // 2, (h - ch) // 2
     box = (left, top, left + cw, top + ch)
     pil = pil.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC, box=box)
-    return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(()).item() < FLIP_PROB else pil
+    flip = torch.rand((), generator=generator).item() < FLIP_PROB
+    return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil
 
 
 # Video: 3 frames per clip (sec. 4.2), each through the image transform
@@ -212,10 +219,12 @@ NUM_FRAMES = 3
 FRAME_SUFFIXES = (".jpg", ".jpeg")
 
 
-def frame_indices(num_available, train):
+def frame_indices(num_available, generator=None):
     """NUM_FRAMES indices into a clip's sorted frames: split the clip into NUM_FRAMES equal segments
-    and take a random frame of each in training, the middle one in testing (uniform)."""
-    offsets = torch.rand(NUM_FRAMES) if train else torch.full((NUM_FRAMES,), 0.5)
+    and take a random frame of each in training (drawn from `generator`), the middle one in testing
+    (generator None: uniform)."""
+    offsets = (torch.full((NUM_FRAMES,), 0.5) if generator is None
+               else torch.rand(NUM_FRAMES, generator=generator))                 # (NUM_FRAMES,) in [0, 1)
     idx = ((torch.arange(NUM_FRAMES) + offsets) * num_available / NUM_FRAMES).long()
     return idx.clamp(max=num_available - 1).tolist()  # short clips repeat frames
 
@@ -227,15 +236,16 @@ def list_frames(folder):
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES))
 
 
-def read_frames(folder, train):
-    """A clip's frame folder -> (NUM_FRAMES, 3, 224, 224)."""
+def read_frames(folder, generator=None):
+    """A clip's frame folder -> (NUM_FRAMES, 3, 224, 224). With a generator (training): random frames,
+    each augmented; without: the middle frames as they are."""
     frame_paths = list_frames(folder)
     if not frame_paths:
         raise FileNotFoundError(f"no {'/'.join(FRAME_SUFFIXES)} frames in {folder}")
     frames = []
-    for i in frame_indices(len(frame_paths), train):
+    for i in frame_indices(len(frame_paths), generator):
         with Image.open(frame_paths[i]) as pil:
-            frames.append(clip_image(augment_frame(pil) if train else pil))
+            frames.append(clip_image(pil if generator is None else augment_frame(pil, generator)))
     return torch.stack(frames)
 
 
@@ -316,8 +326,11 @@ def resample(waveform, orig_rate, new_rate):
 
 
 def read_wav(path):
-    """WAV -> (1-D float32 waveform, sample rate); several channels are averaged to mono."""
+    """WAV -> (1-D float32 waveform, sample rate); several channels are averaged to mono. A float WAV
+    holding NaN or Inf is refused here: its features would be NaN and train the model to NaN."""
     samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{path} has non-finite samples (NaN or Inf)")
     return torch.from_numpy(samples.mean(axis=1)), rate
 
 
@@ -482,7 +495,9 @@ def _scenario_name(m1, m2, rate, mtype):
 class MultimodalDataset(torch.utils.data.Dataset):
     """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
     frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
-    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index"."""
+    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index", "unreadable"
+    (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
+    nothing readable left is None, which collate drops and counts."""
 
     def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
                  on_error="raise"):
@@ -493,9 +508,15 @@ class MultimodalDataset(torch.utils.data.Dataset):
         # available: files found at construction; present: available & the missing table
         self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
         self.present = self.available.clone()
-        self.unreadable = 0  # files that failed to decode in this process (skip mode)
+        self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
         if present is not None:
             self.set_present(present)
+
+    def set_epoch(self, epoch, seed):
+        """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
+        the same whichever DataLoader worker reads it, with any number of workers, and after a resume.
+        Call it before iterating a new loader: persistent workers keep the copy they started with."""
+        self.epoch, self.seed = epoch, seed
 
     def set_present(self, present):
         """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
@@ -507,16 +528,19 @@ class MultimodalDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        item = {m: self.read(m, self.sources[m][i]) if self.present[i, col] else None
-                for col, m in enumerate(self.info.modalities)}
-        if all(item[m] is None for m in self.info.modalities):
-            raise RuntimeError(f"{self.info.name}/{self.split} sample {i}: no readable modality left "
-                               f"(sources: {[self.sources[m][i] for m in self.info.modalities]})")
+        # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
+        wanted = [m for col, m in enumerate(self.info.modalities) if self.present[i, col]]
+        item = {m: self.read(m, self.sources[m][i], g) if m in wanted else None for m in self.info.modalities}
+        if all(item[m] is None for m in self.info.modalities):  # skip mode only: raise mode raised in read
+            return None
         label = self.labels[i]
-        return {**item, "label": label if self.info.multilabel else int(label), "index": i}
+        return {**item, "label": label if self.info.multilabel else int(label), "index": i,
+                "unreadable": sum(item[m] is None for m in wanted)}
 
-    def read(self, modality, source):
-        """One modality of one sample from disk -> its model input."""
+    def read(self, modality, source, generator=None):
+        """One modality of one sample from disk -> its model input; None when it does not decode in
+        skip mode. generator: training's random frames and crops."""
         try:
             if modality == "text":
                 return source
@@ -525,15 +549,12 @@ class MultimodalDataset(torch.utils.data.Dataset):
                     return clip_image(pil)
             if modality == "audio":
                 return fbank(*read_wav(source))
-            return read_frames(source, self.train)
-        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short audio
+            return read_frames(source, generator)
+        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
             if self.on_error == "raise":
                 raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
                                    f"(on_error='skip' marks it absent instead)") from err
-            self.unreadable += 1
-            warnings.warn(f"{self.info.name}: unreadable {modality} {source} marked absent ({err}); "
-                          f"{self.unreadable} unreadable so far in this process")
-            return None
+            return None  # counted in the batch's "unreadable"; on_error='raise' names the file
 
     def __repr__(self):
         m1, m2 = self.info.modalities
@@ -838,7 +859,7 @@ class SyntheticDataset(MultimodalDataset):
         super().__init__(dataset_info("synthetic"), split, {"image": images[:n], "text": texts[:n]},
                          labels[:n], present=present)
 
-    def read(self, modality, source):
+    def read(self, modality, source, generator=None):
         return source  # already the model input
 
 
@@ -853,21 +874,34 @@ def input_shape(info, modality):
 def collate(samples, info, tokenizer=None):
     """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
     text, i.e. [CLS][SEP]); "present" records which is which. Text is tokenised once per batch.
-    The synthetic dataset brings its own tokenizer when none is given."""
+    The synthetic dataset brings its own tokenizer when none is given. Skip mode: None items (nothing
+    readable) are dropped, so B can be smaller than len(samples), even 0; the batch counts them in
+    "skipped" and the kept items' undecodable files in "unreadable" (0-dim long tensors)."""
     tokenizer = tokenizer or _default_tokenizer(info)
-    present = torch.tensor([[s[m] is not None for m in info.modalities] for s in samples],
-                           dtype=torch.bool).view(len(samples), 2)                   # (B, 2)
-    labels = [s["label"] for s in samples]
-    batch = {"present": present, "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-             "label": torch.stack(labels).float() if info.multilabel else torch.tensor(labels, dtype=torch.long)}
+    kept = [s for s in samples if s is not None]
+    B = len(kept)
+    present = torch.tensor([[s[m] is not None for m in info.modalities] for s in kept],
+                           dtype=torch.bool).view(B, 2)                              # (B, 2)
+    labels = [s["label"] for s in kept]
+    if info.multilabel:  # (B, C); torch.stack needs at least one tensor
+        label = torch.stack(labels).float() if kept else torch.zeros(0, info.num_classes)
+    else:
+        label = torch.tensor(labels, dtype=torch.long)                                 # (B,)
+    # skip mode's counts, () long: samples dropped, and the kept samples' files that failed to decode
+    # (a hand-built item, such as train.py's placeholder batch, has no "unreadable")
+    batch = {"present": present, "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+             "label": label, "skipped": torch.tensor(len(samples) - B),
+             "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept))}
     for m in info.modalities:
         if m == "text":
-            enc = tokenizer.encode_batch([s["text"] or "" for s in samples])
-            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long)          # (B, L)
-            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+            enc = tokenizer.encode_batch([s["text"] or "" for s in kept])
+            L = len(enc[0].ids) if enc else 0  # all padded to the longest text
+            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
+            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)
         else:
             placeholder = torch.zeros(input_shape(info, m))
-            batch[m] = torch.stack([placeholder if s[m] is None else s[m] for s in samples])  # (B, ...)
+            rows = [placeholder if s[m] is None else s[m] for s in kept]
+            batch[m] = torch.stack(rows) if kept else torch.zeros(0, *placeholder.shape)  # (B, ...)
     return batch
 
 
@@ -880,7 +914,8 @@ def _default_tokenizer(info):
 
 
 def seed_worker(worker_id):
-    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that."""
+    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that, for
+    any randomness besides the samples' own streams (a transform of your own, say)."""
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
@@ -888,9 +923,9 @@ def seed_worker(worker_id):
 
 def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
                 drop_last=False, sampler=None):
-    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs (random frames, frame
-    augmentation) follow `seed`. pin_memory defaults to CUDA being available. The synthetic
-    dataset brings its own tokenizer when none is given."""
+    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs follow `seed`; training's random
+    frames and crops follow the dataset's set_epoch, whatever the workers. pin_memory defaults to CUDA
+    being available. The synthetic dataset brings its own tokenizer when none is given."""
     info = dataset.info
     tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
     if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends

@@ -4,7 +4,6 @@ have exact counts, and bad input fails with the promised errors."""
 import csv
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -270,14 +269,15 @@ def test_wav_at_another_rate_is_resampled(tmp_path):
 
 
 def test_frame_indices_uniform_in_test_random_in_train():
-    assert data.frame_indices(10, train=False) == [1, 5, 8]
-    assert data.frame_indices(1, train=False) == [0, 0, 0]
-    torch.manual_seed(0)
-    draws = [data.frame_indices(9, train=True) for _ in range(50)]
+    assert data.frame_indices(10) == [1, 5, 8]
+    assert data.frame_indices(1) == [0, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = [data.frame_indices(9, g) for _ in range(50)]
     assert all(0 <= a <= 2 and 3 <= b <= 5 and 6 <= c <= 8 for a, b, c in draws)  # one per segment
     assert len({tuple(d) for d in draws}) > 5
-    torch.manual_seed(0)
-    assert draws == [data.frame_indices(9, train=True) for _ in range(50)]
+    torch.manual_seed(1)  # the global RNG plays no part
+    g = torch.Generator().manual_seed(0)
+    assert draws == [data.frame_indices(9, g) for _ in range(50)]
 
 
 def test_tokenizer_from_folder_and_bare_vocab_agree(tmp_path):
@@ -375,15 +375,28 @@ def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, ber
     assert batch["input_ids"][no_text][0, :2].tolist() == [101, 102]
 
 
-def test_loader_workers_are_seeded(roots):
+def videos_by_index(loader):
+    return {i: v for b in loader for i, v in zip(b["index"].tolist(), b["video"])}
+
+
+def test_random_frames_and_crops_follow_the_sample_not_the_worker(roots):
+    """A resume (or another number of workers) must show each sample the same frames and crops."""
     ds = data.make_dataset("ave", roots["ave"], "train", train=True)  # random frames + augmentation
-    runs = []
-    for _ in range(2):
-        loader = data.make_loader(ds, 2, shuffle=True, num_workers=2, seed=5)
-        runs.append([(b["index"].tolist(), b["video"].sum().item()) for b in loader])
-    assert runs[0] == runs[1]
-    other = [(b["index"].tolist(), b["video"].sum().item()) for b in data.make_loader(ds, 2, True, seed=6)]
-    assert other != runs[0]
+    ds.set_epoch(3, seed=5)
+    one_process = videos_by_index(data.make_loader(ds, 1, shuffle=False))
+    two_workers = videos_by_index(data.make_loader(ds, 2, shuffle=True, num_workers=2, seed=7))
+    backwards = {i: ds[i]["video"] for i in reversed(range(len(ds)))}
+    assert sorted(one_process) == sorted(two_workers) == sorted(backwards) == list(range(len(ds)))
+    for i in range(len(ds)):
+        assert torch.equal(one_process[i], two_workers[i]) and torch.equal(one_process[i], backwards[i])
+    ds.set_epoch(4, seed=5)
+    assert all(not torch.equal(ds[i]["video"], one_process[i]) for i in range(len(ds)))  # a new epoch: new draws
+    ds.set_epoch(3, seed=6)
+    assert all(not torch.equal(ds[i]["video"], one_process[i]) for i in range(len(ds)))  # another run too
+    test = data.make_dataset("ave", roots["ave"], "train")  # eval mode: the middle frames, unaugmented
+    first = videos_by_index(data.make_loader(test, 2, shuffle=True, num_workers=2, seed=7))
+    test.set_epoch(4, seed=5)
+    assert all(torch.equal(test[i]["video"], first[i]) for i in range(len(test)))
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -504,14 +517,62 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
     with pytest.raises(RuntimeError, match="cannot read image .*baklava_0.jpg"):
         ds[2]
     ds = data.make_dataset("food101", root, "test", on_error="skip")
-    with pytest.warns(UserWarning, match="unreadable image .*baklava_0.jpg.*1 unreadable so far"):
-        item = ds[2]
-    assert item["image"] is None and item["text"] and len(ds) == 6
+    item = ds[2]
+    assert item["image"] is None and item["text"] and item["unreadable"] == 1 and len(ds) == 6
+    assert ds[3]["unreadable"] == 0
     cremad = make_cremad(tmp_path / "cremad")
     (cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
         data.make_dataset("cremad", cremad, "test")[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
-    assert item["audio"] is None and item["video"] is not None
+    item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
+    assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
+
+
+def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
+    root = make_cremad(tmp_path / "cremad")  # test: 1088_IOM_NEU_XX, 1089_DFA_ANG_XX
+    (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")  # its only present modality
+    (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
+    present = torch.tensor([[True, False], [True, True]])
+    with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
+        data.make_dataset("cremad", root, "test", present=present)[0]
+    ds = data.make_dataset("cremad", root, "test", present=present, on_error="skip")
+    assert ds[0] is None
+    batch = next(iter(data.make_loader(ds, 2, shuffle=False, num_workers=2)))
+    assert batch["skipped"].item() == 1 and batch["unreadable"].item() == 1  # 1088 dropped; 1089's video unreadable
+    assert batch["skipped"].shape == batch["unreadable"].shape == () and batch["skipped"].dtype == torch.long
+    assert batch["index"].tolist() == [1] and batch["present"].tolist() == [[True, False]]
+    assert batch["audio"].shape == (1, 1024, 128) and batch["video"].abs().sum() == 0
+    empty, kept = list(data.make_loader(ds, 1, shuffle=False))  # a batch of skipped samples: zero rows
+    counts = [b[k].item() for b in (empty, kept) for k in ("skipped", "unreadable")]
+    assert counts == [1, 0, 0, 1]
+    assert empty["present"].shape == (0, 2) and empty["label"].shape == empty["index"].shape == (0,)
+    assert empty["audio"].shape == (0, 1024, 128) and empty["video"].shape == (0, 3, 3, 224, 224)
+
+
+def test_a_batch_with_every_sample_skipped_has_every_key_with_zero_rows():
+    info = data.dataset_info("mmimdb")  # multi-hot labels and text
+    batch = data.collate([None, None], info, tokenizer=data.synthetic_tokenizer())
+    assert batch["skipped"].item() == 2 and batch["unreadable"].item() == 0
+    assert batch["present"].shape == (0, 2) and batch["index"].shape == (0,)
+    assert batch["label"].shape == (0, 23) and batch["label"].dtype == torch.float32
+    assert batch["image"].shape == (0, 3, 224, 224)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (0, 0)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+
+
+def write_float_wav(path, bad_value):
+    wave = speechlike(1.0, seed=0)
+    wave[SR // 2] = bad_value
+    sf.write(path, wave, SR, subtype="FLOAT")  # PCM cannot hold NaN or Inf; float WAVs can
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_non_finite_audio_is_rejected_where_it_is_read(tmp_path, bad_value):
+    root = make_cremad(tmp_path / "cremad")
+    write_float_wav(root / "AudioWAV" / "1089_DFA_ANG_XX.wav", bad_value)
+    with pytest.raises(ValueError, match=r"1089_DFA_ANG_XX.wav has non-finite samples"):
+        data.read_wav(root / "AudioWAV" / "1089_DFA_ANG_XX.wav")
+    with pytest.raises(RuntimeError, match="cannot read audio .*1089_DFA_ANG_XX.wav: .*non-finite"):
+        data.make_dataset("cremad", root, "test")[1]
+    item = data.make_dataset("cremad", root, "test", on_error="skip")[1]
+    assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
