@@ -225,16 +225,19 @@ def encode_split(model, dataset, ctx, desc):
         gathered = [None] * ctx.world
         dist.all_gather_object(gathered, parts)
         parts = {k: [t for p in gathered for t in p.get(k, [])] for k in parts}
-    if not parts["index"]:
-        raise RuntimeError(f"{desc}: no sample of the split could be read")
+    if not parts["index"]:  # skip mode, and not one sample of the split could be read
+        return None
     feats = {k: torch.cat(v) for k, v in parts.items()}
     order = feats["index"].argsort()
     return {k: v[order] for k, v in feats.items()}
 
 
 def validate(model, val_set, info, ctx):
-    """The validation headline metric with the validation set's own missing table (rank 0's value)."""
+    """The validation headline metric with the validation set's own missing table; -inf when no validation
+    sample could be read (skip mode)."""
     feats = encode_split(model, val_set, ctx, "val")
+    if feats is None:
+        return -math.inf
     logits = u2a.scenario_logits(model, feats, feats["present"])
     return u2a.scores(logits, feats["labels"], info.multilabel)[u2a.headline(info.multilabel)]
 
@@ -242,6 +245,8 @@ def validate(model, val_set, info, ctx):
 def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0):
     """Test-set evaluation of a trained model over every scenario of the paper; rank 0 writes metrics.json."""
     feats = encode_split(model, test_set, ctx, "test")
+    if feats is None:
+        raise RuntimeError(f"test: not one of the {len(test_set)} samples could be read")
     if ctx.rank > 0:
         return None
     placeholders = None
@@ -549,12 +554,16 @@ class EpochSampler(torch.utils.data.Sampler):
 # One training step (eq. 7). Both means of the loss divide by counts over every process: DDP averages the
 # processes' gradients, so each process's loss is scaled by the world size to make the result one process's.
 
-def train_step(model, batch, optimizer, scaler, ctx, lam, multilabel, lr):
+def train_step(model, batch, optimizer, scaler, ctx, lam, multilabel, lr, may_be_empty=False):
+    """One optimizer step on the global batch. may_be_empty: in skip mode every sample of a step can be
+    unreadable; such a step is left out on every process (AdamW would still decay and move the weights)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     present = batch["present"]
     counts = all_sum(torch.stack([present.new_tensor(len(present), dtype=torch.float),
                                   present.all(1).sum().float()]), ctx)      # (2,) samples, complete samples
+    if may_be_empty and counts[0].item() == 0:
+        return torch.zeros(3, device=present.device)
     with ctx.autocast:
         out = model(batch)
     loss, task, align = u2a_loss(out, batch["label"], multilabel, lam, counts[0], counts[1])
@@ -607,7 +616,8 @@ def run(args, method, out, sets, info, ctx):
         else:
             u2a.save_checkpoint(path, model, meta=meta)
 
-    t0, seen, skipped, nonfinite = time.time(), 0, 0, torch.zeros((), device=ctx.device)
+    t0, seen, nonfinite = time.time(), 0, torch.zeros((), device=ctx.device)
+    faults = torch.zeros(2, dtype=torch.long)  # skip mode: samples skipped, files unreadable (this process)
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         sets["train"].set_epoch(epoch, args.seed)
@@ -617,14 +627,15 @@ def run(args, method, out, sets, info, ctx):
         model.train()
         bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            skipped += int(batch.get("skipped", 0))
+            faults += torch.stack([batch["skipped"], batch["unreadable"]])
             batch = to_device(batch, ctx.device)
             if use_dropout:  # the same choice on every process: drawn from the step
                 g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", step))
                 batch["present"] = modality_dropout(batch["present"], g)
             seed_step(args.seed, ctx.rank, step)
             lr = args.lr * lr_factor(step, total, steps_per_epoch * args.warmup_epochs)
-            losses = train_step(train_model, batch, optimizer, scaler, ctx, lam, info.multilabel, lr)
+            losses = train_step(train_model, batch, optimizer, scaler, ctx, lam, info.multilabel, lr,
+                                may_be_empty=args.on_error == "skip")
             nonfinite += ~torch.isfinite(losses).all()
             step += 1
             seen += len(batch["label"]) * ctx.world
@@ -640,15 +651,17 @@ def run(args, method, out, sets, info, ctx):
             if args.save_every and step % args.save_every == 0 and is_main:
                 checkpoint(last_ckpt, True)
         score = validate(model, sets["val"], info, ctx)  # model selection on validation, never on test
+        skipped, unreadable = all_sum(faults.to(ctx.device), ctx).tolist()
         if is_main:
-            if score > best:
+            if score > best or best_step < 0:
                 best, best_step = score, step
                 checkpoint(best_ckpt, False)
             checkpoint(last_ckpt, True)
             append_log(log_path, {"step": step, "epoch": epoch, "val": score})
             print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
                   f"(best {best:.2f}), loss {loss:.3f}"
-                  + (f", {skipped} unreadable samples skipped so far" if skipped else ""))
+                  + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
+                     if unreadable else ""))
         if ctx.world > 1:
             dist.barrier()
     if ctx.world > 1:
@@ -762,7 +775,7 @@ def main(argv=None):
         return train_and_report(args, rank, world, device)
     finally:
         torch.set_num_threads(threads)
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
