@@ -101,7 +101,7 @@ def placeholder_batch(info, tokenizer):
     return data.collate([{**{m: None for m in info.modalities}, "label": label, "index": 0}], info, tokenizer)
 
 
-def test_scenarios(settings, info):
+def run_scenarios(settings, info):
     """The run's test scenarios (data.Scenario: rate, missing_type, groups) and the seed of their tables,
     drawn as train.py drew them for metrics.json."""
     rate = settings["test_missing_rate"]
@@ -127,20 +127,25 @@ def load_run(folder):
     placeholders = None
     if model.config.method == "naive":
         placeholders = u2a.placeholder_tokens(model, placeholder_batch(info, run_tokenizer(model, info)))
-    scenarios, seed = test_scenarios(settings, info)
+    scenarios, seed = run_scenarios(settings, info)
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return SimpleNamespace(folder=folder, metrics=metrics, tokens=load_file(str(tokens_file)), model=model,
                            info=info, settings=settings, placeholders=placeholders, scenarios=scenarios, seed=seed,
                            log=log)
 
 
-def scenario(r, rate, missing=None):
-    """metrics.json's result for the run's scenario in which a share `rate` of the test samples lacks the
+def find_scenario(r, rate, missing=None):
+    """The run's test scenario (a data.Scenario) in which a share `rate` of the test samples lacks the
     modality `missing` (rate 0: the complete test set)."""
     for sc in r.scenarios:
         if sc.rate == rate and (rate == 0 or sc.missing_type == missing):
-            return r.metrics["scenarios"][sc.name]
+            return sc
     raise KeyError(f"{r.folder}: no test scenario with {100 * rate:g}% of the samples missing {missing}")
+
+
+def result(r, rate, missing=None):
+    """metrics.json's result (headline score, per-class scores, groups) for that scenario."""
+    return r.metrics["scenarios"][find_scenario(r, rate, missing).name]
 
 
 # -----------------------------------------------------------------------------
