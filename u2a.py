@@ -36,9 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import data
 from encoders import AST, BERT, ViT
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
 
@@ -57,7 +59,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, k
 # One modality: frozen embedding -> [CLS, tokens, MT] -> encoder with LoRA (eq. 1-3)
 
 class Branch(nn.Module):
-    """Turns one modality's input into its CLS and MT output tokens, each (b, D)."""
+    """Turns one modality's input into its CLS and MT output tokens, each (b, D): embed (eq. 1) ->
+    sequence (eq. 2) -> the encoder (eq. 3)."""
 
     def __init__(self, modality, encoder):
         super().__init__()
@@ -84,8 +87,9 @@ class Branch(nn.Module):
         # image: drop CLIP's class token; audio: drop AST's cls token, keep its distillation token.
         return enc.embed(inputs[self.modality])[:, 1:], None  # (b, N, D)
 
-    def forward(self, inputs):
-        tokens, mask = self.embed(inputs)                     # (b', N, D), b' = b or b*T
+    def sequence(self, inputs):
+        """Eq. 1-2: [CLS, tokens, MT] (b', N+2, D), b' = b or b*T, and its key mask (b', N+2) or None."""
+        tokens, mask = self.embed(inputs)                     # (b', N, D)
         n = tokens.shape[0]
         cls = self.cls.expand(n, 1, -1)                       # (b', 1, D)
         mt = self.mt.expand(n, 1, -1)                         # (b', 1, D)
@@ -93,6 +97,10 @@ class Branch(nn.Module):
         if mask is not None:
             always = mask.new_ones(n, 1)
             mask = torch.cat([always, mask, always], 1)       # (b', N+2): CLS and MT always attend
+        return seq, mask
+
+    def forward(self, inputs):
+        seq, mask = self.sequence(inputs)                     # (b', N+2, D)
         # eq. 3; only the CLS and MT outputs are used (eq. 4-5), so the last block computes just those two rows
         out = self.encoder.encode(seq, mask, outputs=[0, -1])  # (b', 2, D)
         cls_out = self.encoder.final_norm(out[:, 0])          # (b', D)
@@ -421,3 +429,43 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
                               / counts).tolist()
     analysis = {"mt_cls_mse": {k: v.mean().item() for k, v in mse.items()}, "mt_cls_mse_per_class": per_class}
     return results, analysis
+
+
+# -----------------------------------------------------------------------------
+# Predicting for a user's own inputs: an image and/or a text, either may be missing
+
+@torch.no_grad()
+def predict(model, image=None, text=None, tokenizer=None):
+    """[(class name, probability)] for one sample of an image-text model, most likely first: a softmax over
+    the classes, or a sigmoid per class for a multi-label model (MM-IMDb genres).
+    image: a file path, a PIL image (both through CLIP's preprocessing, data.clip_image) or a preprocessed
+    (3, H, W) tensor. text: a string. A missing one (None) is absent in `present`: U2A selects the other
+    modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
+    tokenizer: the run's (data.load_tokenizer(folder, max_len)); default: the text encoder's own folder's,
+    truncating at the encoder's longest input."""
+    if set(model.modalities) != {"image", "text"}:
+        raise ValueError(f"predict takes an image and a text; this model reads {model.modalities}")
+    if image is None and text is None:
+        raise ValueError("predict needs an image, a text or both")
+    vit, bert = model.branches["image"].encoder, model.branches["text"].encoder
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as pil:
+            image = data.clip_image(pil)                                      # (3, 224, 224)
+    elif isinstance(image, Image.Image):
+        image = data.clip_image(image)
+    size = vit.config.image_size
+    if image is not None and tuple(image.shape) != (3, size, size):
+        raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
+    config = model.config
+    tokenizer = tokenizer or data.load_tokenizer(config.encoders["text"], bert.config.max_position_embeddings)
+    info = data.DatasetInfo("predict", model.modalities, len(config.class_names), config.class_names,
+                            config.multilabel, "f1" if config.multilabel else "accuracy", None, has_val=False,
+                            image_size=size)
+    label = torch.zeros(info.num_classes) if info.multilabel else 0
+    batch = data.collate([{"image": image, "text": text, "label": label, "index": 0}], info, tokenizer)
+    device = model.head.weight.device
+    was_training = model.training
+    logits = model.eval()({k: v.to(device) for k, v in batch.items()}).logits[0].float()  # (C,)
+    model.train(was_training)
+    probs = logits.sigmoid() if config.multilabel else logits.softmax(0)
+    return sorted(zip(config.class_names, probs.tolist()), key=lambda pair: -pair[1])

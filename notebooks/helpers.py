@@ -1,35 +1,38 @@
 """
-Plumbing shared by the notebooks: pointers into the source, train.py run folders, demo inputs.
+Plumbing shared by the notebooks: their set-up, pointers into the source, the toy model, train.py run folders,
+demo inputs.
 
-Nothing here computes a piece of U2A. The model, token selection, scoring and preprocessing all come from the
-project's modules (u2a.py, train.py, data.py); this file only finds files and builds the objects that those
-modules expect, so that each notebook can say `load_run(folder)` instead of repeating twenty lines of set-up.
+Nothing here computes a piece of U2A, and nothing here imports train.py (the command line): the model,
+token selection, scoring and preprocessing all come from the library modules (u2a.py, data.py); this file
+only finds files and builds the objects those modules expect, so that each notebook can say `load_run(folder)`
+instead of repeating twenty lines of set-up.
 
-Read top to bottom: where a step lives in the code -> which methods a run folder holds -> loading one method
-(trained model, stored test tokens, metrics) -> generated demo inputs for runs on real datasets.
+Importing it is the notebooks' one set-up: Jupyter starts a notebook's kernel in the notebook's folder, and
+this puts the repository root on sys.path, so that the cell after it can `import data, u2a`.
+
+Read top to bottom: set-up -> where the code does a step -> the toy model -> a train.py run folder (its
+methods, model, stored test tokens, scenarios, log) -> the fused feature -> demo inputs for real datasets.
 """
-import argparse
-import dataclasses
 import inspect
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-import data
-import encoders
-import train
-import u2a
-
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {encoders.ViT: encoders.ViTConfig, encoders.BERT: encoders.BERTConfig, encoders.AST: encoders.ASTConfig}
-METHOD_NAMES = {"mask_token": "u2a", "placeholder": "naive"}  # U2A(missing=...) -> train.py's --method
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402  the library modules, from the repository root
+import u2a  # noqa: E402
+
+RUN_DIR = os.environ.get("U2A_RUN")  # a train.py run folder to read; None: the synthetic default
+TOY_ENCODERS = {"image": ROOT / "weights" / "toy" / "vit", "text": ROOT / "weights" / "toy" / "bert"}
 
 
 # -----------------------------------------------------------------------------
@@ -37,6 +40,7 @@ METHOD_NAMES = {"mask_token": "u2a", "placeholder": "naive"}  # U2A(missing=...)
 
 def where(obj, *needles):
     """Print `file:line  code` for the first line of `obj`'s source containing each needle."""
+    obj = inspect.unwrap(obj)  # a decorated function (@torch.no_grad): its own source, not the decorator's
     lines, start = inspect.getsourcelines(obj)
     file = Path(inspect.getsourcefile(obj)).name
     for needle in needles:
@@ -47,105 +51,116 @@ def where(obj, *needles):
 
 
 # -----------------------------------------------------------------------------
+# The toy model: the tiny pretrained encoders of weights/toy/ and a fresh U2A for the synthetic classes
+
+def toy_model(method="u2a"):
+    """A fresh U2A (LoRA B = 0, CLS = MT = pretrained class token) on the toy ViT and BERT, in eval mode."""
+    config = u2a.U2AConfig(encoders={m: str(path) for m, path in TOY_ENCODERS.items()},
+                           class_names=data.synthetic_class_names(), method=method)
+    return u2a.build_model(config).eval()
+
+
+# -----------------------------------------------------------------------------
 # Run folders written by train.py
 
 def method_folders(run):
-    """{method: folder}. `train.py --out RUN` writes one method's files into RUN itself, or into RUN/u2a and
-    RUN/naive when it also trains the naive baseline (the synthetic default, or --compare-naive)."""
+    """{method: folder}, U2A first. `train.py --out RUN` writes one method's files into RUN itself, or into
+    RUN/u2a and RUN/naive when it also trains the naive baseline (the synthetic default, or --compare-naive)."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist (expected the --out folder of train.py)")
     folders = {}
     if (run / "metrics.json").is_file():
-        folders[METHOD_NAMES[json.loads((run / "metrics.json").read_text())["method"]]] = run
+        folders[json.loads((run / "metrics.json").read_text())["method"]] = run
     for method in ("u2a", "naive"):
         if (run / method / "metrics.json").is_file():
             folders[method] = run / method
     if not folders:
         raise FileNotFoundError(f"{run}: no metrics.json in it nor in {run / 'u2a'} or {run / 'naive'}: "
                                 "not a finished train.py run folder")
-    return dict(sorted(folders.items(), key=lambda kv: kv[0] != "u2a"))  # U2A first
+    return dict(sorted(folders.items(), key=lambda kv: kv[0] != "u2a"))
 
 
-def run_config(folder):
-    """(meta, args) from the run's checkpoint, which records the method, the dataset and every option."""
-    meta = train.checkpoint_meta(Path(folder) / "best.safetensors")
-    args = argparse.Namespace(**meta["config"])
-    args.weights = Path(args.weights)
-    return meta, args
+def run_settings(folder):
+    """The run's settings, as train.py stored them in its checkpoint (its command-line options)."""
+    _, meta = u2a.open_checkpoint(Path(folder) / "best.safetensors")
+    return meta["config"]
 
 
-def run_info(meta, class_names=None, num_classes=None):
-    """The run's DatasetInfo without its data on disk. Food-101's class names are only known from its
-    folders: metrics.json carries them."""
-    info = data.dataset_info(meta["data"])
-    if class_names:
-        info = dataclasses.replace(info, class_names=list(class_names), num_classes=len(class_names))
-    if num_classes is not None and num_classes != info.num_classes:
-        raise ValueError(f"{meta['data']}: the checkpoint's head has {num_classes} classes, "
-                         f"the dataset {info.num_classes}")
-    return info
+def run_tokenizer(model, info):
+    """The tokenizer the run's text encoder was trained with: its folder's vocabulary, the dataset's length."""
+    if "text" not in model.modalities:
+        return None
+    return data.load_tokenizer(model.config.encoders["text"], info.text_max_len)
 
 
-def load_model(folder, class_names=None):
-    """The trained model of a run: the frozen encoders train.py used (args.weights) + best.safetensors.
-    Raises FileNotFoundError, naming the file and how to get it, when the encoders are not on disk."""
-    meta, args = run_config(folder)
-    info = run_info(meta, class_names)
-    model = train.build_model(args, info, meta["method"])
-    train.load_checkpoint(Path(folder) / "best.safetensors", model)
-    return model.eval(), info, args
+def placeholder_batch(info, tokenizer):
+    """One sample whose every modality is the paper's placeholder (zeros / ""): the naive baseline's input
+    for a missing modality, batched by data.collate as in training."""
+    label = torch.zeros(info.num_classes) if info.multilabel else 0
+    return data.collate([{**{m: None for m in info.modalities}, "label": label, "index": 0}], info, tokenizer)
 
 
-def load_head_only(folder, class_names=None):
-    """The same U2A without its encoders: built on the meta device (no memory, no weights) with stand-in
-    encoders of the right width, and only the head made real and loaded from the checkpoint. Enough for
-    everything that starts from the stored test tokens: select_tokens, train.scenario_logits, train.evaluate."""
-    meta, args = run_config(folder)
-    with safe_open(str(Path(folder) / "best.safetensors"), framework="pt") as f:
-        head = {"weight": f.get_tensor("model.head.weight"), "bias": f.get_tensor("model.head.bias")}
-    num_classes, width = head["weight"].shape
-    info = run_info(meta, class_names, num_classes)
-    with torch.device("meta"):  # stand-ins: one tiny block of the right width, never run
-        stand_ins = {}
-        for m in info.modalities:
-            encoder = u2a.MODALITY_ENCODER[m]
-            config = CONFIGS[encoder](hidden_size=width, num_hidden_layers=1, num_attention_heads=1,
-                                      intermediate_size=width)
-            stand_ins[m] = encoder(config)
-        model = u2a.U2A(stand_ins, num_classes, missing="mask_token" if meta["method"] == "u2a" else "placeholder")
-    model.head.to_empty(device="cpu")
-    model.head.load_state_dict(head)
-    return model.eval(), info, args
+def run_scenarios(settings, info):
+    """The run's test scenarios (data.Scenario: rate, missing_type, groups) and the seed of their tables,
+    drawn as train.py drew them for metrics.json."""
+    rate = settings["test_missing_rate"]
+    rate = settings["train_missing_rate"] if rate is None else rate
+    kind = settings["test_missing_type"] or settings["train_missing_type"]
+    seed = data.stream_seed(settings["seed"], "missing/test")
+    return data.eval_scenarios(info, rate, kind, seed=seed), seed
 
 
 def load_run(folder):
     """Everything the analyses need from one method's folder: metrics.json, the stored test tokens
-    (cls.<m>, mt.<m> (n, D), labels, present), the trained model (or its head only, when the encoders
-    are not on disk) and, for the naive baseline, its placeholder tokens (which need the encoders)."""
+    (cls.<m>, mt.<m> (n, D), labels, present, index), the trained model rebuilt from best.safetensors,
+    the naive baseline's placeholder tokens, the test scenarios and the training log."""
     folder = Path(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     tokens_file = folder / "test_tokens.safetensors"
     if not tokens_file.is_file():
         raise FileNotFoundError(f"{tokens_file} is missing: train.py stores the test tokens only when they are "
                                 "under 50M numbers; re-run with --eval-only on a smaller --limit")
-    feats = load_file(str(tokens_file))
-    try:
-        model, info, args = load_model(folder, metrics["class_names"])
-        full = True
-    except FileNotFoundError as err:
-        print(f"{folder}: the encoders are not on disk ({err}).\n  Scoring from the stored test tokens "
-              "with the trained head only.")
-        model, info, args = load_head_only(folder, metrics["class_names"])
-        full = False
+    settings = run_settings(folder)
+    model = u2a.from_checkpoint(folder / "best.safetensors")  # its encoders where training found them
+    info = data.dataset_info(settings["data"])  # no data root: Food-101's class names come from the model
     placeholders = None
-    if model.missing == "placeholder" and full:
-        tokenizer = train.text_tokenizer(args, info)
-        placeholders = train.placeholder_tokens(model, info, tokenizer, torch.device("cpu"))
-    key = train.headline(info)
-    return SimpleNamespace(folder=folder, metrics=metrics, feats=feats, model=model, info=info, args=args,
-                           placeholders=placeholders, full=full, key=key,
-                           metric="F1-macro (%)" if info.multilabel else "accuracy (%)")
+    if model.config.method == "naive":
+        placeholders = u2a.placeholder_tokens(model, placeholder_batch(info, run_tokenizer(model, info)))
+    scenarios, seed = run_scenarios(settings, info)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return SimpleNamespace(folder=folder, metrics=metrics, tokens=load_file(str(tokens_file)), model=model,
+                           info=info, settings=settings, placeholders=placeholders, scenarios=scenarios, seed=seed,
+                           log=log)
+
+
+def find_scenario(r, rate, missing=None):
+    """The run's test scenario (a data.Scenario) in which a share `rate` of the test samples lacks the
+    modality `missing` (rate 0: the complete test set)."""
+    for sc in r.scenarios:
+        if sc.rate == rate and (rate == 0 or sc.missing_type == missing):
+            return sc
+    raise KeyError(f"{r.folder}: no test scenario with {100 * rate:g}% of the samples missing {missing}")
+
+
+def result(r, rate, missing=None):
+    """metrics.json's result (headline score, per-class scores, groups) for that scenario."""
+    return r.metrics["scenarios"][find_scenario(r, rate, missing).name]
+
+
+# -----------------------------------------------------------------------------
+# The fused feature T1 + T2: what the head sees (eq. 5)
+
+def fused_features(model, tokens, present, placeholders=None):
+    """T1 + T2 (n, D) under a present table (n, 2): the head's input, recorded while u2a.scenario_logits
+    runs, so it is the forward pass's own token selection (the naive baseline's placeholders included)."""
+    seen = []
+    hook = model.head.register_forward_pre_hook(lambda head, args: seen.append(args[0]))
+    try:
+        u2a.scenario_logits(model, tokens, present, placeholders)
+    finally:
+        hook.remove()
+    return seen[0].float().cpu()
 
 
 # -----------------------------------------------------------------------------

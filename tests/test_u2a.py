@@ -1,12 +1,16 @@
 """U2A itself (paper section 3): token selection (eq. 4), loss (eq. 6-7), skipping missing encoders,
 video frames, parameter counts, modality dropout, and that it learns."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import data
 from encoders import AST, ASTConfig, BERT, BERTConfig, ViT, ViTConfig
 from lora import LoRALinear
-from u2a import U2A, U2AOutput, alignment_loss, modality_dropout, u2a_loss
+from u2a import U2A, U2AConfig, U2AOutput, alignment_loss, build_model, modality_dropout, predict, u2a_loss
 
 D = 32
 TINY = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -274,3 +278,52 @@ def test_trainable_parameters_of_the_paper_configuration(num_classes):
     expected_millions = {101: 0.23, 31: 0.17}[num_classes]
     assert round(trainable / 1e6, 2) == expected_millions
     print(f"\n{num_classes} classes: {trainable:,} trainable parameters")
+
+
+# -----------------------------------------------------------------------------
+# predict: a user's own image and/or text, either missing, through the toy model
+
+TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
+
+
+def toy_model(method):
+    torch.manual_seed(0)
+    config = U2AConfig(encoders={"image": str(TOY / "vit"), "text": str(TOY / "bert")},
+                       class_names=data.synthetic_class_names(), method=method)
+    model = build_model(config)
+    for mod in model.modules():  # trained-looking factors, so that every input matters
+        if isinstance(mod, LoRALinear):
+            torch.nn.init.normal_(mod.lora_B, std=0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["u2a", "naive"])
+@pytest.mark.parametrize("present", [(True, True), (True, False), (False, True)])
+def test_predict_equals_the_forward_pass_on_the_same_sample(method, present):
+    model = toy_model(method)
+    item = data.make_dataset("synthetic", None, "test", limit=1)[0]  # image (3, 32, 32), text, label
+    image, text = (item["image"] if present[0] else None), (item["text"] if present[1] else None)
+    got = predict(model, image=image, text=text)  # the default tokenizer: the toy BERT folder's vocab.txt
+    batch = data.collate([{**item, "image": image, "text": text}], data.dataset_info("synthetic"))
+    with torch.no_grad():
+        expected = model(batch).logits[0].softmax(0)
+    assert [name for name, _ in got] == [data.synthetic_class_names()[c] for c in expected.argsort(descending=True)]
+    assert torch.allclose(torch.tensor([p for _, p in got]), expected.sort(descending=True).values, atol=1e-6)
+    assert batch["present"].tolist() == [list(present)]
+
+
+def test_predict_multilabel_gives_a_sigmoid_per_class_and_keeps_the_training_mode():
+    model = toy_model("u2a").train()
+    model.config.multilabel = True
+    got = predict(model, text="the sun at the top left")
+    assert len(got) == len(model.config.class_names) and sum(p for _, p in got) > 1.0  # independent per class
+    assert [p for _, p in got] == sorted((p for _, p in got), reverse=True) and model.training
+
+
+def test_predict_refuses_no_input_and_an_image_of_the_wrong_size(tmp_path):
+    model = toy_model("u2a")
+    with pytest.raises(ValueError, match="an image, a text or both"):
+        predict(model)
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.png")  # CLIP preprocessing: 224 x 224
+    with pytest.raises(ValueError, match=r"takes \(3, 32, 32\) images, got \(3, 224, 224\)"):
+        predict(model, image=tmp_path / "photo.png", text="a sunny scene")
