@@ -10,7 +10,22 @@ U2A never runs the encoder of a missing modality (eq. 4); the reference, like an
 input with a placeholder, runs both encoders on every sample, and so does ours when all are present.
 
     python tests/bench.py --threads 1                        # CPU, float32, batch 8, text length 40 (~4 min)
-    python tests/bench.py --device cuda --dtype bf16 --max-batch   # GPU: batch 8, then the largest that fits
+    python tests/bench.py --device cuda --max-batch          # GPU, bf16 autocast: batch 8, then the largest
+    python tests/bench.py --device cuda --compile            # ours compiled, as train.py --compile does
+
+What a training step is, and how it matches train.py's (the figures are meant to predict train.py's speed):
+  - the same autocast: on CUDA torch.autocast("cuda", dtype=torch.bfloat16) around forward and loss, as
+    train.autocast_for (--dtype fp32 turns it off; on the CPU the default is fp32, as train.py's);
+  - the same optimizer, train.make_optimizer (AdamW, decay on matrices only, the Food-101 recipe's lr), the
+    same loss, u2a.u2a_loss with the paper's lambda, and the paper's LoRA rank, alpha and dropout (train.PAPER);
+  - --compile: torch.compile(model) with default settings on our U2A module for the training step, no DDP, as
+    train.py --compile; evals stay eager, as train.py's evaluation does. The reference stays eager: it is the
+    model as a transformers + peft user runs it;
+  - no host synchronisation inside a step (the loss is not read back); each timed call is bracketed by
+    torch.cuda.synchronize(), since wall-clock time is only meaningful once the GPU is done; train.py's loop
+    also waits for the GPU once a step (its progress bar reads loss.item()).
+  Not timed: data loading and the host-to-device copy, and train.py's modality dropout (on a complete training
+  set two steps in three drop one modality, whose encoder then does not run): here every sample has both.
 
 On a CPU shared with other jobs, --threads 1 gives the stable figures: with more threads than free cores,
 every parallel op waits for a thread that another job holds. Not part of the default test run (pytest
@@ -36,6 +51,7 @@ import transformers
 from transformers.masking_utils import create_bidirectional_mask
 
 import checkpoints  # tests/checkpoints.py: random-weight checkpoints in the hub layouts
+import train
 from encoders import BERT, ViT
 from lora import LoRALinear
 from u2a import U2A, U2AOutput, u2a_loss
@@ -49,9 +65,10 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 BATCH = 8                # paper, Food-101: batch size 8
 TEXT_LEN = 40            # paper, Food-101: texts truncated/padded to 40 tokens
 NUM_CLASSES = 101        # Food-101
-RANK, ALPHA, LORA_DROPOUT = 1, 1.0, 0.1  # paper 4.2 / supplementary Table 5
-LAM = 0.2                # eq. 7, weight of the alignment loss
-LR = 1e-4
+RANK, ALPHA, LORA_DROPOUT = train.PAPER["rank"], train.PAPER["alpha"], train.PAPER["lora_dropout"]
+LAM = train.PAPER["lam"]  # eq. 7, weight of the alignment loss
+OPTIMIZER = argparse.Namespace(lr=train.RECIPES["image-text"]["lr"], weight_decay=train.PAPER["weight_decay"],
+                               eps=train.PAPER["eps"])  # what train.make_optimizer reads of train.py's arguments
 MISSING_RATE = 0.7       # eval: share of samples missing the text (then, separately, the image)
 WARMUP, REPEATS = 2, 5
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak (no sparsity); --peak-tflops changes it
@@ -207,13 +224,14 @@ def missing_batch(ours, B, L, modality, rate, seed=0, device="cpu"):
 # What is timed
 
 def autocast(device, dtype):
+    """train.autocast_for's context on CUDA (bf16); on the CPU, bf16 only when asked for."""
     if dtype == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
 def make_optimizer(model):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return train.make_optimizer(model, OPTIMIZER)
 
 
 def train_step(model, opt, batch, amp=nullcontext()):
@@ -321,8 +339,9 @@ def machine(device):
     return f"{name}, {os.cpu_count()} logical cores"
 
 
-def run(ours, ref, B, L, args):
-    """Times every case at batch B; returns printable rows and the ratios."""
+def run(ours, ref, B, L, args, ours_train):
+    """Times every case at batch B; returns printable rows and the ratios. ours_train: the module our
+    training steps call (ours, or torch.compile(ours) with --compile)."""
     dev, amp = args.device, autocast(args.device, args.dtype)
     full = make_batch(ours, B, L, seed=1, device=dev)
     no_text = missing_batch(ours, B, L, "text", args.missing_rate, seed=2, device=dev)
@@ -330,8 +349,8 @@ def run(ours, ref, B, L, args):
     k = int((~no_text["present"][:, 1]).sum())
     opts = {"ours": make_optimizer(ours), "ref": make_optimizer(ref)}
 
-    train = time_round_robin({
-        "ours": lambda: train_step(ours, opts["ours"], full, amp),
+    steps = time_round_robin({
+        "ours": lambda: train_step(ours_train, opts["ours"], full, amp),
         "ref": lambda: train_step(ref, opts["ref"], full, amp),
     }, args.warmup, args.repeats, dev)
     # Both encoders on every sample costs the same whatever the "present" flags say (the reference always
@@ -346,15 +365,15 @@ def run(ours, ref, B, L, args):
     f_train, f_eval = step_flops(ours, B, L, B, B, True), step_flops(ours, B, L, B, B, False)
     f_no_text, f_no_image = step_flops(ours, B, L, B, B - k, False), step_flops(ours, B, L, B - k, B, False)
     rows = [  # (case, build, (wall, cpu) seconds, FLOPs the build computes)
-        ("train step", "ours", train["ours"], f_train),
-        ("train step", "reference", train["ref"], f_train),
+        ("train step", "ours", steps["ours"], f_train),
+        ("train step", "reference", steps["ref"], f_train),
         ("eval, all present", "ours", evals["ours"], f_eval),
         ("eval, all present", "reference", evals["ref"], f_eval),
         (f"eval, {k}/{B} texts missing", "ours", evals["no_text"], f_no_text),
         (f"eval, {k}/{B} images missing", "ours", evals["no_image"], f_no_image),
     ]
-    wall = {name: t[0] for name, t in {**{"train_" + n: v for n, v in train.items()}, **evals}.items()}
-    cpu = {name: t[1] for name, t in {**{"train_" + n: v for n, v in train.items()}, **evals}.items()}
+    wall = {name: t[0] for name, t in {**{"train_" + n: v for n, v in steps.items()}, **evals}.items()}
+    cpu = {name: t[1] for name, t in {**{"train_" + n: v for n, v in steps.items()}, **evals}.items()}
     ratios = {
         "train": (wall["train_ours"] / wall["train_ref"], cpu["train_ours"] / cpu["train_ref"]),
         "eval": (wall["ours"] / wall["ref"], cpu["ours"] / cpu["ref"]),
@@ -386,13 +405,13 @@ def print_table(rows, ratios, k, B, args):
               f"reference; skipping can give at most {bound:.2f}x (FLOP ratio){target}")
 
 
-def max_batch(ours, ref, L, args, start):
+def max_batch(ours, ref, L, args, start, ours_train):
     """Largest batch (start * 2^k) at which a training step of both builds fits in GPU memory."""
     amp, best, B = autocast(args.device, args.dtype), None, start
     while B <= args.max_batch_limit:
         try:
             batch = make_batch(ours, B, L, seed=1, device=args.device)
-            for model in (ours, ref):
+            for model in (ours_train, ref):
                 train_step(model, make_optimizer(model), batch, amp)
             torch.cuda.synchronize()
             best, B = B, 2 * B
@@ -409,7 +428,10 @@ def max_batch(ours, ref, L, args, start):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, weights stay fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"],
+                   help="bf16 = autocast, weights stay fp32 (default: bf16 on cuda, as train.py; fp32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model for the training step, "
+                                                          "as train.py --compile (the reference stays eager)")
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--text-len", type=int, default=TEXT_LEN)
     p.add_argument("--warmup", type=int, default=WARMUP)
@@ -427,6 +449,7 @@ def main(argv=None):
         p.error("--device cuda: no GPU visible to torch")
     if args.max_batch and args.device != "cuda":
         p.error("--max-batch searches GPU memory: use it with --device cuda")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")  # train.autocast_for's choice
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
@@ -436,15 +459,16 @@ def main(argv=None):
              missing_batch(ours, 4, args.text_len, "image", 0.5, seed=0, device=args.device)]
     worst = check_same_logits(ours, ref, check)
     print_header(args, worst, time.perf_counter() - t0)
+    ours_train = torch.compile(ours) if args.compile else ours  # train.py: train_model = torch.compile(model)
 
     batches = [args.batch]
     if args.max_batch:
-        biggest = max_batch(ours, ref, args.text_len, args, args.batch)
+        biggest = max_batch(ours, ref, args.text_len, args, args.batch, ours_train)
         print(f"largest batch (batch * 2^k) at which both builds train: {biggest}")
         if biggest and biggest != args.batch:
             batches.append(biggest)
     for B in batches:
-        rows, ratios, k = run(ours, ref, B, args.text_len, args)
+        rows, ratios, k = run(ours, ref, B, args.text_len, args, ours_train)
         print_table(rows, ratios, k, B, args)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
@@ -455,13 +479,15 @@ def print_header(args, worst, seconds):
     print(f"U2A: ours (encoders.py + lora.py + u2a.py) vs reference (transformers {transformers.__version__} "
           f"CLIPVisionModel + BertModel, sdpa; peft {peft.__version__} LoRA)")
     print(f"{models}, LoRA r={RANK} alpha={ALPHA:g} dropout={LORA_DROPOUT} on q/k/v/out, CLS + MT tokens, sum "
-          f"fusion, {NUM_CLASSES}-way head; loss CE + {LAM} * alignment MSE; AdamW on the trainable parameters")
+          f"fusion, {NUM_CLASSES}-way head; loss CE + {LAM} * alignment MSE; train.make_optimizer's AdamW "
+          f"(lr {OPTIMIZER.lr:g}, decay {OPTIMIZER.weight_decay:g} on matrices)")
     print(f"same weights: eval logits agree, max |diff| {worst:.1e} (built and checked in {seconds:.0f} s)")
     print(f"train-mode dropout: ours LoRA's only (its frozen encoders have none); reference LoRA's + "
           f"{bert_dropout} (CLIP's is 0)")
     print(f"machine: {machine(args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.device} {args.dtype}; median of {args.repeats} after {args.warmup} warm-up, round-robin")
     print("train step = forward + loss + backward + AdamW, every sample with both modalities; "
+          f"ours {'torch.compile(model), as train.py --compile' if args.compile else 'eager'}, reference eager; "
           "FLOPs = matmuls (step_flops)")
 
 

@@ -12,7 +12,8 @@ a swapped norm or token go unnoticed), and the model is saved exactly as the hub
     (encoder.layer.N.attention.attention.query, ...) even though its live modules are named differently.
 Each writes model.safetensors + config.json into a directory and returns the directory.
 `full=True` uses the real checkpoints' sizes; the default is a small model that runs in milliseconds.
-save_run_encoders fills a --weights folder for train.py: all three, small, in the downloader's folders.
+save_run_encoders fills a --weights folder for train.py: all three, small, in the downloader's folders;
+save_published_encoders does the same at the real sizes (tests/gpu_check.py).
 """
 import json
 import os
@@ -108,13 +109,35 @@ def save_run_encoders(weights, folders, words):
     clip = random_model(transformers.CLIPModel, transformers.CLIPConfig(
         vision_config=dict(width, image_size=224, patch_size=32), text_config=text_tower, projection_dim=16), 0)
     clip.save_pretrained(os.path.join(weights, folders["image"]))  # the whole CLIP: vision_model.*, text_model.*
-    # bert-base-uncased's vocabulary layout: [PAD] 0, [unused] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
+    vocab = bert_base_vocab(words)
     bert = random_model(transformers.BertModel,
                         transformers.BertConfig(vocab_size=len(vocab), max_position_embeddings=300, **width), 1)
     folder = os.path.join(weights, folders["text"])
     bert.save_pretrained(folder)
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
+    write_vocab(folder, vocab)
     save_ast(os.path.join(weights, folders["audio"]), seed=2)  # ast_config: 1024 x 128 input, as data.fbank
     return weights
+
+
+def save_published_encoders(weights, folders, words):
+    """save_run_encoders at the real sizes: CLIP ViT-B/16, bert-base-uncased and AST exactly as save_clip,
+    save_bert and save_ast write them (the hub's files), bert's vocab.txt filled to its 30522 entries."""
+    weights = os.fspath(weights)
+    save_clip(os.path.join(weights, folders["image"]), full=True)
+    folder = save_bert(os.path.join(weights, folders["text"]), full=True, seed=1)
+    vocab = bert_base_vocab(words)
+    size = bert_config(full=True).vocab_size
+    write_vocab(folder, vocab + [f"[unused{i}]" for i in range(99, 99 + size - len(vocab))])
+    save_ast(os.path.join(weights, folders["audio"]), full=True, seed=2)
+    return weights
+
+
+def bert_base_vocab(words):
+    """bert-base-uncased's vocabulary layout: [PAD] 0, [unused] 1-99, [UNK] 100, [CLS] 101, [SEP] 102,
+    [MASK] 103, then `words`."""
+    return ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
+
+
+def write_vocab(folder, vocab):
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
