@@ -11,6 +11,7 @@ settings). The file reads top to bottom in the order the data flows:
   3. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
   4. datasets               one MultimodalDataset; a reader per public layout; SyntheticDataset
   5. batches                collate (batch-level tokenisation, placeholders) and make_loader
+  6. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
 
 A batch (SPEC.md) is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
@@ -39,13 +40,17 @@ Design choices (the paper leaves them open):
   - Food-101's titles CSV is read one record per line, so its one unclosed quote damages only its own title.
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
 """
+import argparse
+import contextlib
 import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +65,7 @@ from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 0. Seeds: every random stream of a run comes from the run's one seed, here
@@ -1052,3 +1058,209 @@ def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, see
         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0)
 
+
+# -----------------------------------------------------------------------------
+# 6. Preparation: a video release -> the layout above, in one command
+#
+#     python data.py prepare {cremad,ks,ave} --source RAW --root OUT [--workers N]
+#
+# CREMA-D, Kinetics-Sounds and AVE are published as videos. The peers' scripts (OGM-GE, PMR) extract frames at
+# 1 fps with OpenCV (cv2.imwrite's default JPEG quality, 95; files {count:05d}.jpg from 00000) and audio with
+# ffmpeg (-acodec pcm_s16le -ar 16000). We do the same with PyAV, whose wheels carry FFmpeg: an optional
+# dependency of this step only. The steps, in the order the data flows: find each listed clip's files under
+# RAW -> frames at 1 fps -> audio at 16 kHz -> rename into place -> summary.
+
+PREPARE_DATASETS = ("cremad", "ks", "ave")
+JPEG_QUALITY = 95
+VIDEO_SUFFIXES = (".flv", ".mp4", ".mkv", ".webm", ".avi")
+PART = ".part"        # the name a clip's audio and frames have until both are whole
+TIME_EPS = 1e-3       # seconds: a frame stamped 0.9999 s starts second 1
+LIST_SOURCES = {"cremad": "GeWu-Lab/OGM-GE data/CREMAD/", "ks": "GeWu-Lab/OGM-GE data/KineticSound/",
+                "ave": "the AVE release (AVE_Dataset/)"}
+SHOWN_ERRORS = 5
+
+
+def import_av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("preparing videos needs PyAV, an optional dependency of this step only: "
+                          "`pip install av` (its wheels carry FFmpeg; no system ffmpeg needed)") from None
+    return av
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One clip to prepare: its name in OUT, the release's files it comes from, and the seconds [start, end)
+    whose frames are kept (AVE: the event window; its audio is kept whole, the reader cuts it)."""
+    name: str
+    video: str
+    audio: str        # CREMA-D: the release's own WAV; otherwise the video's audio track
+    start: float = 0.0
+    end: float = math.inf
+
+
+def index_release(source, skip):
+    """{file name: [paths]} of every file under `source`, recursively, sorted; `skip` (OUT) is not entered."""
+    found = {}
+    for folder, dirs, files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if Path(folder, d).resolve() != skip)
+        for f in sorted(files):
+            found.setdefault(f, []).append(Path(folder, f))
+    return found
+
+
+def copy_split_lists(name, splits, files, root):
+    """Each split list, found by its name under RAW, copied to OUT (where the readers look for it)."""
+    for split in splits:
+        file = SPLIT_FILES[name].format(split=split)
+        paths = files.get(file, [])
+        if len(paths) > 1:
+            raise ValueError(f"{name}: several {file} under the source ({', '.join(map(str, paths))}): keep one")
+        if not paths and not (root / file).is_file():
+            raise FileNotFoundError(f"{name}: no split list {file} under the source or in {root}: it comes from "
+                                    f"{LIST_SOURCES[name]}; put it in the source folder")
+        if paths:
+            shutil.copyfile(paths[0], root / file)
+
+
+def find_clips(name, splits, files, root):
+    """The clips of the split lists (in OUT), each once, with their release files; and the list ids with no video.
+    AVE reads test, val, train in that order: a video also listed in train under another event keeps the test/val
+    event's window, so every evaluation sample's frames and audio show its own event."""
+    read_rows = {"cremad": cremad_rows, "ks": ks_rows, "ave": lambda path: ave_rows(path)[0]}[name]
+    clips, no_video, seen = [], [], set()
+    for split in splits:
+        for row in read_rows(split_file(root, name, split)):
+            if row.clip in seen:
+                continue
+            seen.add(row.clip)
+            names = ks_names(row.clip) if name == "ks" else [row.clip]  # KS test clips: the Kinetics name
+            videos = [files[n + s][0] for n in names for s in VIDEO_SUFFIXES if n + s in files]
+            if not videos:
+                no_video.append(row.clip)
+                continue
+            wav = files.get(f"{row.clip}.wav") if name == "cremad" else None
+            clips.append(Clip(row.clip, str(videos[0]), str(wav[0] if wav else videos[0]), *(row.window or ())))
+    return clips, no_video
+
+
+def write_frames(video, folder, start=0.0, end=math.inf):
+    """The first frame of each second in [start, end) -> folder/00000.jpg, 00001.jpg, ...; returns how many.
+    Time counts from the stream's start (an FLV's first frame is stamped 50 ms, not 0)."""
+    av = import_av()
+    folder.mkdir(parents=True)
+    count, next_second = 0, start
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        first = stream.start_time or 0
+        for frame in container.decode(stream):
+            if frame.pts is None:  # no timestamp: no second to put it in
+                continue
+            t = float((frame.pts - first) * stream.time_base)
+            if t >= end:
+                break
+            if t + TIME_EPS >= next_second:
+                frame.to_image().save(folder / f"{count:05d}.jpg", quality=JPEG_QUALITY)
+                count += 1
+                next_second = math.floor(t + TIME_EPS) + 1
+    if count == 0:
+        raise ValueError(f"no video frame in seconds [{start}, {end}) of {video}")
+    return count
+
+
+def write_audio(source, path):
+    """A file's first audio track -> 16 kHz mono 16-bit PCM WAV (libswresample: ffmpeg's -ar 16000 -ac 1)."""
+    av = import_av()
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    chunks = []
+    with av.open(str(source)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{source} has no audio track")
+        for frame in container.decode(container.streams.audio[0]):
+            chunks += [f.to_ndarray() for f in resampler.resample(frame)]  # (1, n) int16 each
+    chunks += [f.to_ndarray() for f in resampler.resample(None)]  # what the resampler still holds
+    if not chunks:
+        raise ValueError(f"the audio track of {source} is empty")
+    sf.write(path, np.concatenate(chunks, axis=1)[0], SAMPLE_RATE, subtype="PCM_16", format="WAV")
+
+
+def prepare_clip(clip, name, root):
+    """One clip -> <audio dir>/<name>.wav and <frame dir>/<name>/. Both are written under PART names and renamed
+    into place, the frames last: a clip whose frame folder exists is whole, and an interrupted one is redone.
+    Returns "done", "skipped" (already prepared) or the error that stopped it."""
+    av = import_av()
+    audio_dir, frame_dir = (root / d for d in AV_DIRS[name])
+    wav, frames = audio_dir / f"{clip.name}.wav", frame_dir / clip.name
+    if frames.is_dir() and wav.is_file():
+        return "skipped"
+    part_wav, part_frames = wav.with_name(wav.name + PART), frames.with_name(frames.name + PART)
+    shutil.rmtree(part_frames, ignore_errors=True)  # left by an interrupted run
+    try:
+        for file in dict.fromkeys((clip.video, clip.audio)):
+            if is_lfs_pointer(file):
+                raise ValueError(f"{file} is a git-lfs pointer file: {LFS_HINT}")
+        audio_dir.mkdir(parents=True, exist_ok=True)
+        write_audio(clip.audio, part_wav)
+        write_frames(clip.video, part_frames, clip.start, clip.end)
+        os.replace(part_wav, wav)
+        os.replace(part_frames, frames)
+    except (av.FFmpegError, OSError, ValueError) as err:  # a corrupt or odd file fails this clip, not the run
+        part_wav.unlink(missing_ok=True)
+        shutil.rmtree(part_frames, ignore_errors=True)
+        return f"{clip.name}: {type(err).__name__}: {err}"
+    return "done"
+
+
+def prepare(name, source, root, workers=1):
+    """Turn a video release (`source`: its folder as downloaded, with the split lists somewhere inside) into the
+    layout make_dataset reads (`root`), over `workers` processes. Resumable: clips already whole are skipped.
+    Returns the summary it prints: {"done", "skipped": counts, "failed": [errors], "no_video": [list ids]}."""
+    if name not in PREPARE_DATASETS:
+        raise ValueError(f"prepare: {name!r} is not a video release; expected one of {', '.join(PREPARE_DATASETS)}")
+    import_av()  # before any work: the install hint, not a traceback per clip
+    source, root = Path(source).resolve(), Path(root).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"{name}: source {source} is not a directory (the release as downloaded)")
+    root.mkdir(parents=True, exist_ok=True)
+    splits = ("test", "val", "train") if dataset_info(name).has_val else ("test", "train")
+    files = index_release(source, skip=root)
+    copy_split_lists(name, splits, files, root)
+    clips, no_video = find_clips(name, splits, files, root)
+    work = functools.partial(prepare_clip, name=name, root=root)
+    results = []
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        done = pool.imap_unordered(work, clips, chunksize=4) if pool else map(work, clips)
+        for result in tqdm(done, total=len(clips), desc=f"prepare {name}", unit="clip"):
+            results.append(result)
+    summary = {"done": results.count("done"), "skipped": results.count("skipped"),
+               "failed": sorted(r for r in results if r not in ("done", "skipped")), "no_video": no_video}
+    print(f"prepare {name}: {len(clips) + len(no_video)} clips in the lists -> {root}\n"
+          f"  done {summary['done']}, skipped {summary['skipped']} (already prepared), "
+          f"failed {len(summary['failed'])}, no video {len(no_video)}")
+    for error in summary["failed"][:SHOWN_ERRORS]:
+        print(f"  failed: {error}")
+    if no_video:
+        print(f"  no video under {source} for: {', '.join(no_video[:SHOWN_ERRORS])}"
+              f"{', ...' if len(no_video) > SHOWN_ERRORS else ''}")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python data.py", description="Dataset preparation for u2a.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="a video release -> 1 fps JPEG frames + 16 kHz WAVs (needs PyAV)")
+    p.add_argument("name", choices=PREPARE_DATASETS)
+    p.add_argument("--source", required=True, help="the release as downloaded, with its split lists inside")
+    p.add_argument("--root", required=True, help="the folder to write: what --data-root then points at")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
+    args = parser.parse_args(argv)
+    try:
+        return prepare(args.name, args.source, args.root, args.workers)
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

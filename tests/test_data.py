@@ -616,7 +616,8 @@ def test_ks_test_clips_are_found_under_either_name(roots):
 
 def test_ave_audio_is_cut_to_the_event_window(roots, capsys):
     ds = data.make_dataset("ave", roots["ave"], "train")
-    assert "trainSet.txt: 4 videos, 4 classes; 1 later row(s) of a video listed twice skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trainSet.txt: 4 videos, 4 classes; 1 later row(s) of a video listed twice skipped" in printed
     window = ds.sources["audio"][1]  # vid2, its first row: Bark 3-7 s
     assert window == data.AudioWindow(str(roots["ave"] / "audio" / "vid2.wav"), 3, 7)
     whole, rate = data.read_wav(window.path)
