@@ -1114,7 +1114,7 @@ def copy_split_lists(name, splits, files, root):
     """Each split list, found by its name under RAW, copied to OUT (where the readers look for it)."""
     for split in splits:
         file = SPLIT_FILES[name].format(split=split)
-        paths = files.get(file, [])
+        paths = [p for p in files.get(file, []) if p.resolve() != root / file]  # OUT may lie in RAW, or be it
         if len(paths) > 1:
             raise ValueError(f"{name}: several {file} under the source ({', '.join(map(str, paths))}): keep one")
         if not paths and not (root / file).is_file():

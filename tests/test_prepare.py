@@ -140,6 +140,8 @@ def test_cremad_release_prepares_to_the_layout_and_trains(releases, tmp_path):
     info = sf.info(out / "AudioWAV" / "1001_DFA_ANG_XX.wav")
     assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16")
     assert abs(info.duration - CREMAD_SECONDS) < 0.01
+    wave, rate = sf.read(out / "AudioWAV" / "1001_DFA_ANG_XX.wav")
+    assert abs(np.abs(np.fft.rfft(wave)).argmax() * rate / len(wave) - 440) < 1  # the release's tone
     assert [len(data.make_dataset("cremad", out, s)) for s in ("train", "val", "test")] == [5, 1, 2]
     train = _import_train()
     metrics = train.main(["--data", "cremad", "--data-root", str(out), "--weights", str(_weights(tmp_path)),
@@ -203,7 +205,7 @@ def test_preparation_resumes_and_counts_what_failed(releases, tmp_path, capsys):
     (raw / "VideoFlash" / "1003_ITS_SAD_XX.flv").write_text(LFS_POINTER_TEXT)
     (raw / "AudioWAV" / "1003_ITS_SAD_XX.wav").write_text(LFS_POINTER_TEXT)
     (raw / "VideoFlash" / "1004_MTI_FEA_XX.flv").unlink()
-    out = tmp_path / "out"
+    out = raw / "prepared"  # inside the release: never searched for videos or lists
     summary = data.prepare("cremad", raw, out, workers=2)
     assert summary["done"] == 5 and summary["skipped"] == 0 and summary["no_video"] == ["1004_MTI_FEA_XX"]
     assert [e.split(":")[0] for e in summary["failed"]] == ["1002_TIE_NEU_XX", "1003_ITS_SAD_XX"]
