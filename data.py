@@ -637,7 +637,7 @@ def is_lfs_pointer(path):
 
 
 def _problem(modality, source):
-    """Why sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
+    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
     if modality == "text":
         return None if source is not None else "missing"
     if modality == "video":
