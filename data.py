@@ -11,6 +11,7 @@ settings). The file reads top to bottom in the order the data flows:
   3. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
   4. datasets               one MultimodalDataset; a reader per public layout; SyntheticDataset
   5. batches                collate (batch-level tokenisation, placeholders) and make_loader
+  6. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
 
 A batch (SPEC.md) is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
@@ -23,8 +24,9 @@ Expected layouts under --data-root (full trees in README.md):
   food101  images/{train,test}/<class>/*.jpg, texts/{train,test}_titles.csv  (UPMC Food-101)
   mmimdb   split.json, dataset/<id>.jpeg, dataset/<id>.json                  (MM-IMDb archive)
   cremad   train.csv, test.csv, AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg (OGM-GE)
-  ks       my_train.txt, my_test.txt, audio/<id>.wav, frames/<id>/*.jpg      (OGM-GE lists)
-  ave      {train,val,test}Set.txt, audio/<id>.wav, Image-01-FPS-SE/<id>/*.jpg (AVE, PMR frames)
+  ks       my_train.txt, my_test.txt, audio/<id>.wav, frames/<id>/*.jpg      (OGM-GE lists; a test clip's
+           files may carry the Kinetics name <ytid>_<start:06d>_<end:06d>)
+  ave      {train,val,test}Set.txt, audio/<id>.wav (whole video), Image-01-FPS-SE/<id>/*.jpg (event window)
   synthetic  generated in memory, no root.
 
 Design choices (the paper leaves them open):
@@ -38,18 +40,26 @@ Design choices (the paper leaves them open):
   - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
     or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
+  - every WAV's header is checked when the dataset is built (a git-lfs pointer file is named as such).
+  - AVE's audio is cut to the event window of the split file, the window its frames come from.
+  - Food-101's titles CSV is read one record per line, so its one unclosed quote damages only its own title.
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
 """
-import csv
+import argparse
+import contextlib
 import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
+import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -60,6 +70,7 @@ from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 0. Seeds: every random stream of a run comes from the run's one seed, here
@@ -92,7 +103,14 @@ MMIMDB_GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "A
                  "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir"]
 CREMAD_EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE / PMR label order
 FOOD101_NUM_CLASSES = 101
-KS_NUM_CLASSES = 31  # no public int -> name mapping: classes are named "0".."30"
+# Kinetics-Sounds: OGM-GE's lists give label ints only. They are the alphabetical index of the 31 class names
+# (inferred: 9 of 9 ids checked against Kinetics file names agree, e.g. 16 = playing piano; not published).
+KS_CLASSES = ["blowing nose", "blowing out candles", "bowling", "chopping wood", "dribbling basketball",
+              "laughing", "mowing lawn", "playing accordion", "playing bagpipes", "playing bass guitar",
+              "playing clarinet", "playing drums", "playing guitar", "playing harmonica", "playing keyboard",
+              "playing organ", "playing piano", "playing saxophone", "playing trombone", "playing trumpet",
+              "playing violin", "playing xylophone", "ripping paper", "shoveling snow", "shuffling cards",
+              "singing", "stomping grapes", "tap dancing", "tapping guitar", "tapping pen", "tickling"]
 AVE_CLASSES = ["Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
                "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
                "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
@@ -103,10 +121,14 @@ LAYOUTS = {
     "food101": "images/{train,test}/<class>/<file>.jpg and texts/{train,test}_titles.csv",
     "mmimdb": "split.json (train/dev/test id lists), dataset/<id>.jpeg and dataset/<id>.json",
     "cremad": "train.csv/test.csv (rows 'clip,EMOTION'), AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg",
-    "ks": "my_train.txt/my_test.txt (rows 'id,10,label'), audio/<id>.wav, frames/<id>/*.jpg",
-    "ave": "trainSet.txt/valSet.txt/testSet.txt (rows 'Category&id&...'), audio/<id>.wav, "
-           "Image-01-FPS-SE/<id>/*.jpg",
+    "ks": "my_train.txt/my_test.txt (rows 'id,10,label'), audio/<id>.wav, frames/<id>/*.jpg (a my_test.txt id "
+          "<ytid>_<start> may also be named <ytid>_<start:06d>_<end:06d>, as Kinetics names it)",
+    "ave": "trainSet.txt/valSet.txt/testSet.txt (rows 'Category&id&Quality&Start&End'), audio/<id>.wav (the whole "
+           "video's audio), Image-01-FPS-SE/<id>/*.jpg (frames of the event window)",
 }
+# The split lists and clip folders of the audio-video datasets: read by the readers, written by `prepare`
+SPLIT_FILES = {"cremad": "{split}.csv", "ks": "my_{split}.txt", "ave": "{split}Set.txt"}
+AV_DIRS = {"cremad": ("AudioWAV", "Image-01-FPS"), "ks": ("audio", "frames"), "ave": ("audio", "Image-01-FPS-SE")}
 
 
 @dataclass(frozen=True)
@@ -142,8 +164,8 @@ def dataset_info(name, root=None):
         return DatasetInfo(name, AUDIO_VIDEO, len(CREMAD_EMOTIONS), list(CREMAD_EMOTIONS), False, "accuracy",
                            None, has_val=False)
     if name == "ks":
-        names = [str(c) for c in range(KS_NUM_CLASSES)]
-        return DatasetInfo(name, AUDIO_VIDEO, KS_NUM_CLASSES, names, False, "accuracy", None, has_val=False)
+        return DatasetInfo(name, AUDIO_VIDEO, len(KS_CLASSES), list(KS_CLASSES), False, "accuracy", None,
+                           has_val=False)
     if name == "ave":
         return DatasetInfo(name, AUDIO_VIDEO, len(AVE_CLASSES), list(AVE_CLASSES), False, "accuracy", None,
                            has_val=True)
@@ -332,6 +354,22 @@ def read_wav(path):
     if not np.isfinite(samples).all():
         raise ValueError(f"{path} has non-finite samples (NaN or Inf)")
     return torch.from_numpy(samples.mean(axis=1)), rate
+
+
+class AudioWindow(NamedTuple):
+    """The seconds [start, end) of a WAV. AVE's audio/<id>.wav holds the whole video's audio (what an ffmpeg
+    extraction gives); its event window, from the split file, is cut here, as PMR's preprocessing does."""
+    path: str
+    start: float
+    end: float
+
+
+def read_audio(source):
+    """A WAV path, or an AudioWindow -> (1-D float32 waveform, sample rate) of that file or window."""
+    if not isinstance(source, AudioWindow):
+        return read_wav(source)
+    waveform, rate = read_wav(source.path)
+    return waveform[round(source.start * rate):round(source.end * rate)], rate
 
 
 # Text: uncased WordPiece, [CLS] ... [SEP], truncated to the dataset's max length (sec. 4.2)
@@ -548,7 +586,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 with Image.open(source) as pil:
                     return clip_image(pil)
             if modality == "audio":
-                return fbank(*read_wav(source))
+                return fbank(*read_audio(source))
             return read_frames(source, generator)
         except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
             if self.on_error == "raise":
@@ -606,30 +644,62 @@ def _carve_val(n, split, seed):
     return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
 
 
-def _usable(modality, source):
+# Checked when a dataset is built, cheaply (a header, not the samples): a file that cannot be used is
+# named then, not mid-training. Downloading CREMA-D's repository without git-lfs leaves ~130-byte text
+# files starting with this line in place of every WAV and FLV: they exist, but hold no audio.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+LFS_HINT = ("the release was downloaded without git-lfs, which leaves pointer files (~130 bytes of text) in place "
+            "of the media: fetch the real files with `git lfs install && git lfs pull` inside the clone")
+
+
+def is_lfs_pointer(path):
+    with open(path, "rb") as f:
+        return f.read(len(LFS_POINTER)) == LFS_POINTER
+
+
+def _problem(modality, source):
+    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
     if modality == "text":
-        return source is not None
+        return None if source is not None else "missing"
     if modality == "video":
-        return len(list_frames(source)) > 0
-    return os.path.isfile(source)
+        return None if list_frames(source) else "missing"
+    path = source.path if isinstance(source, AudioWindow) else source
+    if not os.path.isfile(path):
+        return "missing"
+    if modality == "audio":
+        if is_lfs_pointer(path):
+            return "git-lfs pointer"
+        try:
+            sf.info(path)
+        except RuntimeError as err:  # soundfile.LibsndfileError
+            return f"bad header: {getattr(err, 'error_string', err)}"
+    return None
 
 
 def _check_files(info, split, sources, labels, on_error):
-    """Every referenced file exists (cheap: no decoding). Missing ones raise, or in skip mode mark the
-    modality absent; a sample left with nothing is dropped. Both are announced with counts."""
+    """Every referenced file exists, and every WAV has a readable header (no decoding). Unusable ones raise,
+    or in skip mode mark the modality absent; a sample left with nothing is dropped. All announced with counts."""
     n = len(labels)
-    available = torch.tensor([[_usable(m, sources[m][i]) for m in info.modalities] for i in range(n)],
-                             dtype=torch.bool).view(n, 2)
+    problems = [[_problem(m, sources[m][i]) for m in info.modalities] for i in range(n)]
+    available = torch.tensor([[p is None for p in row] for row in problems], dtype=torch.bool).view(n, 2)
     for col, m in enumerate(info.modalities):
         bad = (~available[:, col]).nonzero().flatten().tolist()
-        if not bad:
-            continue
-        example = sources[m][bad[0]] if m != "text" else f"sample {bad[0]}"
-        message = (f"{info.name}/{split}: {len(bad)} of {n} samples lack their {m} (e.g. {example}); "
-                   f"expected {LAYOUTS[info.name]}")
-        if on_error == "raise":
-            raise FileNotFoundError(message + " (on_error='skip' marks them absent)")
-        warnings.warn(message + ": marked absent")
+        kinds = {}  # "missing" / "git-lfs pointer" / "bad header" -> sample indices
+        for i in bad:
+            kinds.setdefault(problems[i][col].split(":")[0], []).append(i)
+        for kind, idx in kinds.items():
+            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}"
+            message = f"{info.name}/{split}: {len(idx)} of {n} "
+            if kind == "missing":
+                message += f"samples lack their {m} (e.g. {example}); expected {LAYOUTS[info.name]}"
+            elif kind == "git-lfs pointer":
+                message += f"{m} files are git-lfs pointer files, not audio (e.g. {example}): {LFS_HINT}"
+            else:
+                message += f"{m} files have no readable WAV header (e.g. {example}: {problems[idx[0]][col]})"
+            if on_error == "raise":
+                error = FileNotFoundError if kind == "missing" else ValueError
+                raise error(message + " (on_error='skip' marks them absent)")
+            warnings.warn(message + ": marked absent")
     keep = available.any(1)
     if not keep.all():
         warnings.warn(f"{info.name}/{split}: dropped {int((~keep).sum())} of {n} samples with no usable "
@@ -640,10 +710,40 @@ def _check_files(info, split, sources, labels, on_error):
     return sources, labels, available
 
 
+# The readers: one per public layout, each -> (sources, labels). Every split list is read as "utf-8-sig":
+# UTF-8 whose byte-order mark, if a Windows tool wrote one, would otherwise stick to the first row's first
+# field. CRLF and LF endings both work. A list with no row is an error, not an empty split.
+LIST_ENCODING = "utf-8-sig"
+
+
 def _need_file(path, name):
     if not path.is_file():
         raise FileNotFoundError(f"{name}: split file {path} not found; expected {LAYOUTS[name]}")
     return path
+
+
+def _list_lines(path, errors="strict"):
+    """(line number, text without surrounding blanks) of each non-blank line of a split list."""
+    with open(path, encoding=LIST_ENCODING, errors=errors) as f:
+        return [(number, text.strip()) for number, text in enumerate(f, start=1) if text.strip()]
+
+
+def _not_empty(rows, path, name):
+    if not rows:
+        raise ValueError(f"{name}: split file {path} has no rows; expected {LAYOUTS[name]}")
+    return rows
+
+
+def food101_row(text):
+    """One line of a titles CSV -> (image file, title, class, quote_closed). The file has one record per line,
+    so it is split at its first and last comma rather than by a CSV reader: the release's title of
+    breakfast_burrito_730.jpg opens a quote it never closes, and a CSV reader then swallows the next ~16
+    lines into that title. Here a broken quote damages only its own title (kept, its stray quote dropped)."""
+    file, rest = text.split(",", 1)  # ValueError if a line has no comma
+    title, cls = rest.rsplit(",", 1)
+    if len(title) >= 2 and title[0] == title[-1] == '"':  # CSV quoting: "a, b" and "" for a quote inside
+        return file, title[1:-1].replace('""', '"'), cls, True
+    return file, title.removeprefix('"'), cls, not title.startswith('"')
 
 
 def _read_food101(root, split, info, on_error):
@@ -652,28 +752,37 @@ def _read_food101(root, split, info, on_error):
     image_dir = root / "images" / split
     folders = {p.name for p in image_dir.iterdir() if p.is_dir()} if image_dir.is_dir() else set()
     label_of = {c: k for k, c in enumerate(info.class_names)}
-    sources, labels = {"image": [], "text": []}, []
-    with open(csv_path, newline="", encoding="utf-8", errors="replace") as f:  # web titles: stray bytes
-        for line, row in enumerate(csv.reader(f), start=1):
-            if not row or line == 1 and not row[0].lower().endswith((".jpg", ".jpeg", ".png")):
-                continue  # blank line, or the header row some copies carry ("filename,text,label")
-            if len(row) < 3:
-                raise ValueError(f"{csv_path}:{line}: expected 'image file,title,class', got {row}")
-            file, title, cls = row[0], ",".join(row[1:-1]), row[-1]  # unquoted commas stay in the title
-            if cls not in folders or cls not in label_of:  # classes are images/train's folders
-                missing = image_dir / cls if cls not in folders else root / "images" / "train" / cls
-                raise ValueError(f"{csv_path}:{line}: class {cls!r} has no folder {missing}")
-            sources["image"].append(str(image_dir / cls / file))
-            sources["text"].append(title)
-            labels.append(label_of[cls])
+    sources, labels, notes, broken = {"image": [], "text": []}, [], [], []
+    for line, text in _list_lines(csv_path, errors="replace"):  # web titles: stray bytes
+        if line == 1 and not text.split(",", 1)[0].lower().endswith((".jpg", ".jpeg", ".png")):
+            notes.append(f"header row {text[:40]!r} skipped")  # some copies carry "filename,text,label"
+            continue
+        try:
+            file, title, cls, closed = food101_row(text)
+        except ValueError:
+            raise ValueError(f"{csv_path}:{line}: expected 'image file,title,class', got {text!r}") from None
+        if cls not in folders or cls not in label_of:  # classes are images/train's folders
+            missing = image_dir / cls if cls not in folders else root / "images" / "train" / cls
+            raise ValueError(f"{csv_path}:{line}: class {cls!r} has no folder {missing}")
+        if not closed:
+            broken.append(line)
+        sources["image"].append(str(image_dir / cls / file))
+        sources["text"].append(title)
+        labels.append(label_of[cls])
+    _not_empty(labels, csv_path, "food101")
+    if broken:
+        notes.append(f"{len(broken)} title(s) open a quote they never close (line {', '.join(map(str, broken[:3]))}"
+                     f"{', ...' if len(broken) > 3 else ''}): kept, one record per line")
+    print(f"food101: {csv_path.name}: {len(labels)} rows, {len(set(labels))} classes"
+          + "".join(f"; {note}" for note in notes))
     return sources, labels
 
 
 def _read_mmimdb(root, split, info, on_error):
     """split.json {train, dev, test: [ids]}; dataset/<id>.json has 'plot' (list) and 'genres'."""
     split_path = _need_file(root / "split.json", "mmimdb")
-    with open(split_path) as f:
-        ids = json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]
+    with open(split_path, encoding=LIST_ENCODING) as f:
+        ids = _not_empty(json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]], split_path, "mmimdb")
     sources, labels, skipped = {"image": [], "text": []}, [], 0
     for movie in map(str, ids):
         meta_path = root / "dataset" / f"{movie}.json"
@@ -694,61 +803,108 @@ def _read_mmimdb(root, split, info, on_error):
     return sources, labels
 
 
-def _audio_video(root, audio_dir, frame_dir, clips):
-    return {"audio": [str(root / audio_dir / f"{c}.wav") for c in clips],
-            "video": [str(root / frame_dir / c) for c in clips]}
+class ListRow(NamedTuple):
+    """One row of an audio-video split list: the clip's name, its label, and (AVE) the event's seconds."""
+    clip: str
+    label: int
+    window: tuple | None = None  # (start, end)
+
+
+def split_file(root, name, split):
+    return _need_file(Path(root) / SPLIT_FILES[name].format(split=split), name)
+
+
+def cremad_rows(path):
+    """OGM-GE train.csv/test.csv rows 'clip,EMOTION' (no header, CRLF)."""
+    rows = []
+    for line, text in _list_lines(path):
+        row = text.split(",")
+        if len(row) != 2 or row[1] not in CREMAD_EMOTIONS:
+            raise ValueError(f"{path}:{line}: expected 'clip,EMOTION' with EMOTION in {CREMAD_EMOTIONS}, got {row}")
+        rows.append(ListRow(row[0], CREMAD_EMOTIONS.index(row[1])))
+    return _not_empty(rows, path, "cremad")
+
+
+def ks_rows(path):
+    """OGM-GE my_train.txt rows '<ytid>_<start6>_<end6>,10,<label>', my_test.txt rows '<ytid>_<start>,10,<label>'
+    (CRLF)."""
+    rows = []
+    for line, text in _list_lines(path):
+        row = text.split(",")
+        if len(row) != 3 or not row[2].isdigit() or int(row[2]) >= len(KS_CLASSES):
+            raise ValueError(f"{path}:{line}: expected 'id,10,label' with label in 0..{len(KS_CLASSES) - 1}, "
+                             f"got {row}")
+        rows.append(ListRow(row[0], int(row[2])))
+    return _not_empty(rows, path, "ks")
+
+
+# my_test.txt names a clip <ytid>_<start seconds> (all 2,597 rows: an 11-character YouTube id and an integer);
+# the Kinetics files a user has are named <ytid>_<start:06d>_<end:06d>, and a Kinetics clip is 10 s long.
+KS_SHORT_ID = re.compile(r"([\w-]{11})_(\d+)")
+KS_CLIP_SECONDS = 10
+
+
+def ks_names(clip):
+    """The names a KS clip's files may have: the list's id, then (for a <ytid>_<start> id) the Kinetics name."""
+    short = KS_SHORT_ID.fullmatch(clip)
+    if not short:
+        return [clip]
+    start = int(short[2])
+    return [clip, f"{short[1]}_{start:06d}_{start + KS_CLIP_SECONDS:06d}"]
+
+
+def ave_rows(path):
+    """AVE {train,val,test}Set.txt rows 'Category&VideoID&Quality&StartTime&EndTime'. A video listed twice (27
+    train ids, each with two different categories; one val id) keeps its first row, as PMR keeps one sample per
+    id (OGM-GE keeps the last). Returns (rows, number of duplicate rows dropped)."""
+    rows, seen, dropped = [], set(), 0
+    for line, text in _list_lines(path):
+        row = text.split("&")
+        if row[0] == "Category":  # the header some copies carry
+            continue
+        if len(row) != 5 or row[0] not in AVE_CLASSES or not (row[3].isdigit() and row[4].isdigit()) \
+                or int(row[3]) >= int(row[4]):
+            raise ValueError(f"{path}:{line}: expected 'Category&VideoID&Quality&Start&End' with a known AVE "
+                             f"category and whole seconds Start < End, got {row}")
+        if row[1] in seen:
+            dropped += 1
+            continue
+        seen.add(row[1])
+        rows.append(ListRow(row[1], AVE_CLASSES.index(row[0]), (int(row[3]), int(row[4]))))
+    return _not_empty(rows, path, "ave"), dropped
+
+
+def _audio_video(root, name, rows):
+    """List rows -> (sources, labels): audio/<clip>.wav (cut to the row's window, if any) and frames/<clip>/."""
+    audio_dir, frame_dir = (root / d for d in AV_DIRS[name])
+    audio = [str(audio_dir / f"{r.clip}.wav") for r in rows]
+    audio = [AudioWindow(a, *r.window) if r.window else a for a, r in zip(audio, rows)]
+    return {"audio": audio, "video": [str(frame_dir / r.clip) for r in rows]}, [r.label for r in rows]
 
 
 def _read_cremad(root, split, info, on_error):
-    """OGM-GE train.csv/test.csv rows 'clip,EMOTION' (no header, CRLF)."""
-    path = _need_file(root / f"{split}.csv", "cremad")
-    clips, labels = [], []
-    with open(path, newline="") as f:
-        for line, row in enumerate(csv.reader(f), start=1):
-            if not row:
-                continue
-            if len(row) != 2 or row[1] not in CREMAD_EMOTIONS:
-                raise ValueError(f"{path}:{line}: expected 'clip,EMOTION' with EMOTION in {CREMAD_EMOTIONS}, "
-                                 f"got {row}")
-            clips.append(row[0])
-            labels.append(CREMAD_EMOTIONS.index(row[1]))
-    return _audio_video(root, "AudioWAV", "Image-01-FPS", clips), labels
+    return _audio_video(root, "cremad", cremad_rows(split_file(root, "cremad", split)))
 
 
 def _read_ks(root, split, info, on_error):
-    """OGM-GE my_train.txt/my_test.txt rows '<ytid>_<start>_<end>,10,<label int>'."""
-    path = _need_file(root / f"my_{split}.txt", "ks")
-    clips, labels = [], []
-    with open(path) as f:
-        for line, text in enumerate(f, start=1):
-            row = text.strip().split(",")
-            if row == [""]:
-                continue
-            if len(row) != 3 or not row[2].isdigit() or int(row[2]) >= KS_NUM_CLASSES:
-                raise ValueError(f"{path}:{line}: expected 'id,10,label' with label in 0..{KS_NUM_CLASSES - 1}, "
-                                 f"got {row}")
-            clips.append(row[0])
-            labels.append(int(row[2]))
-    return _audio_video(root, "audio", "frames", clips), labels
+    """A clip's files go by the list's id or, for my_test.txt's <ytid>_<start> ids, by the Kinetics name."""
+    audio_dir, frame_dir = (root / d for d in AV_DIRS["ks"])
+
+    def on_disk(clip):  # the first name under which the clip has a file; the list's id if none
+        return next((n for n in ks_names(clip) if (audio_dir / f"{n}.wav").is_file() or (frame_dir / n).is_dir()),
+                    clip)
+    rows = ks_rows(split_file(root, "ks", split))
+    return _audio_video(root, "ks", [r._replace(clip=on_disk(r.clip)) for r in rows])
 
 
 def _read_ave(root, split, info, on_error):
-    """AVE {train,val,test}Set.txt rows 'Category&VideoID&Quality&Start&End'; one sample per video."""
-    path = _need_file(root / f"{split}Set.txt", "ave")
-    clips, labels, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            row = text.strip().split("&")
-            if row == [""] or row[0] == "Category":  # blank, or the header some copies carry
-                continue
-            if len(row) < 2 or row[0] not in AVE_CLASSES:
-                raise ValueError(f"{path}:{line}: expected 'Category&VideoID&...' with a known AVE category, "
-                                 f"got {row}")
-            if row[1] not in seen:  # several events of one video: keep the first (as PMR/OGM-GE)
-                seen.add(row[1])
-                clips.append(row[1])
-                labels.append(AVE_CLASSES.index(row[0]))
-    return _audio_video(root, "audio", "Image-01-FPS-SE", clips), labels
+    """One sample per video (its first row); frames from the event window, audio cut to it (AudioWindow)."""
+    path = split_file(root, "ave", split)
+    rows, dropped = ave_rows(path)
+    print(f"ave: {path.name}: {len(rows)} videos, {len(set(r.label for r in rows))} classes"
+          + (f"; {dropped} later row(s) of a video listed twice skipped (each video keeps its first row)"
+             if dropped else ""))
+    return _audio_video(root, "ave", rows)
 
 
 READERS = {"food101": _read_food101, "mmimdb": _read_mmimdb, "cremad": _read_cremad, "ks": _read_ks,
@@ -936,3 +1092,210 @@ def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, see
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0)
+
+
+# -----------------------------------------------------------------------------
+# 6. Preparation: a video release -> the layout above, in one command
+#
+#     python data.py prepare {cremad,ks,ave} --source RAW --root OUT [--workers N]
+#
+# CREMA-D, Kinetics-Sounds and AVE are published as videos. The peers' scripts (OGM-GE, PMR) extract frames at
+# 1 fps with OpenCV (cv2.imwrite's default JPEG quality, 95; files {count:05d}.jpg from 00000) and audio with
+# ffmpeg (-acodec pcm_s16le -ar 16000). We do the same with PyAV, whose wheels carry FFmpeg: an optional
+# dependency of this step only. The steps, in the order the data flows: find each listed clip's files under
+# RAW -> frames at 1 fps -> audio at 16 kHz -> rename into place -> summary.
+
+PREPARE_DATASETS = ("cremad", "ks", "ave")
+JPEG_QUALITY = 95
+VIDEO_SUFFIXES = (".flv", ".mp4", ".mkv", ".webm", ".avi")
+PART = ".part"        # the name a clip's audio and frames have until both are whole
+TIME_EPS = 1e-3       # seconds: a frame stamped 0.9999 s starts second 1
+LIST_SOURCES = {"cremad": "GeWu-Lab/OGM-GE data/CREMAD/", "ks": "GeWu-Lab/OGM-GE data/KineticSound/",
+                "ave": "the AVE release (AVE_Dataset/)"}
+SHOWN_ERRORS = 5
+
+
+def import_av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("preparing videos needs PyAV, an optional dependency of this step only: "
+                          "`pip install av` (its wheels carry FFmpeg; no system ffmpeg needed)") from None
+    return av
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One clip to prepare: its name in OUT, the release's files it comes from, and the seconds [start, end)
+    whose frames are kept (AVE: the event window; its audio is kept whole, the reader cuts it)."""
+    name: str
+    video: str
+    audio: str        # CREMA-D: the release's own WAV; otherwise the video's audio track
+    start: float = 0.0
+    end: float = math.inf
+
+
+def index_release(source, skip):
+    """{file name: [paths]} of every file under `source`, recursively, sorted; `skip` (OUT) is not entered."""
+    found = {}
+    for folder, dirs, files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if Path(folder, d).resolve() != skip)
+        for f in sorted(files):
+            found.setdefault(f, []).append(Path(folder, f))
+    return found
+
+
+def copy_split_lists(name, splits, files, root):
+    """Each split list, found by its name under RAW, copied to OUT (where the readers look for it)."""
+    for split in splits:
+        file = SPLIT_FILES[name].format(split=split)
+        paths = [p for p in files.get(file, []) if p.resolve() != root / file]  # OUT may lie in RAW, or be it
+        if len(paths) > 1:
+            raise ValueError(f"{name}: several {file} under the source ({', '.join(map(str, paths))}): keep one")
+        if not paths and not (root / file).is_file():
+            raise FileNotFoundError(f"{name}: no split list {file} under the source or in {root}: it comes from "
+                                    f"{LIST_SOURCES[name]}; put it in the source folder")
+        if paths:
+            shutil.copyfile(paths[0], root / file)
+
+
+def find_clips(name, splits, files, root):
+    """The clips of the split lists (in OUT), each once, with their release files; and the list ids with no video.
+    AVE reads test, val, train in that order: a video also listed in train under another event keeps the test/val
+    event's window, so every evaluation sample's frames and audio show its own event."""
+    read_rows = {"cremad": cremad_rows, "ks": ks_rows, "ave": lambda path: ave_rows(path)[0]}[name]
+    clips, no_video, seen = [], [], set()
+    for split in splits:
+        for row in read_rows(split_file(root, name, split)):
+            if row.clip in seen:
+                continue
+            seen.add(row.clip)
+            names = ks_names(row.clip) if name == "ks" else [row.clip]  # KS test clips: the Kinetics name
+            videos = [files[n + s][0] for n in names for s in VIDEO_SUFFIXES if n + s in files]
+            if not videos:
+                no_video.append(row.clip)
+                continue
+            wav = files.get(f"{row.clip}.wav") if name == "cremad" else None
+            clips.append(Clip(row.clip, str(videos[0]), str(wav[0] if wav else videos[0]), *(row.window or ())))
+    return clips, no_video
+
+
+def write_frames(video, folder, start=0.0, end=math.inf):
+    """The first frame of each second in [start, end) -> folder/00000.jpg, 00001.jpg, ...; returns how many.
+    Time counts from the stream's start (an FLV's first frame is stamped 50 ms, not 0)."""
+    av = import_av()
+    folder.mkdir(parents=True)
+    count, next_second = 0, start
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        first = stream.start_time or 0
+        for frame in container.decode(stream):
+            if frame.pts is None:  # no timestamp: no second to put it in
+                continue
+            t = float((frame.pts - first) * stream.time_base)
+            if t >= end:
+                break
+            if t + TIME_EPS >= next_second:
+                frame.to_image().save(folder / f"{count:05d}.jpg", quality=JPEG_QUALITY)
+                count += 1
+                next_second = math.floor(t + TIME_EPS) + 1
+    if count == 0:
+        raise ValueError(f"no video frame in seconds [{start}, {end}) of {video}")
+    return count
+
+
+def write_audio(source, path):
+    """A file's first audio track -> 16 kHz mono 16-bit PCM WAV (libswresample: ffmpeg's -ar 16000 -ac 1)."""
+    av = import_av()
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    chunks = []
+    with av.open(str(source)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{source} has no audio track")
+        for frame in container.decode(container.streams.audio[0]):
+            chunks += [f.to_ndarray() for f in resampler.resample(frame)]  # (1, n) int16 each
+    chunks += [f.to_ndarray() for f in resampler.resample(None)]  # what the resampler still holds
+    if not chunks:
+        raise ValueError(f"the audio track of {source} is empty")
+    sf.write(path, np.concatenate(chunks, axis=1)[0], SAMPLE_RATE, subtype="PCM_16", format="WAV")
+
+
+def prepare_clip(clip, name, root):
+    """One clip -> <audio dir>/<name>.wav and <frame dir>/<name>/. Both are written under PART names and renamed
+    into place, the frames last: a clip whose frame folder exists is whole, and an interrupted one is redone.
+    Returns "done", "skipped" (already prepared) or the error that stopped it."""
+    av = import_av()
+    audio_dir, frame_dir = (root / d for d in AV_DIRS[name])
+    wav, frames = audio_dir / f"{clip.name}.wav", frame_dir / clip.name
+    if frames.is_dir() and wav.is_file():
+        return "skipped"
+    part_wav, part_frames = wav.with_name(wav.name + PART), frames.with_name(frames.name + PART)
+    shutil.rmtree(part_frames, ignore_errors=True)  # left by an interrupted run
+    try:
+        for file in dict.fromkeys((clip.video, clip.audio)):
+            if is_lfs_pointer(file):
+                raise ValueError(f"{file} is a git-lfs pointer file: {LFS_HINT}")
+        audio_dir.mkdir(parents=True, exist_ok=True)
+        write_audio(clip.audio, part_wav)
+        write_frames(clip.video, part_frames, clip.start, clip.end)
+        os.replace(part_wav, wav)
+        os.replace(part_frames, frames)
+    except (av.FFmpegError, OSError, ValueError) as err:  # a corrupt or odd file fails this clip, not the run
+        part_wav.unlink(missing_ok=True)
+        shutil.rmtree(part_frames, ignore_errors=True)
+        return f"{clip.name}: {type(err).__name__}: {err}"
+    return "done"
+
+
+def prepare(name, source, root, workers=1):
+    """Turn a video release (`source`: its folder as downloaded, with the split lists somewhere inside) into the
+    layout make_dataset reads (`root`), over `workers` processes. Resumable: clips already whole are skipped.
+    Returns the summary it prints: {"done", "skipped": counts, "failed": [errors], "no_video": [list ids]}."""
+    if name not in PREPARE_DATASETS:
+        raise ValueError(f"prepare: {name!r} is not a video release; expected one of {', '.join(PREPARE_DATASETS)}")
+    import_av()  # before any work: the install hint, not a traceback per clip
+    source, root = Path(source).resolve(), Path(root).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"{name}: source {source} is not a directory (the release as downloaded)")
+    root.mkdir(parents=True, exist_ok=True)
+    splits = ("test", "val", "train") if dataset_info(name).has_val else ("test", "train")
+    files = index_release(source, skip=root)
+    copy_split_lists(name, splits, files, root)
+    clips, no_video = find_clips(name, splits, files, root)
+    work = functools.partial(prepare_clip, name=name, root=root)
+    results = []
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        done = pool.imap_unordered(work, clips, chunksize=4) if pool else map(work, clips)
+        for result in tqdm(done, total=len(clips), desc=f"prepare {name}", unit="clip"):
+            results.append(result)
+    summary = {"done": results.count("done"), "skipped": results.count("skipped"),
+               "failed": sorted(r for r in results if r not in ("done", "skipped")), "no_video": no_video}
+    print(f"prepare {name}: {len(clips) + len(no_video)} clips in the lists -> {root}\n"
+          f"  done {summary['done']}, skipped {summary['skipped']} (already prepared), "
+          f"failed {len(summary['failed'])}, no video {len(no_video)}")
+    for error in summary["failed"][:SHOWN_ERRORS]:
+        print(f"  failed: {error}")
+    if no_video:
+        print(f"  no video under {source} for: {', '.join(no_video[:SHOWN_ERRORS])}"
+              f"{', ...' if len(no_video) > SHOWN_ERRORS else ''}")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python data.py", description="Dataset preparation for u2a.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="a video release -> 1 fps JPEG frames + 16 kHz WAVs (needs PyAV)")
+    p.add_argument("name", choices=PREPARE_DATASETS)
+    p.add_argument("--source", required=True, help="the release as downloaded, with its split lists inside")
+    p.add_argument("--root", required=True, help="the folder to write: what --data-root then points at")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
+    args = parser.parse_args(argv)
+    try:
+        return prepare(args.name, args.source, args.root, args.workers)
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()

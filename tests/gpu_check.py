@@ -202,7 +202,7 @@ def free_port():
 
 def train_checks(report, data_root, weights, work, logs, device, precision):
     base = ["train.py", "--data", "food101", "--data-root", str(data_root), "--weights", str(weights),
-            "--epochs", "1", "--limit", str(LIMIT), *precision]
+            "--epochs", "1", "--warmup-epochs", "0", "--limit", str(LIMIT), *precision]
     # On the CPU, DataLoader worker processes only add start-up time to these few batches.
     single = [sys.executable, *base, *(["--gpu", "0"] if device.type == "cuda" else ["--workers", "0"])]
     env = {**os.environ, "TQDM_DISABLE": "1"}

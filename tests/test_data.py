@@ -4,6 +4,8 @@ have exact counts, and bad input fails with the promised errors."""
 import csv
 import json
 import os
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -42,10 +44,16 @@ def write_clip(root, audio_dir, frame_dir, clip, n_frames=4):
 FOOD_CLASSES = ["apple_pie", "baklava", "ramen"]
 
 
+# The release's train_titles.csv has one title that opens a quote it never closes (breakfast_burrito_730.jpg);
+# the fixture's train CSV carries one such line ahead of the rows of the next class.
+BROKEN_QUOTE = 'apple_pie_3.jpg,"Apple Pie - the best recipe ... ,apple_pie'
+
+
 def make_food101(root, per_class=(4, 2)):
     for split, count in zip(("train", "test"), per_class):
         rows = [[f"{c}_{k}.jpg", f"Best {c.replace('_', ' ')}, recipe #{k}", c] for c in FOOD_CLASSES
                 for k in range(count)]
+        broken = split == "train" and count > 3
         for file, _, c in rows:
             write_jpeg(root / "images" / split / c / file)
         (root / "texts").mkdir(exist_ok=True)
@@ -53,7 +61,11 @@ def make_food101(root, per_class=(4, 2)):
             writer = csv.writer(f)
             if split == "train":  # the header row some copies carry
                 writer.writerow(["filename", "text", "label"])
-            writer.writerows(rows)
+            for row in rows:
+                if broken and row[0] == BROKEN_QUOTE.split(",")[0]:
+                    f.write(BROKEN_QUOTE + "\r\n")
+                else:
+                    writer.writerow(row)
     return root
 
 
@@ -85,28 +97,39 @@ def make_cremad(root):
     return root
 
 
-KS = {"train": [("abc_000010_000020", 3), ("def_000000_000010", 30), ("ghi_000005_000015", 0),
-                ("jkl_000001_000011", 7), ("pqr_000003_000013", 1), ("stu_000004_000014", 2)], "test": [("mno_000002_000012", 12)]}
+# OGM-GE's lists: train ids <ytid>_<start6>_<end6>, test ids <ytid>_<start seconds>, CRLF. A user's files carry
+# the list's id or, for a test clip, the Kinetics name (-3Mwkq-7TV4_2 -> -3Mwkq-7TV4_000002_000012).
+KS = {"train": [("--4-0ihtnBU_000058_000068", 4), ("a_b-cdefghi_000000_000010", 30), ("0123456789A_000005_000015", 0),
+                ("zyxwvutsrqp_000001_000011", 7), ("Q-_q-_q-_q-_000003_000013", 1), ("bbbbbbbbbbb_000004_000014", 2)],
+      "test": [("-3Mwkq-7TV4_2", 23), ("-7aeB7vFtB4_37", 16)]}
+KS_FILE_NAMES = {"-3Mwkq-7TV4_2": "-3Mwkq-7TV4_000002_000012"}
 
 
 def make_ks(root):
     for split, rows in KS.items():
         for clip, _ in rows:
-            write_clip(root, "audio", "frames", clip, n_frames=2)
-        (root / f"my_{split}.txt").write_text("".join(f"{clip},10,{label}\n" for clip, label in rows))
+            write_clip(root, "audio", "frames", KS_FILE_NAMES.get(clip, clip), n_frames=2)
+        with open(root / f"my_{split}.txt", "w", newline="") as f:
+            f.write("".join(f"{clip},10,{label}\r\n" for clip, label in rows))
     return root
 
 
-AVE = {"train": [("Church bell", "vid1"), ("Bark", "vid2"), ("Bark", "vid2"), ("Mandolin", "vid3")],
-       "val": [("Cat", "vid4")], "test": [("Horse", "vid5"), ("Banjo", "vid6")]}
+# As the release: a video listed twice in train under two categories (the first row is kept), a test video also
+# in train under another category, event windows other than 0-10 s. audio/<id>.wav is the whole 10 s video.
+AVE = {"train": [("Church bell", "vid1", 0, 10), ("Bark", "vid2", 3, 7), ("Goat", "vid2", 0, 3),
+                 ("Mandolin", "vid3", 2, 10), ("Female speech, woman speaking", "vid5", 0, 4)],
+       "val": [("Cat", "vid4", 1, 9)], "test": [("Horse", "vid5", 4, 10), ("Banjo", "vid6", 0, 10)]}
+AVE_SECONDS = 10
 
 
 def make_ave(root):
     for split, rows in AVE.items():
-        for _, vid in rows:
-            write_clip(root, "audio", "Image-01-FPS-SE", vid, n_frames=10)
+        for _, vid, start, end in rows:
+            write_wav(root / "audio" / f"{vid}.wav", seconds=AVE_SECONDS)
+            for k in range(end - start):  # frames of the event window only
+                write_jpeg(root / "Image-01-FPS-SE" / vid / f"{k:05d}.jpg")
         header = "Category&VideoID&Quality&StartTime&EndTime\n" if split == "test" else ""
-        (root / f"{split}Set.txt").write_text(header + "".join(f"{c}&{v}&good&0&10\n" for c, v in rows))
+        (root / f"{split}Set.txt").write_text(header + "".join(f"{c}&{v}&good&{a}&{b}\n" for c, v, a, b in rows))
     return root
 
 
@@ -128,7 +151,7 @@ def bert_tokenizers():
 # ----------------------------------------------------------------------------- datasets load
 
 EXPECTED_LEN = {"food101": {"test": 6}, "mmimdb": {"train": 3, "val": 1, "test": 2},
-                "cremad": {"test": 2}, "ks": {"test": 1}, "ave": {"train": 3, "val": 1, "test": 2}}
+                "cremad": {"test": 2}, "ks": {"test": 2}, "ave": {"train": 4, "val": 1, "test": 2}}
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
@@ -177,9 +200,11 @@ def test_labels_follow_the_reference_orders(roots):
     cremad = data.make_dataset("cremad", roots["cremad"], "test")
     assert cremad.labels.tolist() == [0, 5]  # NEU, ANG in OGM-GE order
     ks = data.make_dataset("ks", roots["ks"], "test")
-    assert ks.labels.tolist() == [12] and ks.info.num_classes == 31
+    assert ks.labels.tolist() == [23, 16] and ks.info.num_classes == 31
+    assert [ks.info.class_names[c] for c in (4, 16, 23, 29)] == ["dribbling basketball", "playing piano",
+                                                                 "shoveling snow", "tapping pen"]
     ave = data.make_dataset("ave", roots["ave"], "train")
-    assert ave.labels.tolist() == [0, 2, 27]  # duplicate vid2 kept once; Mandolin is the 28th class
+    assert ave.labels.tolist() == [0, 2, 27, 5]  # vid2 kept once (its first row, Bark); Mandolin is the 28th class
     assert data.make_dataset("ave", roots["ave"], "test").labels.tolist() == [23, 17]  # header skipped
 
 
@@ -357,7 +382,7 @@ def test_eval_scenarios_cover_the_papers_settings():
 
 def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, bert_tokenizers, tmp_path):
     root = make_cremad(tmp_path / "cremad")
-    (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"not a wav")  # corrupt, but marked absent
+    write_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", seconds=0.01)  # too short to read, but marked absent
     present = torch.tensor([[False, True], [True, False]])
     ds = data.make_dataset("cremad", root, "test", present=present)
     assert ds[0]["audio"] is None and ds[0]["video"].shape == (3, 3, 224, 224)
@@ -467,12 +492,12 @@ def test_unknown_names_and_missing_files_raise_clear_errors(tmp_path, roots):
         data.make_dataset("ks", tmp_path, "test")
     with pytest.raises(ValueError, match="split must be"):
         data.make_dataset("ks", roots["ks"], "dev")
-    with pytest.raises(ValueError, match=r"present table must be \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"present table must be \(2, 2\)"):
         data.make_dataset("ks", roots["ks"], "test", present=torch.ones(5, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="pass tokenizer=load_tokenizer"):
         data.make_loader(data.make_dataset("food101", roots["food101"], "test"), 2, False)
     with pytest.raises(ValueError, match="neither modality"):
-        data.make_dataset("ks", roots["ks"], "test", present=torch.zeros(1, 2, dtype=torch.bool))
+        data.make_dataset("ks", roots["ks"], "test", present=torch.zeros(2, 2, dtype=torch.bool))
 
 
 def test_bad_split_rows_name_the_line(tmp_path):
@@ -521,16 +546,18 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
     assert item["image"] is None and item["text"] and item["unreadable"] == 1 and len(ds) == 6
     assert ds[3]["unreadable"] == 0
     cremad = make_cremad(tmp_path / "cremad")
-    (cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")
+    write_wav(cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav", seconds=0.01)  # a header, but too short to read
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
         data.make_dataset("cremad", cremad, "test")[0]
-    item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        item = data.make_dataset("cremad", cremad, "test", on_error="skip")[0]
     assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
 
 
 def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
     root = make_cremad(tmp_path / "cremad")  # test: 1088_IOM_NEU_XX, 1089_DFA_ANG_XX
-    (root / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")  # its only present modality
+    write_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", seconds=0.01)  # its only present modality: too short
     (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
     present = torch.tensor([[True, False], [True, True]])
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
@@ -576,3 +603,91 @@ def test_non_finite_audio_is_rejected_where_it_is_read(tmp_path, bad_value):
         data.make_dataset("cremad", root, "test")[1]
     item = data.make_dataset("cremad", root, "test", on_error="skip")[1]
     assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
+
+
+def test_audio_headers_are_checked_when_the_dataset_is_built(tmp_path):
+    cremad = make_cremad(tmp_path / "cremad")
+    (cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")
+    with pytest.raises(ValueError, match=r"cremad/test: 1 of 2 audio files have no readable WAV header "
+                                         r"\(e.g. .*1088_IOM_NEU_XX.wav"):
+        data.make_dataset("cremad", cremad, "test")
+    with pytest.warns(UserWarning, match="no readable WAV header"):
+        ds = data.make_dataset("cremad", cremad, "test", on_error="skip")
+    assert ds.present.tolist() == [[False, True], [True, True]]
+
+
+def test_git_lfs_pointers_are_named_with_the_fix(tmp_path):
+    cremad = make_cremad(tmp_path / "cremad")
+    for wav in (cremad / "AudioWAV").iterdir():  # what a download without git-lfs holds
+        wav.write_text("version https://git-lfs.github.com/spec/v1\n"
+                       "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n")
+    with pytest.raises(ValueError, match=r"2 of 2 audio files are git-lfs pointer files.*git lfs pull"):
+        data.make_dataset("cremad", cremad, "test")
+    with pytest.warns(UserWarning, match="git-lfs pointer files"):
+        ds = data.make_dataset("cremad", cremad, "test", on_error="skip")
+    assert ds.present.tolist() == [[False, True], [False, True]]
+
+
+def test_food101_title_with_an_unclosed_quote_damages_only_itself(roots, capsys):
+    path = roots["food101"] / "texts" / "train_titles.csv"
+    lines = path.read_text().splitlines()
+    assert BROKEN_QUOTE in lines
+    with open(path, newline="") as f:
+        assert len(list(csv.reader(f))) < len(lines)  # a CSV reader merges the lines after the quote
+    sources, labels = data.READERS["food101"](roots["food101"], "train", data.dataset_info("food101", roots["food101"]),
+                                              "raise")
+    assert len(labels) == len(lines) - 1 == 12  # every record but the header
+    broken = sources["image"].index(str(roots["food101"] / "images" / "train" / "apple_pie" / "apple_pie_3.jpg"))
+    assert sources["text"][broken] == "Apple Pie - the best recipe ... "
+    assert sources["text"][broken + 1] == "Best baklava, recipe #0" and labels[broken + 1] == 1
+    printed = capsys.readouterr().out
+    assert "train_titles.csv: 12 rows, 3 classes" in printed and "header row" in printed
+    assert "1 title(s) open a quote they never close (line 5)" in printed
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_split_files_with_a_byte_order_mark_read_the_same(name, roots, tmp_path):
+    root = tmp_path / name
+    shutil.copytree(roots[name], root)
+    for path in [*root.glob("*.csv"), *root.glob("*.txt"), *root.glob("*.json"), *root.glob("texts/*.csv")]:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as a Windows editor saves UTF-8
+    for split in EXPECTED_LEN[name]:
+        plain, bom = data.make_dataset(name, roots[name], split), data.make_dataset(name, root, split)
+        assert torch.equal(bom.labels, plain.labels)
+        assert [os.path.basename(str(s)) for s in bom.sources[bom.info.modalities[0]]] == \
+            [os.path.basename(str(s)) for s in plain.sources[plain.info.modalities[0]]]
+
+
+@pytest.mark.parametrize("name, file, content", [
+    ("food101", "texts/test_titles.csv", "filename,text,label\n"), ("mmimdb", "split.json", '{"test": []}'),
+    ("cremad", "test.csv", "\r\n"), ("ks", "my_test.txt", ""),
+    ("ave", "testSet.txt", "Category&VideoID&Quality&StartTime&EndTime\n")])
+def test_an_empty_split_is_an_error_naming_the_file(name, file, content, roots, tmp_path):
+    root = tmp_path / name
+    shutil.copytree(roots[name], root)
+    (root / file).write_text(content)
+    with pytest.raises(ValueError, match=rf"{name}: split file .*{file} has no rows; expected "):
+        data.make_dataset(name, root, "test")
+
+
+def test_ks_test_clips_are_found_under_either_name(roots):
+    assert data.ks_names("-7aeB7vFtB4_37") == ["-7aeB7vFtB4_37", "-7aeB7vFtB4_000037_000047"]
+    assert data.ks_names("--4-0ihtnBU_000058_000068") == ["--4-0ihtnBU_000058_000068"]
+    ks = data.make_dataset("ks", roots["ks"], "test")
+    assert [os.path.basename(v) for v in ks.sources["video"]] == ["-3Mwkq-7TV4_000002_000012", "-7aeB7vFtB4_37"]
+    assert ks[0]["audio"].shape == (1024, 128) and ks[1]["video"].shape == (3, 3, 224, 224)
+
+
+def test_ave_audio_is_cut_to_the_event_window(roots, capsys):
+    ds = data.make_dataset("ave", roots["ave"], "train")
+    printed = capsys.readouterr().out
+    assert "trainSet.txt: 4 videos, 4 classes; 1 later row(s) of a video listed twice skipped" in printed
+    window = ds.sources["audio"][1]  # vid2, its first row: Bark 3-7 s
+    assert window == data.AudioWindow(str(roots["ave"] / "audio" / "vid2.wav"), 3, 7)
+    whole, rate = data.read_wav(window.path)
+    cut, cut_rate = data.read_audio(window)
+    assert len(whole) == AVE_SECONDS * SR and cut_rate == rate
+    assert torch.equal(cut, whole[3 * SR:7 * SR])
+    torch.testing.assert_close(ds[1]["audio"], data.fbank(whole[3 * SR:7 * SR], SR))
+    test = data.make_dataset("ave", roots["ave"], "test")  # vid5 is in train too, under another event
+    assert test.sources["audio"][0].start == 4 and test.labels[0] == data.AVE_CLASSES.index("Horse")
