@@ -490,6 +490,10 @@ class Scenario:
     def group(self):
         return self.groups[0]
 
+    @property
+    def shares(self):
+        return present_shares(self.modalities, self.rate, self.missing_type)
+
     def table(self, n, seed=None):
         """(n, 2) present table for a test set of n samples."""
         return missing_table(n, self.rate, self.missing_type, self.seed if seed is None else seed,
@@ -521,10 +525,15 @@ def eval_scenarios(info, train_rate=0.0, train_type=None, seed=0):
             for (rate, mtype), (name, groups) in scenarios.items()]
 
 
+def present_shares(modalities, rate, mtype):
+    """{modality: % of samples that have it} of a missing setting: what the paper's tables call it by."""
+    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in modalities}
+    return {m: round(100 * (1 - lost[m]), 1) for m in modalities}
+
+
 def _scenario_name(m1, m2, rate, mtype):
-    """'image 100% + text 30%': the share of samples that have each modality, as the paper's tables."""
-    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in (m1, m2)}
-    return " + ".join(f"{m} {round(100 * (1 - lost[m]), 1):g}%" for m in (m1, m2))
+    """'image 100% + text 30%', as the paper's tables."""
+    return " + ".join(f"{m} {share:g}%" for m, share in present_shares((m1, m2), rate, mtype).items())
 
 
 # -----------------------------------------------------------------------------

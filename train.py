@@ -24,6 +24,7 @@ import random
 import socket
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +275,8 @@ def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0
 
 
 def print_tables(results, info, args, title):
-    """The paper's tables: Table 4 (a whole modality missing), Table 3/6 (missing ratios), Figure 2."""
+    """The paper's tables: Table 4 (a whole modality missing), Table 3/6 (missing ratios), Figure 2. Each
+    result says which groups it belongs to and the share of each modality present (u2a.evaluate_scenarios)."""
     key, (m1, m2) = u2a.headline(info.multilabel), info.modalities
     label = "F1-macro / F1-micro" if info.multilabel else "accuracy (%)"
     fmt = (lambda r: f"{r['f1_macro']:6.2f} / {r['f1_micro']:6.2f}") if info.multilabel else \
@@ -283,35 +285,27 @@ def print_tables(results, info, args, title):
     by_group = lambda g: [(name, r) for name, r in results.items() if g in r["groups"]]
     print("Table 4 (trained on complete data, one modality missing at test)")
     print(f"  {'available':<16}{'missing':<12}{label}")
-    rows = by_group("complete") + by_group("table4")
-    for name, r in rows:
-        avail = [m for m, share in zip((m1, m2), name_shares(name, m1, m2)) if share > 0]
+    for _, r in by_group("complete") + by_group("table4"):
+        avail = [m for m in (m1, m2) if r["shares"][m] > 0]
         print(f"  {' + '.join(avail):<16}{', '.join(m for m in (m1, m2) if m not in avail) or '-':<12}{fmt(r)}")
     train_setting = "complete" if not args.train_missing_rate else \
         f"{args.train_missing_type} missing {100 * args.train_missing_rate:g}%"
     print(f"Tables 3 and 6 (training: {train_setting}; test:)")
     for name, r in by_group("table3") + [x for x in by_group("table6") if "table3" not in x[1]["groups"]]:
         print(f"  {name:<28}{fmt(r)}")
-    sweep = sorted(by_group("figure2"), key=lambda x: name_shares(x[0], m1, m2)[1])
-    print(f"Figure 2 ({m1} 100% + {m2} x%):  " + "  ".join(f"{name_shares(n, m1, m2)[1]:g}%:{r[key]:.1f}"
-                                                           for n, r in sweep))
-
-
-def name_shares(name, m1, m2):
-    """'image 100% + text 30%' -> (100.0, 30.0)."""
-    parts = dict(p.rsplit(" ", 1) for p in name.split(" + "))
-    return float(parts[m1].rstrip("%")), float(parts[m2].rstrip("%"))
+    sweep = sorted((r for _, r in by_group("figure2")), key=lambda r: r["shares"][m2])
+    print(f"Figure 2 ({m1} 100% + {m2} x%):  " + "  ".join(f"{r['shares'][m2]:g}%:{r[key]:.1f}" for r in sweep))
 
 
 def lesson_table(metrics_by_method, info):
     """The embedded default's summary: both modalities, then each one missing, per method."""
     key, (m1, m2) = u2a.headline(info.multilabel), info.modalities
-    cols = [f"{m1} + {m2}", f"{m1} only", f"{m2} only"]
-    names = [f"{m1} 100% + {m2} 100%", f"{m1} 100% + {m2} 0%", f"{m1} 0% + {m2} 100%"]
-    lines = [f"{'':34}" + "".join(f"{c:>16}" for c in cols)]
+    columns = {f"{m1} + {m2}": {m1: 100, m2: 100}, f"{m1} only": {m1: 100, m2: 0}, f"{m2} only": {m1: 0, m2: 100}}
+    lines = [f"{'':34}" + "".join(f"{c:>16}" for c in columns)]
     labels = {"u2a": "U2A (mask tokens + modality drop)", "naive": "naive (placeholders: 0 / '')"}
     for method, metrics in metrics_by_method.items():
-        row = [metrics["scenarios"][n][key] for n in names]
+        results = metrics["scenarios"].values()
+        row = [next(r[key] for r in results if r["shares"] == shares) for shares in columns.values()]
         lines.append(f"{labels[method]:34}" + "".join(f"{v:>16.1f}" for v in row))
     return "\n".join(lines)
 
@@ -575,104 +569,142 @@ def train_step(model, batch, optimizer, scaler, ctx, lam, multilabel, lr, may_be
 
 
 # -----------------------------------------------------------------------------
-# One run: train (with validation-based model selection), then evaluate on test
+# One run: set-up, the loop (one step at a time), the end of each epoch (validation, checkpoints), then test
 
-def run(args, method, out, sets, info, ctx):
-    is_main = ctx.rank == 0
-    lam = args.lam if method == "u2a" else 0.0  # the naive baseline has no mask tokens to align
-    complete = bool(sets["train"].present.all())
-    use_dropout = method == "u2a" and (args.modality_dropout == "on" or (args.modality_dropout == "auto" and complete))
-    if is_main:
+@dataclass
+class RunState:
+    """What the loop changes as it goes; all of it but the counters since start is in last.safetensors."""
+    step: int = 0
+    best: float = -math.inf       # best validation score so far
+    best_step: int = -1
+    seen: int = 0                 # samples trained on since this process started (for samples/s)
+    nonfinite: torch.Tensor = None  # device-side count of non-finite losses since the last check
+    faults: torch.Tensor = None     # skip mode, this process: samples skipped, files unreadable
+    loss: float = math.nan        # the last logged loss (eq. 7, over every process)
+
+
+def setup_run(args, method, out, sets, info, ctx):
+    """The model (the same initialisation on every process), its optimizer and grad scaler, and the state
+    to start from: fresh, or where last.safetensors left off."""
+    if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
             data.save_missing_table(out / f"missing_{split}.json", sets[split].present, rate=args.train_missing_rate,
                                     type=args.train_missing_type, seed=data.stream_seed(args.seed, f"missing/{split}"))
-
-    torch.manual_seed(data.stream_seed(args.seed, "init"))  # the same LoRA initialisation on every process
+    torch.manual_seed(data.stream_seed(args.seed, "init"))
     model = u2a.build_model(model_config(args, info, method)).to(ctx.device)
-    if is_main:
-        print(f"{method}: {model.parameter_table()}")
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
-    steps_per_epoch = len(sets["train"]) // args.batch_size
-    total = steps_per_epoch * args.epochs
-    last_ckpt, best_ckpt, log_path = out / "last.safetensors", out / "best.safetensors", out / "log.jsonl"
-    step, best, best_step = 0, -math.inf, -1
-    if args.resume and last_ckpt.is_file():
-        meta = load_resumable(last_ckpt, model, optimizer)
-        step, best, best_step = meta["step"], meta["best"], meta["best_step"]
-        if is_main:
-            print(f"resumed {last_ckpt} at step {step}/{total}")
-    train_model = torch.compile(model) if args.compile else model
+    state = RunState(nonfinite=torch.zeros((), device=ctx.device), faults=torch.zeros(2, dtype=torch.long))
+    if ctx.rank == 0:
+        print(f"{method}: {model.parameter_table()}")
+    if args.resume and (out / "last.safetensors").is_file():
+        meta = load_resumable(out / "last.safetensors", model, optimizer)
+        state.step, state.best, state.best_step = meta["step"], meta["best"], meta["best_step"]
+        if ctx.rank == 0:
+            print(f"resumed {out / 'last.safetensors'} at step {state.step}")
+    return model, optimizer, scaler, state
+
+
+def wrap_for_training(model, args, ctx):
+    """torch.compile and DDP wrap the module that trains; checkpoints save the unwrapped one."""
+    wrapped = torch.compile(model) if args.compile else model
     if ctx.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True)  # a dropped or absent modality leaves its branch without gradients
+    return wrapped
 
-    def checkpoint(path, resumable):
-        meta = {"step": step, "best": best, "best_step": best_step, "data": args.data, "config": vars_json(args)}
-        if resumable:
-            save_resumable(path, model, optimizer, meta)
-        else:
-            u2a.save_checkpoint(path, model, meta=meta)
 
-    t0, seen, nonfinite = time.time(), 0, torch.zeros((), device=ctx.device)
-    faults = torch.zeros(2, dtype=torch.long)  # skip mode: samples skipped, files unreadable (this process)
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sets["train"].set_epoch(epoch, args.seed)
-        sampler = EpochSampler(len(sets["train"]), args.batch_size, args.seed, epoch, ctx.rank, ctx.world, skip)
-        loader = data.make_loader(sets["train"], args.batch_size // ctx.world, False, ctx.tokenizer, args.workers,
-                                  data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
+def epoch_loader(train_set, args, ctx, epoch, skip):
+    """Epoch `epoch`'s batches for this process, the first `skip` left out (a resumed run)."""
+    train_set.set_epoch(epoch, args.seed)  # frames and crops of each sample: stream_seed(seed, "sample", epoch, i)
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, epoch, ctx.rank, ctx.world, skip)
+    return data.make_loader(train_set, args.batch_size // ctx.world, False, ctx.tokenizer, args.workers,
+                            data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
+
+
+def prepare_batch(batch, args, ctx, state, use_dropout):
+    """To the device, with section 3's modality dropout drawn from the step (the same on every process)."""
+    state.faults += torch.stack([batch["skipped"], batch["unreadable"]])
+    batch = to_device(batch, ctx.device)
+    if use_dropout:
+        g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", state.step))
+        batch["present"] = modality_dropout(batch["present"], g)
+    seed_step(args.seed, ctx.rank, state.step)
+    return batch
+
+
+def run(args, method, out, sets, info, ctx):
+    """Train one method, with the checkpoint of the best validation score kept, then evaluate it on test."""
+    model, optimizer, scaler, state = setup_run(args, method, out, sets, info, ctx)
+    train_model = wrap_for_training(model, args, ctx)
+    lam = args.lam if method == "u2a" else 0.0  # the naive baseline has no mask tokens to align
+    complete = bool(sets["train"].present.all())
+    use_dropout = method == "u2a" and (args.modality_dropout == "on" or (args.modality_dropout == "auto" and complete))
+    steps_per_epoch = len(sets["train"]) // args.batch_size
+    total, t0 = steps_per_epoch * args.epochs, time.time()
+    while state.step < total:
+        epoch, skip = divmod(state.step, steps_per_epoch)
         model.train()
-        bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
+        bar = progress(epoch_loader(sets["train"], args, ctx, epoch, skip), ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            faults += torch.stack([batch["skipped"], batch["unreadable"]])
-            batch = to_device(batch, ctx.device)
-            if use_dropout:  # the same choice on every process: drawn from the step
-                g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", step))
-                batch["present"] = modality_dropout(batch["present"], g)
-            seed_step(args.seed, ctx.rank, step)
-            lr = args.lr * lr_factor(step, total, steps_per_epoch * args.warmup_epochs)
+            batch = prepare_batch(batch, args, ctx, state, use_dropout)
+            lr = args.lr * lr_factor(state.step, total, steps_per_epoch * args.warmup_epochs)
             losses = train_step(train_model, batch, optimizer, scaler, ctx, lam, info.multilabel, lr,
                                 may_be_empty=args.on_error == "skip")
-            nonfinite += ~torch.isfinite(losses).all()
-            step += 1
-            seen += len(batch["label"]) * ctx.world
-            if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:
-                stop_if_not_finite(nonfinite, step, ctx, last_ckpt)
-                loss, task, align = all_sum(losses, ctx).tolist()  # each process holds its share of eq. 7
-                if is_main:
-                    record = {"step": step, "epoch": epoch, "loss": loss, "task": task, "align": align, "lr": lr,
-                              "samples_per_s": round(seen / (time.time() - t0), 1)}
-                    append_log(log_path, record)
-                    bar.set_postfix(loss=f"{loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}",
-                                    sps=f"{record['samples_per_s']:.0f}")
-            if args.save_every and step % args.save_every == 0 and is_main:
-                checkpoint(last_ckpt, True)
-        score = validate(model, sets["val"], info, ctx)  # model selection on validation, never on test
-        skipped, unreadable = all_sum(faults.to(ctx.device), ctx).tolist()
-        if is_main:
-            if score > best or best_step < 0:
-                best, best_step = score, step
-                checkpoint(best_ckpt, False)
-            checkpoint(last_ckpt, True)
-            append_log(log_path, {"step": step, "epoch": epoch, "val": score})
-            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
-                  f"(best {best:.2f}), loss {loss:.3f}"
-                  + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
-                     if unreadable else ""))
-        if ctx.world > 1:
-            dist.barrier()
+            state.nonfinite += ~torch.isfinite(losses).all()
+            state.step += 1
+            state.seen += len(batch["label"]) * ctx.world
+            if state.step % LOG_EVERY == 0 or state.step % steps_per_epoch == 0:
+                log_step(out, state, losses, lr, epoch, ctx, bar, time.time() - t0)
+            if args.save_every and state.step % args.save_every == 0 and ctx.rank == 0:
+                save_resumable(out / "last.safetensors", model, optimizer, checkpoint_meta(state, args))
+        end_epoch(model, optimizer, sets["val"], info, args, ctx, out, state, epoch, method)
+    model = u2a.from_checkpoint(out / "best.safetensors").to(ctx.device)  # the validation-selected model
+    return evaluate_test(model, sets["test"], info, args, ctx, out, out / "best.safetensors", time.time() - t0)
+
+
+def log_step(out, state, losses, lr, epoch, ctx, bar, seconds):
+    """Every LOG_EVERY steps: stop on a non-finite loss, then one line of log.jsonl and the bar's figures.
+    The only place the loop waits for the GPU."""
+    stop_if_not_finite(state.nonfinite, state.step, ctx, out / "last.safetensors")
+    state.loss, task, align = all_sum(losses, ctx).tolist()  # each process holds its share of eq. 7
+    if ctx.rank == 0:
+        record = {"step": state.step, "epoch": epoch, "loss": state.loss, "task": task, "align": align, "lr": lr,
+                  "samples_per_s": round(state.seen / seconds, 1)}
+        append_log(out / "log.jsonl", record)
+        bar.set_postfix(loss=f"{state.loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}",
+                        sps=f"{record['samples_per_s']:.0f}")
+
+
+def end_epoch(model, optimizer, val_set, info, args, ctx, out, state, epoch, method):
+    """Validation (model selection on validation, never on test), best.safetensors when it improved,
+    last.safetensors always, one line of log.jsonl and one printed line."""
+    score = validate(model, val_set, info, ctx)
+    skipped, unreadable = all_sum(state.faults.to(ctx.device), ctx).tolist()
+    if ctx.rank == 0:
+        if score > state.best or state.best_step < 0:
+            state.best, state.best_step = score, state.step
+            u2a.save_checkpoint(out / "best.safetensors", model, meta=checkpoint_meta(state, args))
+        save_resumable(out / "last.safetensors", model, optimizer, checkpoint_meta(state, args))
+        append_log(out / "log.jsonl", {"step": state.step, "epoch": epoch, "val": score})
+        print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
+              f"(best {state.best:.2f}), loss {state.loss:.3f}"
+              + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
+                 if unreadable else ""))
     if ctx.world > 1:
-        dist.barrier()
-    model = u2a.from_checkpoint(best_ckpt).to(ctx.device)  # the validation-selected model, as saved
-    return evaluate_test(model, sets["test"], info, args, ctx, out, best_ckpt, time.time() - t0)
+        dist.barrier()  # best.safetensors is written before any process reads it
+
+
+def checkpoint_meta(state, args):
+    return {"step": state.step, "best": state.best, "best_step": state.best_step, "data": args.data,
+            "config": vars_json(args)}
 
 
 def stop_if_not_finite(nonfinite, step, ctx, last_ckpt):
     """A non-finite loss (NaN input, divergence) stops the run before a NaN checkpoint is written. Checked
-    every LOG_EVERY steps on the device-side flag, so the loop itself never waits for the GPU."""
+    every LOG_EVERY steps on the device-side count, so the loop itself never waits for the GPU."""
     if all_sum(nonfinite.clone(), ctx).item() > 0:
         raise FloatingPointError(f"the loss became NaN or infinite by step {step}; stopped before writing "
                                  f"a checkpoint (the last good one, if any: {last_ckpt}). Check the inputs "

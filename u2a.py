@@ -414,7 +414,8 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
         present = sc.table(n, seed)[tokens["index"]] & tokens["present"]  # an unreadable file stays missing
         keep = present.any(1)                                              # a sample left with nothing
         logits = scenario_logits(model, tokens, present, placeholders)
-        results[sc.name] = {"groups": list(sc.groups), **scores(logits[keep], labels[keep], multilabel)}
+        results[sc.name] = {"groups": list(sc.groups), "shares": sc.shares,
+                            **scores(logits[keep], labels[keep], multilabel)}
     m1, m2 = model.modalities
     mse = {f"{m1}->{m2}": ((tokens[f"mt.{m1}"] - tokens[f"cls.{m2}"]) ** 2).mean(1),  # MT_1 estimates CLS_2
            f"{m2}->{m1}": ((tokens[f"mt.{m2}"] - tokens[f"cls.{m1}"]) ** 2).mean(1)}
