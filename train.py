@@ -41,8 +41,8 @@ from weights.download import CHECKPOINTS
 # -----------------------------------------------------------------------------
 # Defaults: the paper's Table 5 (supplementary section 2) and section 4.2
 
-PAPER = dict(weight_decay=0.02, eps=1e-8, power=0.9, warmup_epochs=5, warmup_factor=0.1,
-             rank=1, alpha=1.0, lora_dropout=0.1, lam=0.2)
+PAPER = dict(weight_decay=0.02, eps=1e-8, power=0.9, warmup_epochs=5, warmup_factor=0.1,  # the model's own
+             rank=U2AConfig.rank, alpha=U2AConfig.alpha, lora_dropout=U2AConfig.lora_dropout, lam=U2AConfig.lam)
 RECIPES = {  # per dataset group: learning rate, epochs, batch size
     "image-text": dict(lr=1e-3, epochs=10, batch_size=8),
     "audio-video": dict(lr=5e-5, epochs=100, batch_size=4),

@@ -55,6 +55,23 @@ MODALITY_ENCODER = {"image": ViT, "video": ViT, "audio": AST, "text": BERT}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, key, value and output
 
 
+@dataclass
+class U2AConfig:
+    """Everything that builds a U2A model, with the paper's values (section 4.2, Table 5) as defaults.
+    Every checkpoint stores it, so a trained model rebuilds from its file alone (from_checkpoint, below).
+    U2A, u2a_loss and train.py take their defaults from here."""
+    encoders: dict                      # modality -> folder of its pretrained encoder, in (m1, m2) order
+    class_names: list                   # the head's classes, in label order
+    multilabel: bool = False            # MM-IMDb: sigmoid per genre instead of one softmax
+    method: str = "u2a"                 # "naive": placeholders through the encoders, no mask tokens
+    rank: int = 1                       # LoRA rank
+    alpha: float = 1.0                  # LoRA alpha
+    lora_dropout: float = 0.1
+    lora_targets: tuple = LORA_TARGETS
+    lam: float = 0.2                    # lambda of eq. 7
+    encoder_configs: dict = field(default_factory=dict)  # filled when built: checked when rebuilt
+
+
 # -----------------------------------------------------------------------------
 # One modality: frozen embedding -> [CLS, tokens, MT] -> encoder with LoRA (eq. 1-3)
 
@@ -130,8 +147,8 @@ class U2A(nn.Module):
     encodes the paper's placeholder inputs (zeros / empty text) and always uses the two CLS tokens.
     """
 
-    def __init__(self, encoders, num_classes, rank=1, alpha=1.0, dropout=0.1, missing="mask_token",
-                 targets=LORA_TARGETS):
+    def __init__(self, encoders, num_classes, rank=U2AConfig.rank, alpha=U2AConfig.alpha,
+                 dropout=U2AConfig.lora_dropout, missing="mask_token", targets=U2AConfig.lora_targets):
         super().__init__()
         if len(encoders) != 2:
             raise ValueError(f"U2A takes exactly two modalities, got {list(encoders)}")
@@ -219,7 +236,7 @@ def alignment_loss(out, n_complete=None):
     return (per_sample * complete).sum() / torch.clamp(torch.as_tensor(n, device=per_sample.device), min=1)
 
 
-def u2a_loss(out, labels, multilabel=False, lam=0.2, n_samples=None, n_complete=None):
+def u2a_loss(out, labels, multilabel=False, lam=U2AConfig.lam, n_samples=None, n_complete=None):
     """Eq. 7: L_total = L_task + lambda * L_align. Returns (total, task, align).
     n_samples, n_complete: the denominators of the task and alignment means (default: this batch's
     counts); train.py passes the counts over every DDP process, so that the averaged gradients equal one
@@ -263,22 +280,6 @@ def load_encoder(modality, path):
 
 # -----------------------------------------------------------------------------
 # A trained model: the config that builds it, and a checkpoint that rebuilds it from the file alone
-
-@dataclass
-class U2AConfig:
-    """Everything that builds a U2A model, with the paper's values (section 4.2, Table 5) as defaults.
-    Every checkpoint stores it, so a trained model rebuilds from its file alone (U2A.from_checkpoint)."""
-    encoders: dict                      # modality -> folder of its pretrained encoder, in (m1, m2) order
-    class_names: list                   # the head's classes, in label order
-    multilabel: bool = False            # MM-IMDb: sigmoid per genre instead of one softmax
-    method: str = "u2a"                 # "naive": placeholders through the encoders, no mask tokens
-    rank: int = 1                       # LoRA rank
-    alpha: float = 1.0                  # LoRA alpha
-    lora_dropout: float = 0.1
-    lora_targets: tuple = LORA_TARGETS
-    lam: float = 0.2                    # lambda of eq. 7
-    encoder_configs: dict = field(default_factory=dict)  # filled when built: checked when rebuilt
-
 
 METHODS = {"u2a": "mask_token", "naive": "placeholder"}  # U2AConfig.method -> U2A(missing=...)
 
