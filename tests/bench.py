@@ -224,10 +224,8 @@ def missing_batch(ours, B, L, modality, rate, seed=0, device="cpu"):
 # What is timed
 
 def autocast(device, dtype):
-    """train.autocast_for's context on CUDA (bf16); on the CPU, bf16 only when asked for."""
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    """train.py's own context for --precision `dtype` (train.autocast_for)."""
+    return train.autocast_for(torch.device(device), dtype)
 
 
 def make_optimizer(model):
