@@ -7,7 +7,8 @@ U2A (paper section 3) keeps one pretrained transformer per modality frozen and s
   - eq. 3, the encoder stack f_m: any token sequence -> same-shaped sequence (`encode`). U2A runs it on
     [CLS, tokens, MT] and trains only the LoRA factors that lora.py puts on its attention projections.
 
-The checkpoints (details and gotchas: shared/reference/checkpoints.md):
+The checkpoints (the reference code is transformers' models/clip/modeling_clip.py, models/bert/modeling_bert.py
+and models/audio_spectrogram_transformer/modeling_audio_spectrogram_transformer.py; their key names: LAYOUTS):
   - ViT : vision tower of CLIP ViT-B/16 (openai/clip-vit-base-patch16), pre-LN, quick_gelu.
   - BERT: bert-base-uncased (or any BertModel file such as MiniLM), post-LN, erf GELU.
   - AST : Audio Spectrogram Transformer (MIT/ast-finetuned-audioset-10-10-0.4593), pre-LN, erf GELU.
