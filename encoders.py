@@ -7,7 +7,8 @@ U2A (paper section 3) keeps one pretrained transformer per modality frozen and s
   - eq. 3, the encoder stack f_m: any token sequence -> same-shaped sequence (`encode`). U2A runs it on
     [CLS, tokens, MT] and trains only the LoRA factors that lora.py puts on its attention projections.
 
-The checkpoints (details and gotchas: shared/reference/checkpoints.md):
+The checkpoints (the reference code is transformers' models/clip/modeling_clip.py, models/bert/modeling_bert.py
+and models/audio_spectrogram_transformer/modeling_audio_spectrogram_transformer.py; their key names: LAYOUTS):
   - ViT : vision tower of CLIP ViT-B/16 (openai/clip-vit-base-patch16), pre-LN, quick_gelu.
   - BERT: bert-base-uncased (or any BertModel file such as MiniLM), post-LN, erf GELU.
   - AST : Audio Spectrogram Transformer (MIT/ast-finetuned-audioset-10-10-0.4593), pre-LN, erf GELU.
@@ -45,11 +46,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None, queries=None):
-        """queries: positions whose output is wanted (None = all), (B, S, D) -> (B, Q, D); keys and values
+    def forward(self, x, mask=None, keep=None):
+        """keep: positions whose output is kept (None = all), (B, S, D) -> (B, Q, D); keys and values
         always come from every token."""
         B, S, D = x.shape
-        xq = x if queries is None else x[:, queries]  # (B, Q, D)
+        xq = x if keep is None else x[:, keep]  # (B, Q, D)
         Q = xq.shape[1]
         q = self.q_proj(xq).view(B, Q, self.heads, -1).transpose(1, 2)  # (B, H, Q, D/H)
         k = self.k_proj(x).view(B, S, self.heads, -1).transpose(1, 2)  # (B, H, S, D/H)
@@ -95,15 +96,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_hidden, act)
 
-    def forward(self, x, mask=None, queries=None):
-        """queries: positions whose output is wanted (None = all): (B, S, D) -> (B, Q, D). Attention reads
-        every token; everything after it runs on the wanted rows only."""
-        rows = x if queries is None else x[:, queries]  # (B, Q, D): their residual stream
+    def forward(self, x, mask=None, keep=None):
+        """keep: positions whose output is kept (None = all): (B, S, D) -> (B, Q, D). Attention reads
+        every token; everything after it runs on the kept rows only."""
+        rows = x if keep is None else x[:, keep]  # (B, Q, D): their residual stream
         if self.pre_norm:
-            x = rows + self.attn(self.norm1(x), mask, queries)  # (B, Q, D)
+            x = rows + self.attn(self.norm1(x), mask, keep)  # (B, Q, D)
             x = x + self.mlp(self.norm2(x))
         else:
-            x = self.norm1(rows + self.attn(x, mask, queries))  # (B, Q, D)
+            x = self.norm1(rows + self.attn(x, mask, keep))  # (B, Q, D)
             x = self.norm2(x + self.mlp(x))
         return x
 
@@ -118,13 +119,13 @@ def make_blocks(cfg, pre_norm):
     )
 
 
-def run_blocks(blocks, h, mask=None, outputs=None):
-    """h (B, S, D) through every block. With `outputs` (positions, e.g. U2A's [0, -1] for CLS and MT) the last
-    block computes only those rows, (B, len(outputs), D): no block follows to mix them with the others, so
+def run_blocks(blocks, h, mask=None, keep=None):
+    """h (B, S, D) through every block. With `keep` (positions, e.g. U2A's [0, -1] for CLS and MT) the last
+    block computes only those rows, (B, len(keep), D): no block follows to mix them with the others, so
     the other rows would be computed only to be thrown away (~1/12 of a 12-block encoder's work)."""
     for block in blocks[:-1]:
         h = block(h, mask)
-    return blocks[-1](h, mask, queries=outputs)
+    return blocks[-1](h, mask, keep)
 
 
 @dataclass
@@ -172,7 +173,8 @@ class ViT(nn.Module):
         nn.init.normal_(self.position_embedding.weight, std=INIT_STD)
         self.pre_layrnorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # (sic) the checkpoint's spelling
         self.blocks = make_blocks(cfg, pre_norm=True)
-        self.post_layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.final_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # CLIP's post_layernorm: CLIP applies it to
+        # its class-token output (pooler_output), not to last_hidden_state, so encode leaves it to the caller
 
     def embed(self, pixel_values):
         """eq. 1: (B, 3, H, W) -> (B, 1+N, D), class embedding first, positions added."""
@@ -181,14 +183,10 @@ class ViT(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+N, D)
 
-    def encode(self, h, mask=None, outputs=None):
-        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `outputs` positions only (run_blocks). CLIP normalises
+    def encode(self, h, mask=None, keep=None):
+        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `keep` positions only (run_blocks). CLIP normalises
         the embedded sequence before its blocks."""
-        return run_blocks(self.blocks, self.pre_layrnorm(h), mask, outputs)
-
-    @property
-    def final_norm(self):
-        return self.post_layernorm  # CLIP applies it to its class-token output (pooler_output)
+        return run_blocks(self.blocks, self.pre_layrnorm(h), mask, keep)
 
     def class_token(self):
         return self.class_embedding + self.position_embedding.weight[0]  # (D,)
@@ -239,10 +237,10 @@ class BERT(nn.Module):
             typ = self.token_type_embeddings(token_type_ids)  # (B, L, D)
         return self.embed_norm(self.word_embeddings(input_ids) + pos + typ)  # (B, L, D)
 
-    def encode(self, h, mask=None, outputs=None):
-        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `outputs` positions only (run_blocks); mask (B, S) bool,
+    def encode(self, h, mask=None, keep=None):
+        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `keep` positions only (run_blocks); mask (B, S) bool,
         True = real token."""
-        return run_blocks(self.blocks, h, mask, outputs)
+        return run_blocks(self.blocks, h, mask, keep)
 
     def class_token(self):
         cls = self.word_embeddings.weight[self.config.cls_token_id]  # (D,)
@@ -296,10 +294,10 @@ class AST(nn.Module):
         special = [self.cls_token.expand(B, -1, -1), self.distillation_token.expand(B, -1, -1)]  # 2 x (B, 1, D)
         return torch.cat([*special, x], dim=1) + self.position_embeddings  # (B, 2+N, D)
 
-    def encode(self, h, mask=None, outputs=None):
-        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `outputs` positions only (run_blocks), including AST's
+    def encode(self, h, mask=None, keep=None):
+        """eq. 3, f_m: (B, S, D) -> (B, S, D), or the `keep` positions only (run_blocks), including AST's
         final layernorm."""
-        return self.layernorm(run_blocks(self.blocks, h, mask, outputs))
+        return self.layernorm(run_blocks(self.blocks, h, mask, keep))
 
     def class_token(self):
         return (self.cls_token + self.position_embeddings[:, 0]).view(-1)  # (D,)
@@ -317,7 +315,8 @@ class AST(nn.Module):
 #
 # Per model: the key prefixes the file may carry (tried in order; "" = none), the key prefixes (after the
 # model prefix is stripped) that U2A does not need, and the renames checkpoint name -> our module name.
-# Each rename replaces the first occurrence of its left side, in the listed order.
+# Each rename replaces the first occurrence of its left side, in the listed order. weights/make_toy.py runs
+# them backwards to write its toy files in these layouts, so every rename names its whole piece (no "x." -> "").
 # Everything outside the model prefix is skipped: CLIP's text tower, visual/text projections and logit_scale
 # (U2A uses the 768-d vision hidden states), BERT's pre-training heads cls.* and AST's AudioSet classifier.*.
 # Inside it: position_ids is a constant buffer in older files, BERT's pooler is not used by U2A.
@@ -327,11 +326,14 @@ LAYOUTS = {
         prefixes=("vision_model.",),
         skip=("embeddings.position_ids",),
         renames=[
-            ("embeddings.", ""),  # class_embedding, patch_embedding, position_embedding live on the model
+            ("embeddings.class_embedding", "class_embedding"),  # the embeddings live on the model itself
+            ("embeddings.patch_embedding", "patch_embedding"),
+            ("embeddings.position_embedding", "position_embedding"),
             ("encoder.layers.", "blocks."),
             ("self_attn.", "attn."),
             ("layer_norm1", "norm1"),
             ("layer_norm2", "norm2"),
+            ("post_layernorm", "final_norm"),  # the norm U2A applies to the CLS and MT outputs, in every encoder
         ],
     ),
     BERT: dict(
@@ -341,7 +343,9 @@ LAYOUTS = {
             (".gamma", ".weight"),  # bert-base-uncased keeps TensorFlow's LayerNorm names
             (".beta", ".bias"),
             ("embeddings.LayerNorm", "embed_norm"),
-            ("embeddings.", ""),
+            ("embeddings.word_embeddings", "word_embeddings"),
+            ("embeddings.position_embeddings", "position_embeddings"),
+            ("embeddings.token_type_embeddings", "token_type_embeddings"),
             ("encoder.layer.", "blocks."),
             ("attention.self.query", "attn.q_proj"),
             ("attention.self.key", "attn.k_proj"),
@@ -360,7 +364,9 @@ LAYOUTS = {
         skip=(),
         renames=[
             ("embeddings.patch_embeddings.projection", "patch_embedding"),
-            ("embeddings.", ""),  # cls_token, distillation_token, position_embeddings live on the model
+            ("embeddings.cls_token", "cls_token"),
+            ("embeddings.distillation_token", "distillation_token"),
+            ("embeddings.position_embeddings", "position_embeddings"),
             ("encoder.layer.", "blocks."),
             ("attention.attention.query", "attn.q_proj"),
             ("attention.attention.key", "attn.k_proj"),

@@ -20,22 +20,6 @@ import torch
 import torch.nn as nn
 
 
-class LoRADropout(nn.Dropout):
-    """nn.Dropout (same inverted dropout, same distribution) that draws its CPU mask with rand_like.
-
-    On the CPU, nn.Dropout draws its mask with bernoulli_, several times slower than drawing uniform numbers,
-    and LoRA draws a mask the size of the layer input for every adapted projection (96 per U2A step with
-    ViT-B and BERT-base): ~3% of a CPU training step (tests/bench.py). Other devices keep nn.Dropout's fused
-    kernel, and so do eval mode and p = 0 or 1."""
-
-    def forward(self, x):
-        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
-            return super().forward(x)
-        # float32 uniforms even for bf16 inputs: 8 mantissa bits would round the keep probability
-        keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p).to(x.dtype)  # (..., in): 1 w.p. 1 - p, else 0
-        return x * keep.mul_(1.0 / (1.0 - self.p))  # kept entries scaled by 1/(1-p): E[out] = x
-
-
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + (alpha/rank) * B(A(dropout(x)))."""
 
@@ -56,7 +40,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=w.device, dtype=w.dtype))
         # dropout regularises the update only: the pretrained path must see the input untouched
-        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_parameters()
 

@@ -119,7 +119,7 @@ class Branch(nn.Module):
     def forward(self, inputs):
         seq, mask = self.sequence(inputs)                     # (b', N+2, D)
         # eq. 3; only the CLS and MT outputs are used (eq. 4-5), so the last block computes just those two rows
-        out = self.encoder.encode(seq, mask, outputs=[0, -1])  # (b', 2, D)
+        out = self.encoder.encode(seq, mask, keep=[0, -1])  # (b', 2, D)
         cls_out = self.encoder.final_norm(out[:, 0])          # (b', D)
         mt_out = self.encoder.final_norm(out[:, 1])           # (b', D)
         if self.modality == "video":                          # average the T frames of each clip

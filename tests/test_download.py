@@ -198,7 +198,6 @@ def test_cli_fetches_into_checkpoint_folders(hub, tmp_path, monkeypatch, how):
     assert dl.main(argv) == 0
     assert (tmp_path / "toy-model" / "model.safetensors").read_bytes() == DATA
     assert (tmp_path / "toy-model" / "config.json").read_bytes() == config
-    assert dl.check_weights(tmp_path, ["toy"]) == {"toy": tmp_path / "toy-model"}
 
 
 def test_plain_file_is_checked_by_size(hub, tmp_path):
@@ -208,17 +207,7 @@ def test_plain_file_is_checked_by_size(hub, tmp_path):
     assert hub.gets() == [] and not (tmp_path / "config.json").exists()
 
 
-def test_check_weights_names_the_missing_file(tmp_path):
-    (tmp_path / "clip-vit-base-patch16").mkdir()
-    (tmp_path / "clip-vit-base-patch16" / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError) as e:
-        dl.check_weights(tmp_path, ["clip"])
-    msg = str(e.value)
-    assert str(tmp_path / "clip-vit-base-patch16" / "config.json") in msg
-    assert "model.safetensors" not in msg  # files that are there are not listed
-    assert f"python weights/download.py --dest {tmp_path} --only clip" in msg
-
-    with pytest.raises(FileNotFoundError, match="bert-base-uncased/vocab.txt"):  # a wrong --weights path
-        dl.check_weights(tmp_path / "nowhere", ["bert"])
+def test_unknown_checkpoint_name_is_refused_before_any_request(tmp_path):
     with pytest.raises(ValueError, match="known: clip, bert, ast"):
-        dl.check_weights(tmp_path, ["vit"])
+        dl.download(["vit"], tmp_path, endpoint="http://127.0.0.1:9")  # nothing listens there: never asked
+    assert list(tmp_path.iterdir()) == []

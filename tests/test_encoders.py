@@ -216,20 +216,20 @@ def test_embed_shapes_at_paper_sizes():
         assert bert.embed(torch.full((2, 7), 101)).shape == (2, 7, 8)
         assert ast.embed(torch.randn(2, 1024, 128)).shape == (2, 1214, 8)
     assert isinstance(bert.final_norm, torch.nn.Identity) and isinstance(ast.final_norm, torch.nn.Identity)
-    assert vit.final_norm is vit.post_layernorm
+    assert isinstance(vit.final_norm, torch.nn.LayerNorm)  # CLIP's post_layernorm, loaded under this name
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_encode_outputs_are_those_rows_of_the_full_output(small, kind):
-    """encode(..., outputs) computes only some positions in the last block: the same numbers as the full run."""
+def test_encode_keep_gives_those_rows_of_the_full_output(small, kind):
+    """encode(..., keep) computes only some positions in the last block: the same numbers as the full run."""
     model = OURS[kind].from_pretrained(small[kind])
     h = torch.randn(2, 9, model.config.hidden_size)
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 5:-1] = False  # padding in the middle, the last position kept (U2A's MT)
     with torch.no_grad():
         full = model.encode(h, mask)
-        torch.testing.assert_close(model.encode(h, mask, outputs=[0, -1]), full[:, [0, -1]])
-        torch.testing.assert_close(model.encode(h, outputs=[3]), model.encode(h)[:, [3]])
+        torch.testing.assert_close(model.encode(h, mask, keep=[0, -1]), full[:, [0, -1]])
+        torch.testing.assert_close(model.encode(h, keep=[3]), model.encode(h)[:, [3]])
 
 
 @pytest.mark.parametrize("kind", KINDS)

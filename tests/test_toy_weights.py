@@ -10,11 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers reads local folders
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from data import load_tokenizer, synthetic_tokenizer, synthetic_unimodal, synthetic_vocab
 from encoders import BERT, ViT
-from weights import make_toy
-from weights.make_toy import (FILES, TOY_DIR, PretrainConfig, bert_features, ensure_toy_weights, make_toy as build,
+from weights.make_toy import (FILES, TOY_DIR, PretrainConfig, bert_features, hub_state_dict, make_toy as build,
                               toy_bert_config, toy_vit_config, unimodal_data, vit_features)
 
 VIT_DIR, BERT_DIR = os.path.join(TOY_DIR, "vit"), os.path.join(TOY_DIR, "bert")
@@ -109,9 +109,8 @@ def test_make_toy_writes_loadable_folders_deterministically(tmp_path):
     BERT.from_pretrained(str(tmp_path / "a" / "bert"))
 
 
-def test_ensure_toy_weights_builds_only_when_missing(tmp_path, monkeypatch):
-    built = []
-    monkeypatch.setattr(make_toy, "make_toy", lambda dest: built.append(dest))
-    assert ensure_toy_weights(TOY_DIR) == TOY_DIR and built == []  # shipped: nothing to do
-    empty = str(tmp_path / "toy")
-    assert ensure_toy_weights(empty) == empty and built == [empty]
+def test_make_toy_writes_the_shipped_key_names(toy):
+    """make_toy's renames (encoders.LAYOUTS run backwards) give exactly the keys of the shipped files."""
+    for model, folder, prefix in ((toy["image"], VIT_DIR, "vision_model."), (toy["text"], BERT_DIR, "")):
+        with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+            assert set(hub_state_dict(model, prefix)) == set(f.keys())

@@ -6,7 +6,7 @@
 
 Standard library (urllib) and tqdm only: no hub client. Each file comes from the hub's plain download URL,
 `{endpoint}/{repo}/resolve/{revision}/{filename}`, and lands in `weights/<folder>/<filename>`, the layout that
-train.py's `--weights DIR` reads and `check_weights` below checks.
+train.py's `--weights DIR` reads.
 
 Integrity, in the order it is decided:
   1. pinned: PINS in the table below give the sha256 (and the size where a public record gives it) of each
@@ -234,16 +234,12 @@ def offline_message(reason, endpoint, weights_dir):
             f"exactly these files:\n{layout(weights_dir)}")
 
 
-def _check_names(names):
-    unknown = [n for n in names if n not in CHECKPOINTS]
-    if unknown:
-        raise ValueError(f"unknown checkpoint(s) {unknown}; known: {', '.join(CHECKPOINTS)}")
-
-
 def download(names=tuple(CHECKPOINTS), dest=Path(__file__).resolve().parent, endpoint=None,
              revision=DEFAULT_REVISION):
     """Fetch every file of the named checkpoints into dest/<folder>/; returns {name: folder}."""
-    _check_names(names)
+    unknown = [n for n in names if n not in CHECKPOINTS]
+    if unknown:
+        raise ValueError(f"unknown checkpoint(s) {unknown}; known: {', '.join(CHECKPOINTS)}")
     endpoint = endpoint or os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT)
     folders = {}
     for name in names:
@@ -264,23 +260,6 @@ def download(names=tuple(CHECKPOINTS), dest=Path(__file__).resolve().parent, end
                 raise DownloadError(offline_message(e, endpoint, dest)) from e
         folders[name] = folder
     return folders
-
-
-def check_weights(weights_dir, names):
-    """{name: folder} for the named checkpoints, or FileNotFoundError naming each missing file and the fix."""
-    _check_names(names)
-    missing = [(name, Path(weights_dir) / CHECKPOINTS[name].folder / f)
-               for name in names for f in CHECKPOINTS[name].files
-               if not (Path(weights_dir) / CHECKPOINTS[name].folder / f).is_file()]
-    if missing:
-        lines = "\n".join(f"  {path}" + ("   (a partial download is there: the command resumes it)"
-                                         if path.with_name(path.name + ".part").exists() else "")
-                          for _, path in missing)
-        only = ",".join(dict.fromkeys(name for name, _ in missing))
-        raise FileNotFoundError(f"pretrained weights missing under {weights_dir}:\n{lines}\n"
-                                f"Fetch them with: {FETCH_COMMAND} --dest {weights_dir} --only {only}\n"
-                                f"(offline? see weights/README.md for copying them by hand)")
-    return {name: Path(weights_dir) / CHECKPOINTS[name].folder for name in names}
 
 
 def main(argv=None):

@@ -21,8 +21,7 @@ the real checkpoints (and transformers reads too):
     DIR/bert/  model.safetensors (BertModel keys, no prefix, as MiniLM), config.json (a BertConfig with
                cls_token_id), vocab.txt (synthetic_vocab(), one token a line)
     DIR/README.md   what these are and the unimodal accuracies reached
-Seeded, deterministic and single-threaded: the same machine writes the same files every time. train.py calls
-`ensure_toy_weights()`, which builds them only when they are missing.
+Seeded, deterministic and single-threaded: the same machine writes the same files every time.
 """
 import argparse
 import json
@@ -42,7 +41,7 @@ if ROOT not in sys.path:  # `python weights/make_toy.py` imports the project's m
 
 from data import (KEYWORDS, QUADRANTS, SYNTHETIC_IMAGE_SIZE, TEXT_MAX_LEN, synthetic_tokenizer, synthetic_unimodal,
                   synthetic_vocab)
-from encoders import BERT, BERTConfig, ViT, ViTConfig
+from encoders import BERT, LAYOUTS, BERTConfig, ViT, ViTConfig
 
 TOY_DIR = os.path.join(ROOT, "weights", "toy")
 FILES = ("vit/model.safetensors", "vit/config.json", "bert/model.safetensors", "bert/config.json",
@@ -133,38 +132,23 @@ def pretrain(encoder, features, modality, num_classes, cfg):
 # -----------------------------------------------------------------------------
 # Saving in the published layouts: our parameter names -> the hub's key names
 #
-# These are the renames of encoders.LAYOUTS run backwards (each replaces the first occurrence, in order).
-# save() checks the result by reading the file back with from_pretrained.
+# The renames of encoders.LAYOUTS (hub name -> ours) run backwards, each replacing the first occurrence, in
+# reverse order. save() checks the result by reading the file back with from_pretrained.
 
-TO_CLIP = [  # + the "vision_model." prefix of a full CLIP file
-    ("class_embedding", "embeddings.class_embedding"),
-    ("patch_embedding.", "embeddings.patch_embedding."),
-    ("position_embedding.", "embeddings.position_embedding."),
-    ("blocks.", "encoder.layers."),
-    ("attn.", "self_attn."),
-    ("norm1", "layer_norm1"),
-    ("norm2", "layer_norm2"),
-]
-TO_BERT = [  # no prefix: a bare BertModel file, like MiniLM (no pooler: U2A does not use it)
-    ("embed_norm", "embeddings.LayerNorm"),
-    ("word_embeddings", "embeddings.word_embeddings"),
-    ("position_embeddings", "embeddings.position_embeddings"),
-    ("token_type_embeddings", "embeddings.token_type_embeddings"),
-    ("blocks.", "encoder.layer."),
-    ("attn.q_proj", "attention.self.query"),
-    ("attn.k_proj", "attention.self.key"),
-    ("attn.v_proj", "attention.self.value"),
-    ("attn.out_proj", "attention.output.dense"),
-    ("norm1", "attention.output.LayerNorm"),
-    ("mlp.fc1", "intermediate.dense"),
-    ("mlp.fc2", "output.dense"),
-    ("norm2", "output.LayerNorm"),
-]
+READ_ONLY = (".gamma", ".beta")  # bert-base-uncased's TensorFlow LayerNorm spellings: read, never written
+
+
+def to_hub_renames(model_cls):
+    """encoders.LAYOUTS[model_cls]'s renames inverted: (our name piece, hub name piece), in reverse order."""
+    return [(new, old) for old, new in reversed(LAYOUTS[model_cls]["renames"]) if old not in READ_ONLY]
+
+
 # transformers' model_type and class, so that its from_pretrained reads the folders as well
 HUB_CONFIG = {ViT: ("clip_vision_model", "CLIPVisionModel"), BERT: ("bert", "BertModel")}
 
 
-def hub_state_dict(model, renames, prefix=""):
+def hub_state_dict(model, prefix=""):
+    renames = to_hub_renames(type(model))
     state = {}
     for name, p in model.named_parameters():
         for old, new in renames:
@@ -173,7 +157,7 @@ def hub_state_dict(model, renames, prefix=""):
     return state
 
 
-def save(model, folder, renames, prefix="", extra_config=None):
+def save(model, folder, prefix="", extra_config=None):
     os.makedirs(folder, exist_ok=True)
     model_type, architecture = HUB_CONFIG[type(model)]
     config = {"model_type": model_type, "architectures": [architecture], **asdict(model.config),
@@ -182,7 +166,7 @@ def save(model, folder, renames, prefix="", extra_config=None):
         json.dump(config, f, indent=2)
         f.write("\n")
     file = os.path.join(folder, "model.safetensors")
-    save_file(hub_state_dict(model, renames, prefix), file + ".part", metadata={"format": "pt"})
+    save_file(hub_state_dict(model, prefix), file + ".part", metadata={"format": "pt"})
     os.replace(file + ".part", file)  # an interrupted run never leaves a half-written model.safetensors
     reloaded = type(model).from_pretrained(folder)  # the real loader: every key placed, every shape right
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
@@ -213,7 +197,7 @@ def make_toy(dest=TOY_DIR, cfg=None):
     torch.set_num_threads(1)
     try:
         return _make_toy(dest, cfg)
-    finally:  # train.py may call us: leave its settings as they were
+    finally:  # a caller in the same process (the tests) gets its settings back
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
 
@@ -226,13 +210,13 @@ def _make_toy(dest, cfg):
     torch.manual_seed(cfg.seed)
     vit = ViT(toy_vit_config())
     accuracy["vit"] = pretrain(vit, vit_features, "image", len(QUADRANTS), cfg)
-    save(vit, os.path.join(dest, "vit"), TO_CLIP, prefix="vision_model.")
+    save(vit, os.path.join(dest, "vit"), prefix="vision_model.")  # as in a full CLIP file
 
     print("pre-training the toy BERT on synthetic sentences (keyword group)")
     torch.manual_seed(cfg.seed)
     bert = BERT(toy_bert_config())
     accuracy["bert"] = pretrain(bert, bert_features, "text", len(KEYWORDS), cfg)
-    save(bert, os.path.join(dest, "bert"), TO_BERT, extra_config={"pad_token_id": synthetic_vocab().index("[PAD]")})
+    save(bert, os.path.join(dest, "bert"), extra_config={"pad_token_id": synthetic_vocab().index("[PAD]")})
     with open(os.path.join(dest, "bert", "vocab.txt"), "w") as f:  # what load_tokenizer reads
         f.write("\n".join(synthetic_vocab()) + "\n")
 
@@ -243,16 +227,6 @@ def _make_toy(dest, cfg):
                               width=WIDTH["hidden_size"], quadrants=len(QUADRANTS), groups=len(KEYWORDS)))
     print(f"wrote {dest}: unimodal accuracy ViT {accuracy['vit']:.1%}, BERT {accuracy['bert']:.1%} ({seconds:.0f} s)")
     return accuracy
-
-
-def ensure_toy_weights(dest=TOY_DIR):
-    """Return `dest`, building the toy encoders there first if any of their files is missing."""
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(dest, f))]
-    if missing:
-        print(f"toy encoders: {', '.join(missing)} missing under {dest}; building them "
-              "(~10 s on a 2-core CPU)")
-        make_toy(dest)
-    return dest
 
 
 def main():
