@@ -5,15 +5,17 @@ Paper: sections 4.1-4.2 (datasets, preprocessing), 4.4 and supplementary 3 (miss
 settings). The file reads top to bottom in the order the data flows:
 
   0. stream_seed            one seed for every random stream of a run
-  1. DatasetInfo            what each of the six datasets is (modalities m1/m2, classes, metric)
+  1. registry               DatasetInfo of each of the six datasets (modalities m1/m2, classes, metric),
+                            a keyword table; EXPECTED_LAYOUT of each data root
   2. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
                             video frames, WordPiece tokenizer
-  3. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
-  4. datasets               one MultimodalDataset; a reader per public layout; SyntheticDataset
-  5. batches                collate (batch-level tokenisation, placeholders) and make_loader
-  6. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
+  3. readers                one per public release -> per-sample sources and labels; files checked at build
+  4. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
+  5. datasets               MultimodalDataset, the synthetic data and SyntheticDataset, make_dataset
+  6. batches                collate (batch-level tokenisation, placeholders) and make_loader
+  7. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
 
-A batch (SPEC.md) is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
+A batch is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
 "label" (B,) long or (B,C) float multi-hot, "index" (B,) long, "skipped" and "unreadable" () long (skip
 mode's counts: samples dropped, files that failed to decode). A missing modality holds the paper's
@@ -90,14 +92,13 @@ def stream_seed(seed, stream, *keys):
 
 
 # -----------------------------------------------------------------------------
-# 1. What each dataset is
+# 1. Registry: what each dataset is
 
-DATASETS = ("food101", "mmimdb", "cremad", "ks", "ave", "synthetic")
 IMAGE_TEXT, AUDIO_VIDEO = ("image", "text"), ("audio", "video")
 TEXT_MAX_LEN = {"food101": 40, "mmimdb": 256, "synthetic": 16}  # sec. 4.2; synthetic: <=12 words
 VAL_SHARE = 0.1  # ~ missing_aware_prompts' 6,846 / 67,988 Food-101 val carve
 
-# 23 genres, most frequent first (datasets.md); other genres are dropped
+# The 23 genres of the MM-IMDb paper (Arevalo et al. 2017), most frequent first; other genres are dropped
 MMIMDB_GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
                  "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
                  "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir"]
@@ -116,8 +117,46 @@ AVE_CLASSES = ["Church bell", "Male speech, man speaking", "Bark", "Fixed-wing a
                "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
                "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant cry", "Bus", "Chainsaw", "Cat",
                "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin"]
+# The synthetic classes: a blob's quadrant x a keyword group (chapter 5 draws them)
+SYNTHETIC_CLASSES, SYNTHETIC_IMAGE_SIZE = 8, 32
+QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+KEYWORDS = [["sun", "sunny", "bright"], ["moon", "night", "dark"], ["rain", "wet", "storm"],
+            ["snow", "cold", "ice"]]
 
-LAYOUTS = {
+
+def synthetic_class_names():
+    return [f"{QUADRANTS[c // 2]}+{KEYWORDS[c % 4][0]}" for c in range(SYNTHETIC_CLASSES)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo:
+    name: str
+    modalities: tuple   # (m1, m2): the order of the columns of `present`
+    num_classes: int
+    class_names: list
+    multilabel: bool    # True -> (C,) multi-hot targets, BCE loss
+    metric: str         # "accuracy" or "f1" (F1-macro headline, F1-micro too)
+    text_max_len: int | None
+    has_val: bool       # False -> "val" is carved from train
+    image_size: int = 224  # side of image/video frames (the synthetic toy ViT takes 32)
+
+
+# Every DatasetInfo field but name, num_classes (len(class_names)) and text_max_len (TEXT_MAX_LEN).
+# Food-101's class names are its folder names under <root>/images/train: [] here, read by dataset_info.
+REGISTRY = {
+    "food101": dict(modalities=IMAGE_TEXT, class_names=[], multilabel=False, metric="accuracy", has_val=False),
+    "mmimdb": dict(modalities=IMAGE_TEXT, class_names=MMIMDB_GENRES, multilabel=True, metric="f1", has_val=True),
+    "cremad": dict(modalities=AUDIO_VIDEO, class_names=CREMAD_EMOTIONS, multilabel=False, metric="accuracy",
+                   has_val=False),
+    "ks": dict(modalities=AUDIO_VIDEO, class_names=KS_CLASSES, multilabel=False, metric="accuracy", has_val=False),
+    "ave": dict(modalities=AUDIO_VIDEO, class_names=AVE_CLASSES, multilabel=False, metric="accuracy", has_val=True),
+    "synthetic": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names(), multilabel=False,
+                      metric="accuracy", has_val=True, image_size=SYNTHETIC_IMAGE_SIZE),
+}
+DATASETS = tuple(REGISTRY)
+
+# What each dataset's --data-root must hold: named by every error about a missing file
+EXPECTED_LAYOUT = {
     "food101": "images/{train,test}/<class>/<file>.jpg and texts/{train,test}_titles.csv",
     "mmimdb": "split.json (train/dev/test id lists), dataset/<id>.jpeg and dataset/<id>.json",
     "cremad": "train.csv/test.csv (rows 'clip,EMOTION'), AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg",
@@ -131,19 +170,6 @@ SPLIT_FILES = {"cremad": "{split}.csv", "ks": "my_{split}.txt", "ave": "{split}S
 AV_DIRS = {"cremad": ("AudioWAV", "Image-01-FPS"), "ks": ("audio", "frames"), "ave": ("audio", "Image-01-FPS-SE")}
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    modalities: tuple   # (m1, m2): the order of the columns of `present`
-    num_classes: int
-    class_names: list
-    multilabel: bool    # True -> (C,) multi-hot targets, BCE loss
-    metric: str         # "accuracy" or "f1" (F1-macro headline, F1-micro too)
-    text_max_len: int | None
-    has_val: bool       # False -> "val" is carved from train
-    image_size: int = 224  # side of image/video frames (the synthetic toy ViT takes 32)
-
-
 def _check_name(name):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
@@ -153,40 +179,27 @@ def dataset_info(name, root=None):
     """The DatasetInfo of `name`. Food-101's class names are its folder names under
     <root>/images/train, alphabetical: without `root` they are unknown ([]) and num_classes is 101."""
     _check_name(name)
-    if name == "food101":
-        names = _food101_classes(Path(root)) if root is not None else []
-        return DatasetInfo(name, IMAGE_TEXT, len(names) or FOOD101_NUM_CLASSES, names, False, "accuracy",
-                           TEXT_MAX_LEN[name], has_val=False)
-    if name == "mmimdb":
-        return DatasetInfo(name, IMAGE_TEXT, len(MMIMDB_GENRES), list(MMIMDB_GENRES), True, "f1",
-                           TEXT_MAX_LEN[name], has_val=True)
-    if name == "cremad":
-        return DatasetInfo(name, AUDIO_VIDEO, len(CREMAD_EMOTIONS), list(CREMAD_EMOTIONS), False, "accuracy",
-                           None, has_val=False)
-    if name == "ks":
-        return DatasetInfo(name, AUDIO_VIDEO, len(KS_CLASSES), list(KS_CLASSES), False, "accuracy", None,
-                           has_val=False)
-    if name == "ave":
-        return DatasetInfo(name, AUDIO_VIDEO, len(AVE_CLASSES), list(AVE_CLASSES), False, "accuracy", None,
-                           has_val=True)
-    return DatasetInfo(name, IMAGE_TEXT, SYNTHETIC_CLASSES, synthetic_class_names(), False, "accuracy",
-                       TEXT_MAX_LEN[name], has_val=True, image_size=SYNTHETIC_IMAGE_SIZE)
+    fields = dict(REGISTRY[name])
+    if name == "food101" and root is not None:
+        fields["class_names"] = _food101_classes(Path(root))
+    names = list(fields.pop("class_names"))
+    return DatasetInfo(name=name, num_classes=len(names) or FOOD101_NUM_CLASSES, class_names=names,
+                       text_max_len=TEXT_MAX_LEN.get(name), **fields)
 
 
 def _food101_classes(root):
     folder = root / "images" / "train"
     if not folder.is_dir():
-        raise FileNotFoundError(f"food101: no class folders at {folder}; expected {LAYOUTS['food101']}")
+        raise FileNotFoundError(f"food101: no class folders at {folder}; expected {EXPECTED_LAYOUT['food101']}")
     names = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not names:
-        raise FileNotFoundError(f"food101: {folder} holds no class folders; expected {LAYOUTS['food101']}")
+        raise FileNotFoundError(f"food101: {folder} holds no class folders; expected {EXPECTED_LAYOUT['food101']}")
     return names
-
 
 # -----------------------------------------------------------------------------
 # 2. Preprocessing: each encoder gets exactly what it was pretrained on
 
-# Images and video frames: CLIPImageProcessor (checkpoints.md)
+# Images and video frames: transformers' CLIPImageProcessor, as the CLIP checkpoints' preprocessor_config.json sets it
 IMAGE_SIZE = 224
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
@@ -271,7 +284,7 @@ def read_frames(folder, generator=None):
     return torch.stack(frames)
 
 
-# Audio: AST's Kaldi-compatible log-mel filterbank (datasets.md), matching transformers'
+# Audio: AST's Kaldi-compatible log-mel filterbank, matching transformers'
 # ASTFeatureExtractor numpy path: no dither, no whole-clip mean subtraction.
 SAMPLE_RATE = 16_000
 FRAME_LENGTH = 400   # 25 ms
@@ -418,316 +431,17 @@ def _bert_template(tok, max_len, source):
 
 
 # -----------------------------------------------------------------------------
-# 3. Missing modalities (sec. 4.4, supp. 3): which samples have which modality
-
-PAPER_MISSING_RATE = 0.7  # eta = 70% throughout the paper
-FIGURE2_TEXT_PERCENTS = range(0, 101, 10)
-
-
-def _round_half_up(x):
-    return int(math.floor(round(x, 9) + 0.5))  # Python's round() would send 3.5 and 4.5 both to 4
-
-
-def missing_table(n, rate, missing_type, seed, modalities):
-    """(n, 2) bool present table, column i = modalities[i]. Exactly round(rate * n) samples miss a
-    modality: all of them `missing_type`, or for "both" half m1 and half m2, never both (sec. 4.4.1).
-    One seeded permutation decides who goes first, so for a fixed seed a smaller rate removes a
-    subset of what a larger one removes."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"missing rate must be in [0, 1], got {rate}")
-    if missing_type not in (*modalities, "both"):
-        raise ValueError(f"missing type {missing_type!r}: expected one of {modalities} or 'both'")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = _round_half_up(rate * n)
-    present = torch.ones(n, 2, dtype=torch.bool)
-    if missing_type == "both":
-        k1 = _round_half_up(rate * n / 2)
-        present[order[:k1], 0] = False
-        present[order[k1:k], 1] = False
-    else:
-        present[order[:k], modalities.index(missing_type)] = False
-    return present
-
-
-def save_missing_table(path, table, **settings):
-    """JSON with the settings (rate, type, seed, ...), the counts and one [m1, m2] 0/1 pair a sample."""
-    counts = {"complete": int(table.all(1).sum()), "m1_only": int((table[:, 0] & ~table[:, 1]).sum()),
-              "m2_only": int((~table[:, 0] & table[:, 1]).sum())}
-    with open(path, "w") as f:
-        json.dump({**settings, "n": len(table), "counts": counts, "present": table.int().tolist()}, f)
-
-
-def load_missing_table(path):
-    with open(path) as f:
-        content = json.load(f)
-    if "present" not in content:
-        raise ValueError(f"{path}: expected a JSON object with a 'present' list of [m1, m2] pairs")
-    return _check_present(torch.tensor(content["present"], dtype=torch.bool).view(-1, 2), None, path)
-
-
-def _check_present(present, n, where):
-    present = torch.as_tensor(present, dtype=torch.bool)
-    if present.dim() != 2 or present.shape[1] != 2 or (n is not None and present.shape[0] != n):
-        expected = f"({n if n is not None else 'n'}, 2)"
-        raise ValueError(f"{where}: present table must be {expected}, got {tuple(present.shape)}")
-    empty = (~present.any(1)).nonzero().flatten()
-    if len(empty):
-        raise ValueError(f"{where}: {len(empty)} samples have neither modality (first: {empty[0].item()})")
-    return present
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One test-time missing setting. `groups`: the paper's tables/figures it appears in."""
-    name: str
-    groups: tuple
-    rate: float
-    missing_type: str
-    modalities: tuple
-    seed: int = 0
-
-    @property
-    def group(self):
-        return self.groups[0]
-
-    @property
-    def shares(self):
-        return present_shares(self.modalities, self.rate, self.missing_type)
-
-    def table(self, n, seed=None):
-        """(n, 2) present table for a test set of n samples."""
-        return missing_table(n, self.rate, self.missing_type, self.seed if seed is None else seed,
-                             self.modalities)
-
-
-def eval_scenarios(info, train_rate=0.0, train_type=None, seed=0):
-    """The paper's test settings, each once, in this order: complete; Table 3 (the training ratio,
-    when training had missing data); Table 6 (the three ratios at eta = train_rate, or 70%);
-    Table 4 (one modality entirely missing); Figure 2 (m1 100% + m2 x%, x = 0, 10, ..., 100).
-    A setting shared by several (e.g. text 30%) carries all their groups."""
-    m1, m2 = info.modalities
-    train_rate = train_rate or 0.0  # None: training was complete
-    if train_rate > 0 and train_type not in (m1, m2, "both"):
-        raise ValueError(f"train_type {train_type!r}: expected {m1!r}, {m2!r} or 'both' when train_rate > 0")
-    eta = train_rate if train_rate > 0 else PAPER_MISSING_RATE
-    wanted = [(0.0, m2, "complete")]
-    if train_rate > 0:
-        wanted.append((train_rate, train_type, "table3"))
-    wanted += [(eta, t, "table6") for t in (m1, "both", m2)]
-    wanted += [(1.0, m2, "table4"), (1.0, m1, "table4")]
-    wanted += [(round(1 - x / 100, 6), m2, "figure2") for x in FIGURE2_TEXT_PERCENTS]
-    scenarios = {}  # (rate, type) -> (name, groups)
-    for rate, mtype, group in wanted:
-        key = (round(rate, 6), m2 if rate == 0 else mtype)
-        name, groups = scenarios.get(key, (_scenario_name(m1, m2, rate, mtype), ()))
-        scenarios[key] = (name, groups if group in groups else groups + (group,))
-    return [Scenario(name, groups, rate, mtype, info.modalities, seed)
-            for (rate, mtype), (name, groups) in scenarios.items()]
-
-
-def present_shares(modalities, rate, mtype):
-    """{modality: % of samples that have it} of a missing setting: what the paper's tables call it by."""
-    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in modalities}
-    return {m: round(100 * (1 - lost[m]), 1) for m in modalities}
-
-
-def _scenario_name(m1, m2, rate, mtype):
-    """'image 100% + text 30%', as the paper's tables."""
-    return " + ".join(f"{m} {share:g}%" for m, share in present_shares((m1, m2), rate, mtype).items())
-
-
-# -----------------------------------------------------------------------------
-# 4. Datasets: one class; a reader per public layout fills it with per-sample sources
-
-class MultimodalDataset(torch.utils.data.Dataset):
-    """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
-    frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
-    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index", "unreadable"
-    (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
-    nothing readable left is None, which collate drops and counts."""
-
-    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
-                 on_error="raise"):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.info, self.split, self.train, self.on_error = info, split, train, on_error
-        self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
-        # available: files found at construction; present: available & the missing table
-        self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
-        self.present = self.available.clone()
-        self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
-        if present is not None:
-            self.set_present(present)
-
-    def set_epoch(self, epoch, seed):
-        """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
-        the same whichever DataLoader worker reads it, with any number of workers, and after a resume.
-        Call it before iterating a new loader: persistent workers keep the copy they started with."""
-        self.epoch, self.seed = epoch, seed
-
-    def set_present(self, present):
-        """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
-        skip mode stay absent."""
-        present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
-        self.present = present & self.available
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
-        g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
-        wanted = [m for col, m in enumerate(self.info.modalities) if self.present[i, col]]
-        item = {m: self.read(m, self.sources[m][i], g) if m in wanted else None for m in self.info.modalities}
-        if all(item[m] is None for m in self.info.modalities):  # skip mode only: raise mode raised in read
-            return None
-        label = self.labels[i]
-        return {**item, "label": label if self.info.multilabel else int(label), "index": i,
-                "unreadable": sum(item[m] is None for m in wanted)}
-
-    def read(self, modality, source, generator=None):
-        """One modality of one sample from disk -> its model input; None when it does not decode in
-        skip mode. generator: training's random frames and crops."""
-        try:
-            if modality == "text":
-                return source
-            if modality == "image":
-                with Image.open(source) as pil:
-                    return clip_image(pil)
-            if modality == "audio":
-                return fbank(*read_audio(source))
-            return read_frames(source, generator)
-        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
-            if self.on_error == "raise":
-                raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
-                                   f"(on_error='skip' marks it absent instead)") from err
-            return None  # counted in the batch's "unreadable"; on_error='raise' names the file
-
-    def __repr__(self):
-        m1, m2 = self.info.modalities
-        p = self.present.float().mean(0) * 100 if len(self) else torch.zeros(2)
-        return (f"{self.info.name}/{self.split}: {len(self)} samples, "
-                f"{m1} {p[0]:.0f}% + {m2} {p[1]:.0f}% present")
-
-
-def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
-    """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
-    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
-    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
-    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
-    _check_name(name)
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if name == "synthetic":
-        return SyntheticDataset(split, present=present, limit=limit, seed=seed, **kw)
-    if kw:
-        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
-    if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {LAYOUTS[name]}")
-    root, info = Path(root), dataset_info(name, root)
-    if info.has_val or split == "test":
-        sources, labels = READERS[name](root, split, info, on_error)
-    else:
-        sources, labels = READERS[name](root, "train", info, on_error)
-        keep = _carve_val(len(labels), split, seed)
-        sources, labels = {m: [s[i] for i in keep] for m, s in sources.items()}, [labels[i] for i in keep]
-    if limit is not None:
-        sources, labels = {m: s[:limit] for m, s in sources.items()}, labels[:limit]
-    sources, labels, available = _check_files(info, split, sources, labels, on_error)
-    if info.multilabel:  # genre index lists -> (n, C) multi-hot
-        targets = torch.zeros(len(labels), info.num_classes)
-        for i, genres in enumerate(labels):
-            targets[i, genres] = 1.0
-        labels = targets
-    else:
-        labels = torch.tensor(labels, dtype=torch.long)
-    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
-
-
-def _carve_val(n, split, seed):
-    """Sorted indices of train's `split` part: a seeded VAL_SHARE goes to val, the rest to train."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = _round_half_up(VAL_SHARE * n)
-    return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
-
-
-# Checked when a dataset is built, cheaply (a header, not the samples): a file that cannot be used is
-# named then, not mid-training. Downloading CREMA-D's repository without git-lfs leaves ~130-byte text
-# files starting with this line in place of every WAV and FLV: they exist, but hold no audio.
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
-LFS_HINT = ("the release was downloaded without git-lfs, which leaves pointer files (~130 bytes of text) in place "
-            "of the media: fetch the real files with `git lfs install && git lfs pull` inside the clone")
-
-
-def is_lfs_pointer(path):
-    with open(path, "rb") as f:
-        return f.read(len(LFS_POINTER)) == LFS_POINTER
-
-
-def _problem(modality, source):
-    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
-    if modality == "text":
-        return None if source is not None else "missing"
-    if modality == "video":
-        return None if list_frames(source) else "missing"
-    path = source.path if isinstance(source, AudioWindow) else source
-    if not os.path.isfile(path):
-        return "missing"
-    if modality == "audio":
-        if is_lfs_pointer(path):
-            return "git-lfs pointer"
-        try:
-            sf.info(path)
-        except RuntimeError as err:  # soundfile.LibsndfileError
-            return f"bad header: {getattr(err, 'error_string', err)}"
-    return None
-
-
-def _check_files(info, split, sources, labels, on_error):
-    """Every referenced file exists, and every WAV has a readable header (no decoding). Unusable ones raise,
-    or in skip mode mark the modality absent; a sample left with nothing is dropped. All announced with counts."""
-    n = len(labels)
-    problems = [[_problem(m, sources[m][i]) for m in info.modalities] for i in range(n)]
-    available = torch.tensor([[p is None for p in row] for row in problems], dtype=torch.bool).view(n, 2)
-    for col, m in enumerate(info.modalities):
-        bad = (~available[:, col]).nonzero().flatten().tolist()
-        kinds = {}  # "missing" / "git-lfs pointer" / "bad header" -> sample indices
-        for i in bad:
-            kinds.setdefault(problems[i][col].split(":")[0], []).append(i)
-        for kind, idx in kinds.items():
-            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}"
-            message = f"{info.name}/{split}: {len(idx)} of {n} "
-            if kind == "missing":
-                message += f"samples lack their {m} (e.g. {example}); expected {LAYOUTS[info.name]}"
-            elif kind == "git-lfs pointer":
-                message += f"{m} files are git-lfs pointer files, not audio (e.g. {example}): {LFS_HINT}"
-            else:
-                message += f"{m} files have no readable WAV header (e.g. {example}: {problems[idx[0]][col]})"
-            if on_error == "raise":
-                error = FileNotFoundError if kind == "missing" else ValueError
-                raise error(message + " (on_error='skip' marks them absent)")
-            warnings.warn(message + ": marked absent")
-    keep = available.any(1)
-    if not keep.all():
-        warnings.warn(f"{info.name}/{split}: dropped {int((~keep).sum())} of {n} samples with no usable "
-                      f"modality")
-        idx = keep.nonzero().flatten().tolist()
-        sources = {m: [s[i] for i in idx] for m, s in sources.items()}
-        labels, available = [labels[i] for i in idx], available[keep]
-    return sources, labels, available
-
-
-# The readers: one per public layout, each -> (sources, labels). Every split list is read as "utf-8-sig":
-# UTF-8 whose byte-order mark, if a Windows tool wrote one, would otherwise stick to the first row's first
-# field. CRLF and LF endings both work. A list with no row is an error, not an empty split.
+# 3. Readers: one per public release, each -> (sources, labels); then the files they name are checked
+#
+# Every split list is read as "utf-8-sig": UTF-8 whose byte-order mark, if a Windows tool wrote one, would
+# otherwise stick to the first row's first field. CRLF and LF endings both work. A list with no row is an
+# error, not an empty split.
 LIST_ENCODING = "utf-8-sig"
 
 
 def _need_file(path, name):
     if not path.is_file():
-        raise FileNotFoundError(f"{name}: split file {path} not found; expected {LAYOUTS[name]}")
+        raise FileNotFoundError(f"{name}: split file {path} not found; expected {EXPECTED_LAYOUT[name]}")
     return path
 
 
@@ -739,7 +453,7 @@ def _list_lines(path, errors="strict"):
 
 def _not_empty(rows, path, name):
     if not rows:
-        raise ValueError(f"{name}: split file {path} has no rows; expected {LAYOUTS[name]}")
+        raise ValueError(f"{name}: split file {path} has no rows; expected {EXPECTED_LAYOUT[name]}")
     return rows
 
 
@@ -800,7 +514,8 @@ def _read_mmimdb(root, split, info, on_error):
                 meta = json.load(f)
         except (OSError, ValueError) as err:  # the labels live in this file: no file, no sample
             if on_error == "raise":
-                raise FileNotFoundError(f"mmimdb: cannot read {meta_path} ({err}); expected {LAYOUTS['mmimdb']}")
+                raise FileNotFoundError(f"mmimdb: cannot read {meta_path} ({err}); "
+                                        f"expected {EXPECTED_LAYOUT['mmimdb']}")
             skipped += 1
             continue
         plot = meta.get("plot") or None  # a list of summaries; MMBT keeps the longest
@@ -920,21 +635,280 @@ READERS = {"food101": _read_food101, "mmimdb": _read_mmimdb, "cremad": _read_cre
            "ave": _read_ave}
 
 
+# Checked when a dataset is built, cheaply (a header, not the samples): a file that cannot be used is
+# named then, not mid-training. Downloading CREMA-D's repository without git-lfs leaves ~130-byte text
+# files starting with this line in place of every WAV and FLV: they exist, but hold no audio.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+LFS_HINT = ("the release was downloaded without git-lfs, which leaves pointer files (~130 bytes of text) in place "
+            "of the media: fetch the real files with `git lfs install && git lfs pull` inside the clone")
+
+
+def is_lfs_pointer(path):
+    with open(path, "rb") as f:
+        return f.read(len(LFS_POINTER)) == LFS_POINTER
+
+
+def _problem(modality, source):
+    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
+    if modality == "text":
+        return None if source is not None else "missing"
+    if modality == "video":
+        return None if list_frames(source) else "missing"
+    path = source.path if isinstance(source, AudioWindow) else source
+    if not os.path.isfile(path):
+        return "missing"
+    if modality == "audio":
+        if is_lfs_pointer(path):
+            return "git-lfs pointer"
+        try:
+            sf.info(path)
+        except RuntimeError as err:  # soundfile.LibsndfileError
+            return f"bad header: {getattr(err, 'error_string', err)}"
+    return None
+
+
+def _check_files(info, split, sources, labels, on_error):
+    """Every referenced file exists, and every WAV has a readable header (no decoding). Unusable ones raise,
+    or in skip mode mark the modality absent; a sample left with nothing is dropped. All announced with counts."""
+    n = len(labels)
+    problems = [[_problem(m, sources[m][i]) for m in info.modalities] for i in range(n)]
+    available = torch.tensor([[p is None for p in row] for row in problems], dtype=torch.bool).view(n, 2)
+    for col, m in enumerate(info.modalities):
+        bad = (~available[:, col]).nonzero().flatten().tolist()
+        kinds = {}  # "missing" / "git-lfs pointer" / "bad header" -> sample indices
+        for i in bad:
+            kinds.setdefault(problems[i][col].split(":")[0], []).append(i)
+        for kind, idx in kinds.items():
+            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}"
+            message = f"{info.name}/{split}: {len(idx)} of {n} "
+            if kind == "missing":
+                message += f"samples lack their {m} (e.g. {example}); expected {EXPECTED_LAYOUT[info.name]}"
+            elif kind == "git-lfs pointer":
+                message += f"{m} files are git-lfs pointer files, not audio (e.g. {example}): {LFS_HINT}"
+            else:
+                message += f"{m} files have no readable WAV header (e.g. {example}: {problems[idx[0]][col]})"
+            if on_error == "raise":
+                error = FileNotFoundError if kind == "missing" else ValueError
+                raise error(message + " (on_error='skip' marks them absent)")
+            warnings.warn(message + ": marked absent")
+    keep = available.any(1)
+    if not keep.all():
+        warnings.warn(f"{info.name}/{split}: dropped {int((~keep).sum())} of {n} samples with no usable "
+                      f"modality")
+        idx = keep.nonzero().flatten().tolist()
+        sources = {m: [s[i] for i in idx] for m, s in sources.items()}
+        labels, available = [labels[i] for i in idx], available[keep]
+    return sources, labels, available
+
+
+# -----------------------------------------------------------------------------
+# 4. Missing modalities (sec. 4.4, supp. 3): which samples have which modality
+
+PAPER_MISSING_RATE = 0.7  # eta = 70% throughout the paper
+FIGURE2_TEXT_PERCENTS = range(0, 101, 10)
+
+
+def _round_half_up(x):
+    return int(math.floor(round(x, 9) + 0.5))  # Python's round() would send 3.5 and 4.5 both to 4
+
+
+def missing_table(n, rate, missing_type, seed, modalities):
+    """(n, 2) bool present table, column i = modalities[i]. Exactly round(rate * n) samples miss a
+    modality: all of them `missing_type`, or for "both" half m1 and half m2, never both (sec. 4.4.1).
+    One seeded permutation decides who goes first, so for a fixed seed a smaller rate removes a
+    subset of what a larger one removes."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"missing rate must be in [0, 1], got {rate}")
+    if missing_type not in (*modalities, "both"):
+        raise ValueError(f"missing type {missing_type!r}: expected one of {modalities} or 'both'")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = _round_half_up(rate * n)
+    present = torch.ones(n, 2, dtype=torch.bool)
+    if missing_type == "both":
+        k1 = _round_half_up(rate * n / 2)
+        present[order[:k1], 0] = False
+        present[order[k1:k], 1] = False
+    else:
+        present[order[:k], modalities.index(missing_type)] = False
+    return present
+
+
+def save_missing_table(path, table, **settings):
+    """JSON with the settings (rate, type, seed, ...), the counts and one [m1, m2] 0/1 pair a sample."""
+    counts = {"complete": int(table.all(1).sum()), "m1_only": int((table[:, 0] & ~table[:, 1]).sum()),
+              "m2_only": int((~table[:, 0] & table[:, 1]).sum())}
+    with open(path, "w") as f:
+        json.dump({**settings, "n": len(table), "counts": counts, "present": table.int().tolist()}, f)
+
+
+def load_missing_table(path):
+    with open(path) as f:
+        content = json.load(f)
+    if "present" not in content:
+        raise ValueError(f"{path}: expected a JSON object with a 'present' list of [m1, m2] pairs")
+    return _check_present(torch.tensor(content["present"], dtype=torch.bool).view(-1, 2), None, path)
+
+
+def _check_present(present, n, where):
+    present = torch.as_tensor(present, dtype=torch.bool)
+    if present.dim() != 2 or present.shape[1] != 2 or (n is not None and present.shape[0] != n):
+        expected = f"({n if n is not None else 'n'}, 2)"
+        raise ValueError(f"{where}: present table must be {expected}, got {tuple(present.shape)}")
+    empty = (~present.any(1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{where}: {len(empty)} samples have neither modality (first: {empty[0].item()})")
+    return present
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One test-time missing setting. `groups`: the paper's tables/figures it appears in."""
+    name: str
+    groups: tuple
+    rate: float
+    missing_type: str
+    modalities: tuple
+    seed: int = 0
+
+    @property
+    def group(self):
+        return self.groups[0]
+
+    @property
+    def shares(self):
+        return present_shares(self.modalities, self.rate, self.missing_type)
+
+    def table(self, n, seed=None):
+        """(n, 2) present table for a test set of n samples."""
+        return missing_table(n, self.rate, self.missing_type, self.seed if seed is None else seed,
+                             self.modalities)
+
+
+def eval_scenarios(info, train_rate=0.0, train_type=None, seed=0):
+    """The paper's test settings, each once, in this order: complete; Table 3 (the training ratio,
+    when training had missing data); Table 6 (the three ratios at eta = train_rate, or 70%);
+    Table 4 (one modality entirely missing); Figure 2 (m1 100% + m2 x%, x = 0, 10, ..., 100).
+    A setting shared by several (e.g. text 30%) carries all their groups."""
+    m1, m2 = info.modalities
+    train_rate = train_rate or 0.0  # None: training was complete
+    if train_rate > 0 and train_type not in (m1, m2, "both"):
+        raise ValueError(f"train_type {train_type!r}: expected {m1!r}, {m2!r} or 'both' when train_rate > 0")
+    eta = train_rate if train_rate > 0 else PAPER_MISSING_RATE
+    wanted = [(0.0, m2, "complete")]
+    if train_rate > 0:
+        wanted.append((train_rate, train_type, "table3"))
+    wanted += [(eta, t, "table6") for t in (m1, "both", m2)]
+    wanted += [(1.0, m2, "table4"), (1.0, m1, "table4")]
+    wanted += [(round(1 - x / 100, 6), m2, "figure2") for x in FIGURE2_TEXT_PERCENTS]
+    scenarios = {}  # (rate, type) -> (name, groups)
+    for rate, mtype, group in wanted:
+        key = (round(rate, 6), m2 if rate == 0 else mtype)
+        name, groups = scenarios.get(key, (_scenario_name(m1, m2, rate, mtype), ()))
+        scenarios[key] = (name, groups if group in groups else groups + (group,))
+    return [Scenario(name, groups, rate, mtype, info.modalities, seed)
+            for (rate, mtype), (name, groups) in scenarios.items()]
+
+
+def present_shares(modalities, rate, mtype):
+    """{modality: % of samples that have it} of a missing setting: what the paper's tables call it by."""
+    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in modalities}
+    return {m: round(100 * (1 - lost[m]), 1) for m in modalities}
+
+
+def _scenario_name(m1, m2, rate, mtype):
+    """'image 100% + text 30%', as the paper's tables."""
+    return " + ".join(f"{m} {share:g}%" for m, share in present_shares((m1, m2), rate, mtype).items())
+
+
+# -----------------------------------------------------------------------------
+# 5. Datasets: one class, filled by a reader with per-sample sources, or by the synthetic generator
+
+def _check_on_error(on_error):
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+class MultimodalDataset(torch.utils.data.Dataset):
+    """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
+    frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
+    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index", "unreadable"
+    (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
+    nothing readable left is None, which collate drops and counts."""
+
+    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
+                 on_error="raise"):
+        _check_on_error(on_error)
+        self.info, self.split, self.train, self.on_error = info, split, train, on_error
+        self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
+        # available: files found at construction; present: available & the missing table
+        self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
+        self.present = self.available.clone()
+        self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
+        if present is not None:
+            self.set_present(present)
+
+    def set_epoch(self, epoch, seed):
+        """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
+        the same whichever DataLoader worker reads it, with any number of workers, and after a resume.
+        Call it before iterating a new loader: persistent workers keep the copy they started with."""
+        self.epoch, self.seed = epoch, seed
+
+    def set_present(self, present):
+        """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
+        skip mode stay absent."""
+        present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
+        self.present = present & self.available
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
+        wanted = [m for col, m in enumerate(self.info.modalities) if self.present[i, col]]
+        item = {m: self.read(m, self.sources[m][i], g) if m in wanted else None for m in self.info.modalities}
+        if all(item[m] is None for m in self.info.modalities):  # skip mode only: raise mode raised in read
+            return None
+        label = self.labels[i]
+        return {**item, "label": label if self.info.multilabel else int(label), "index": i,
+                "unreadable": sum(item[m] is None for m in wanted)}
+
+    def read(self, modality, source, generator=None):
+        """One modality of one sample from disk -> its model input; None when it does not decode in
+        skip mode. generator: training's random frames and crops."""
+        try:
+            if modality == "text":
+                return source
+            if modality == "image":
+                with Image.open(source) as pil:
+                    return clip_image(pil)
+            if modality == "audio":
+                return fbank(*read_audio(source))
+            return read_frames(source, generator)
+        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
+            if self.on_error == "raise":
+                raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
+                                   f"(on_error='skip' marks it absent instead)") from err
+            return None  # counted in the batch's "unreadable"; on_error='raise' names the file
+
+    def __repr__(self):
+        m1, m2 = self.info.modalities
+        p = self.present.float().mean(0) * 100 if len(self) else torch.zeros(2)
+        return (f"{self.info.name}/{self.split}: {len(self)} samples, "
+                f"{m1} {p[0]:.0f}% + {m2} {p[1]:.0f}% present")
+
+
 # Synthetic bimodal data: 8 classes, class c shows image attribute a = c // 2 (a blob in one of 4
-# quadrants) and text attribute b = c % 4 (a keyword of one of 4 groups). Each modality alone narrows c
-# to 2 classes; together they name it (~92%). Within each such pair one class is 3x as common as the other
-# (SYNTHETIC_CLASS_WEIGHTS), so the class the missing modality would have picked can be guessed from the
-# present one (one modality alone: <= ~72%): that guess is what a mask token learns (paper sec. 3), and
-# what a placeholder input cannot give. With probability SYNTHETIC_NOISE a modality shows another class's
-# attribute, so neither is perfect.
-SYNTHETIC_CLASSES, SYNTHETIC_IMAGE_SIZE = 8, 32
+# QUADRANTS) and text attribute b = c % 4 (a keyword of one of 4 KEYWORDS groups; both in chapter 1).
+# Each modality alone narrows c to 2 classes; together they name it (~92%). Within each such pair one class
+# is 3x as common as the other (SYNTHETIC_CLASS_WEIGHTS), so the class the missing modality would have
+# picked can be guessed from the present one (one modality alone: <= ~72%): that guess is what a mask token
+# learns (paper sec. 3), and what a placeholder input cannot give. With probability SYNTHETIC_NOISE a
+# modality shows another class's attribute, so neither is perfect.
 SYNTHETIC_CLASS_WEIGHTS = (3, 1, 1, 3, 1, 3, 3, 1)  # pairs (2a, 2a+1) and (b, b+4): one common, one rare
 SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 1000}
 SYNTHETIC_NOISE = 0.05
 BLOB_SIGMA, BLOB_JITTER, PIXEL_NOISE = 3.0, 3.0, 0.5  # pixels, pixels, std of the normalised image
-QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
-KEYWORDS = [["sun", "sunny", "bright"], ["moon", "night", "dark"], ["rain", "wet", "storm"],
-            ["snow", "cold", "ice"]]
 FILLERS = ["a", "the", "photo", "of", "this", "shows", "some", "very", "with", "and", "near", "look", "at",
            "my", "old", "new", "small", "big", "one", "scene"]
 SYNTHETIC_WORDS = FILLERS + [w for group in KEYWORDS for w in group]
@@ -953,10 +927,6 @@ def synthetic_tokenizer(max_len=TEXT_MAX_LEN["synthetic"]):
     """The toy BERT's tokenizer, built in memory (weights/toy/bert/vocab.txt holds the same vocab)."""
     vocab = {w: i for i, w in enumerate(synthetic_vocab())}
     return _bert_template(wordpiece_tokenizer(vocab), max_len, source="synthetic_vocab()")
-
-
-def synthetic_class_names():
-    return [f"{QUADRANTS[c // 2]}+{KEYWORDS[c % 4][0]}" for c in range(SYNTHETIC_CLASSES)]
 
 
 def _generator(seed, stream):
@@ -1028,12 +998,62 @@ class SyntheticDataset(MultimodalDataset):
         return source  # already the model input
 
 
+def _carve_val(n, split, seed):
+    """Sorted indices of train's `split` part: a seeded VAL_SHARE goes to val, the rest to train."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = _round_half_up(VAL_SHARE * n)
+    return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
+
+
+def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
+    """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
+    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
+    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
+    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
+    _check_name(name)
+    _check_on_error(on_error)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name == "synthetic":
+        return SyntheticDataset(split, present=present, limit=limit, seed=seed, **kw)
+    if kw:
+        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {EXPECTED_LAYOUT[name]}")
+    root, info = Path(root), dataset_info(name, root)
+    if info.has_val or split == "test":
+        sources, labels = READERS[name](root, split, info, on_error)
+    else:
+        sources, labels = READERS[name](root, "train", info, on_error)
+        keep = _carve_val(len(labels), split, seed)
+        sources, labels = {m: [s[i] for i in keep] for m, s in sources.items()}, [labels[i] for i in keep]
+    if limit is not None:
+        sources, labels = {m: s[:limit] for m, s in sources.items()}, labels[:limit]
+    sources, labels, available = _check_files(info, split, sources, labels, on_error)
+    if info.multilabel:  # genre index lists -> (n, C) multi-hot
+        targets = torch.zeros(len(labels), info.num_classes)
+        for i, genres in enumerate(labels):
+            targets[i, genres] = 1.0
+        labels = targets
+    else:
+        labels = torch.tensor(labels, dtype=torch.long)
+    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
+
+
 # -----------------------------------------------------------------------------
-# 5. Batches: samples -> the batch dict of SPEC.md
+# 6. Batches: samples -> the batch dict of the header docstring
 
 def input_shape(info, modality):
     s = info.image_size
     return {"image": (3, s, s), "video": (NUM_FRAMES, 3, s, s), "audio": (MAX_FRAMES, NUM_MEL_BINS)}[modality]
+
+
+def _default_tokenizer(info):
+    if "text" not in info.modalities:
+        return None
+    if info.name != "synthetic":
+        raise ValueError(f"{info.name} has text: pass tokenizer=load_tokenizer(<bert folder>, {info.text_max_len})")
+    return synthetic_tokenizer(info.text_max_len)
 
 
 def collate(samples, info, tokenizer=None):
@@ -1070,14 +1090,6 @@ def collate(samples, info, tokenizer=None):
     return batch
 
 
-def _default_tokenizer(info):
-    if "text" not in info.modalities:
-        return None
-    if info.name != "synthetic":
-        raise ValueError(f"{info.name} has text: pass tokenizer=load_tokenizer(<bert folder>, {info.text_max_len})")
-    return synthetic_tokenizer(info.text_max_len)
-
-
 def seed_worker(worker_id):
     """DataLoader seeds torch in each worker from its generator; seed python and numpy from that, for
     any randomness besides the samples' own streams (a transform of your own, say)."""
@@ -1104,7 +1116,7 @@ def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, see
 
 
 # -----------------------------------------------------------------------------
-# 6. Preparation: a video release -> the layout above, in one command
+# 7. Preparation: a video release -> the layout above, in one command
 #
 #     python data.py prepare {cremad,ks,ave} --source RAW --root OUT [--workers N]
 #

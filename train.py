@@ -466,7 +466,7 @@ def check_inputs(args):
     """The data root and the pretrained weights, checked together so one start reports every fix."""
     problems = []
     if args.data != "synthetic" and not Path(args.data_root).is_dir():
-        problems.append(f"no dataset at --data-root {args.data_root}: expected {data.LAYOUTS[args.data]} "
+        problems.append(f"no dataset at --data-root {args.data_root}: expected {data.EXPECTED_LAYOUT[args.data]} "
                         f"(README.md, 'Datasets', says where to get it)")
     info = data.dataset_info(args.data) if problems else info_of(args)
     missing = [m for m, p in encoder_paths(args, info).items() if p is None]
@@ -497,7 +497,7 @@ def build_splits(args, info, splits=("train", "val", "test")):
                                on_error=args.on_error, seed=args.seed)
         if len(ds) == 0:
             raise ValueError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
-                             f"{args.limit}); expected {data.LAYOUTS.get(args.data, 'generated data')}")
+                             f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
         if split != "test" and args.train_missing_rate:
             ds.set_present(data.missing_table(len(ds), args.train_missing_rate, args.train_missing_type,
                                               data.stream_seed(args.seed, f"missing/{split}"), info.modalities))

@@ -460,8 +460,9 @@ def predict(model, image=None, text=None, tokenizer=None):
         raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
     config = model.config
     tokenizer = tokenizer or data.load_tokenizer(config.encoders["text"], bert.config.max_position_embeddings)
-    info = data.DatasetInfo("predict", model.modalities, len(config.class_names), config.class_names,
-                            config.multilabel, "f1" if config.multilabel else "accuracy", None, has_val=False,
+    info = data.DatasetInfo(name="predict", modalities=model.modalities, num_classes=len(config.class_names),
+                            class_names=config.class_names, multilabel=config.multilabel,
+                            metric="f1" if config.multilabel else "accuracy", text_max_len=None, has_val=False,
                             image_size=size)
     label = torch.zeros(info.num_classes) if info.multilabel else 0
     batch = data.collate([{"image": image, "text": text, "label": label, "index": 0}], info, tokenizer)
