@@ -2,7 +2,7 @@
 Train and evaluate U2A (paper section 4) on one dataset, then report every missing-modality scenario of the
 paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun (DDP).
 
-    python train.py                                  # offline default: synthetic data + toy encoders (CPU, ~15 s)
+    python train.py                                  # offline default: synthetic data + toy encoders (~30 s on a 2-core CPU)
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
     torchrun --nproc_per_node 2 train.py --data mmimdb
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
@@ -446,8 +446,8 @@ def seed_step(seed, rank, step):
 
 
 def threads_for(args):
-    """The toy encoders' matrices are tiny: a second thread only spin-waits (seen here: 15 s on one thread
-    against 20-400 s on two busy cores). Real encoders keep torch's default."""
+    """The toy encoders' matrices are tiny: a second thread only spin-waits (on a busy 2-core machine two
+    threads ran the default several times slower than one). Real encoders keep torch's default."""
     return 1 if args.data == "synthetic" else None
 
 
