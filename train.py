@@ -8,9 +8,9 @@ paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun 
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
     python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
-Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> metrics -> evaluation
-over the paper's scenarios -> the run folder and checkpoints -> set-up (devices, DDP, seeds, data, model)
--> one training step -> the training loop -> main.
+Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> evaluation over the
+paper's scenarios -> the run folder and its checkpoints -> set-up (devices, DDP, precision, seeds, data,
+model) -> one training step -> one run (the loop and its named steps) -> main.
 
 Every random draw of a run is keyed by the run's seed through data.stream_seed (the missing tables, each
 epoch's order, modality dropout and LoRA dropout per step, frames and crops per sample), so a run is the
@@ -197,8 +197,8 @@ def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_facto
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: a split is encoded once and every scenario scored from the stored tokens (u2a.py, last
-# section). Under DDP each process encodes every world-th sample and the tokens are gathered: no process
+# Evaluation: a split is encoded once and every scenario scored from the stored tokens (u2a.py, 'Scoring the
+# paper's scenarios'). Under DDP each process encodes every world-th sample and the tokens are gathered: no process
 # idles at a barrier through a long validation (NCCL's watchdog).
 
 @torch.no_grad()
