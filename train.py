@@ -197,9 +197,9 @@ def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_facto
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: a split is encoded once and every scenario scored from the stored tokens (u2a.py, 'Scoring the
-# paper's scenarios'). Under DDP each process encodes every world-th sample and the tokens are gathered: no process
-# idles at a barrier through a long validation (NCCL's watchdog).
+# Evaluation: a split is encoded once and every scenario scored from the stored tokens (u2a.py, "Scoring
+# the paper's scenarios"). Under DDP each process encodes every world-th sample and the tokens are gathered:
+# no process idles at a barrier through a long validation (NCCL's watchdog).
 
 @torch.no_grad()
 def encode_split(model, dataset, ctx, desc):
