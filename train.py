@@ -2,7 +2,7 @@
 Train and evaluate U2A (paper section 4) on one dataset, then report every missing-modality scenario of the
 paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun (DDP).
 
-    python train.py                                  # offline default: synthetic data + toy encoders (~30 s on a 2-core CPU)
+    python train.py                                  # offline default: synthetic data, toy encoders, ~30 s on CPU
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
     torchrun --nproc_per_node 2 train.py --data mmimdb
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
@@ -647,7 +647,8 @@ def run(args, method, out, sets, info, ctx):
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
         model.train()
-        bar = progress(epoch_loader(sets["train"], args, ctx, epoch, skip), ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
+        loader = epoch_loader(sets["train"], args, ctx, epoch, skip)
+        bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
             batch = prepare_batch(batch, args, ctx, state, use_dropout)
             lr = args.lr * lr_factor(state.step, total, steps_per_epoch * args.warmup_epochs)
