@@ -87,10 +87,9 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def add_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "out_proj"),
-             rank: int = 1, alpha: float = 1.0, dropout: float = 0.0) -> list[str]:
+def add_lora(model: nn.Module, targets, rank: int = 1, alpha: float = 1.0, dropout: float = 0.0) -> list[str]:
     """Replace, in place, every nn.Linear child whose attribute name is in `targets` by a LoRALinear wrapping
-    it. Returns the dotted paths of the replaced modules."""
+    it. Returns the dotted paths of the replaced modules. (U2A's targets and settings: u2a.U2AConfig.)"""
     # collect first, replace after: swapping children while walking named_modules() would change the walk
     found = [(parent_name, parent, name, child)
              for parent_name, parent in model.named_modules()

@@ -122,7 +122,7 @@ def test_matches_peft_lora(rank, alpha):
     theirs = peft.get_peft_model(copy.deepcopy(ours),
                                  peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=list(TARGETS)))
-    paths = add_lora(ours, rank=rank, alpha=alpha)
+    paths = add_lora(ours, TARGETS, rank=rank, alpha=alpha)
     randomize_B(ours)  # with B = 0 both would trivially equal the base model
     # copy our factors into peft's adapter: same A, B -> outputs must agree
     peft_modules = dict(theirs.base_model.model.named_modules())
@@ -156,7 +156,7 @@ def test_dropout_only_on_lora_branch():
 
 def test_add_lora_replaces_exactly_the_named_projections():
     model = TinyModel(depth=3)
-    paths = add_lora(model, rank=1, alpha=1.0, dropout=0.1)
+    paths = add_lora(model, TARGETS, rank=1, alpha=1.0, dropout=0.1)
     assert len(paths) == 3 * 4
     assert set(paths) == {f"blocks.{i}.attn.{n}" for i in range(3) for n in TARGETS}
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -171,14 +171,14 @@ def test_add_lora_raises_when_nothing_matches():
     with pytest.raises(ValueError, match=r"query.*nn.Linear names found: \['fc1', 'head'"):
         add_lora(TinyModel(), targets=("query",))
     model = TinyModel()
-    add_lora(model)
+    add_lora(model, TARGETS)
     with pytest.raises(ValueError, match="no nn.Linear named"):  # already wrapped: nothing left to wrap
-        add_lora(model)
+        add_lora(model, TARGETS)
 
 
 def test_mark_only_lora_as_trainable():
     model = TinyModel()
-    add_lora(model)
+    add_lora(model, TARGETS)
     mark_only_lora_as_trainable(model, also=("head",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"blocks.{i}.attn.{t}.lora_{f}" for i in range(3) for t in TARGETS for f in "AB"}
@@ -192,7 +192,7 @@ def test_mark_only_lora_as_trainable():
 def test_training_step_changes_only_lora_and_also():
     torch.manual_seed(0)
     model = TinyModel()
-    add_lora(model, dropout=0.1)
+    add_lora(model, TARGETS, dropout=0.1)
     mark_only_lora_as_trainable(model, also=("head",))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # every parameter goes to AdamW, with weight decay: frozen ones must still not move
@@ -215,7 +215,7 @@ def test_training_step_changes_only_lora_and_also():
 def test_merge_lora_over_model_and_state_dict():
     torch.manual_seed(0)
     model = TinyModel().double()
-    add_lora(model, rank=2, alpha=2.0)
+    add_lora(model, TARGETS, rank=2, alpha=2.0)
     randomize_B(model)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     unmerged = model(x)
@@ -229,7 +229,7 @@ def test_merge_lora_over_model_and_state_dict():
     # the adapters alone restore the adapted model on a fresh copy with the same frozen weights
     torch.manual_seed(0)
     fresh = TinyModel().double()
-    add_lora(fresh, rank=2, alpha=2.0)
+    add_lora(fresh, TARGETS, rank=2, alpha=2.0)
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
     assert not unexpected and all("lora_" not in k for k in missing)
     torch.testing.assert_close(fresh(x), unmerged)
@@ -245,7 +245,7 @@ def test_count_parameters_by_hand():
     model = OneProj()
     base_total = 768 * 768 + 768 + 768 * 10 + 10
     assert count_parameters(model) == (base_total, base_total)
-    add_lora(model, rank=1)
+    add_lora(model, TARGETS, rank=1)
     mark_only_lora_as_trainable(model)
     assert count_parameters(model) == (768 + 768, base_total + 768 + 768)  # rank 1 adds A (1,768) + B (768,1)
     table = parameter_table(model)
