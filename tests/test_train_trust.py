@@ -398,3 +398,36 @@ def test_resume_with_dataloader_workers_is_exact_on_audio_video(tmp_path, publis
     # ~1e-11 (seen here), the same with 0 workers, so it comes from the resumed process, not from the data.
     # Frames or crops drawn per worker (the defect) moved the weights by orders of magnitude more.
     assert_same_weights(tmp_path / "whole" / "last.safetensors", tmp_path / "crashed" / "last.safetensors", atol=1e-8)
+
+
+# -----------------------------------------------------------------------------
+# 6 (the RNG states), 8 (--eval-only under torchrun), 10 (fp16 with its grad scaler)
+
+def test_a_resumable_checkpoint_restores_every_field_of_numpy_s_rng(tmp_path):
+    import numpy as np
+    args, _ = train.parse_args(SMALL)
+    model = u2a.build_model(train.model_config(args, train.info_of(args), "u2a"))
+    opt = train.make_optimizer(model, args)
+    np.random.seed(7)
+    np.random.standard_normal()  # leaves a cached Gaussian: has_gauss = 1 and its value, the last two fields
+    saved = np.random.get_state()
+    assert saved[3] == 1
+    train.save_resumable(tmp_path / "ckpt.safetensors", model, opt, {"step": 0, "best": 0, "best_step": 0})
+    np.random.seed(8)
+    train.load_resumable(tmp_path / "ckpt.safetensors", model, opt)
+    restored = np.random.get_state()
+    assert restored[0] == saved[0] and (restored[1] == saved[1]).all() and restored[2:] == saved[2:]
+
+
+def test_eval_only_under_torchrun_splits_the_test_set_and_equals_one_process(tmp_path):
+    out = tmp_path / "run"
+    trained = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--out", str(out)])["u2a"]
+    torchrun(["--eval-only", str(out), "--out", str(tmp_path / "ddp")])
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["scenarios"] == trained["scenarios"]
+
+
+def test_an_fp16_run_with_its_grad_scaler_trains_on_the_cpu(tmp_path):
+    metrics = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--precision", "fp16", "--out", str(tmp_path)])
+    assert all(0 <= r["accuracy"] <= 100 for r in metrics["u2a"]["scenarios"].values())
+    assert all(torch.isfinite(t).all() for t in trained_tensors(tmp_path / "best.safetensors").values())
