@@ -63,6 +63,7 @@ import checkpoints    # tests/checkpoints.py: random encoders in the published l
 import test_data      # tests/test_data.py: the Food-101 fixture
 import test_encoders  # tests/test_encoders.py: our encoder classes, transformers' reference, example inputs
 import train
+import u2a
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -177,7 +178,7 @@ def finished(out, code):
         return False, "exit code 0 but no metrics.json"
     scenarios = json.loads((out / "metrics.json").read_text())["scenarios"]
     complete = scenarios["image 100% + text 100%"]["accuracy"]
-    step = train.checkpoint_meta(out / "last.safetensors")["step"]
+    step = u2a.open_checkpoint(out / "last.safetensors")[1]["step"]
     return True, f"metrics.json, {len(scenarios)} scenarios, {step} steps, test accuracy {complete:.1f}% (complete)"
 
 
@@ -262,11 +263,11 @@ def resume_after_kill(report, single, env, out, uninterrupted, logs, exact):
                                                f"{proc.returncode}); a larger LIMIT would give it more steps",
                    (logs / "killed.log").read_text())
         return
-    killed_at = train.checkpoint_meta(last)["step"]
+    killed_at = u2a.open_checkpoint(last)[1]["step"]
     code, output, seconds = run_train(single + ["--out", str(out), "--save-every", "1", "--resume"], env,
                                       logs / "resume.log")
     ok, figures = finished(out, code)
-    ok = ok and f"at step {killed_at}/" in output  # train.py's "resumed <checkpoint> at step s/total"
+    ok = ok and re.search(rf"resumed \S+ at step {killed_at}\b", output) is not None  # train.py's own line
     if ok:
         same, diff = same_run(out, uninterrupted)
         ok = same or not exact
