@@ -62,6 +62,7 @@ RUN_SETTINGS = ("data", "data_root", "limit", "seed", "epochs", "batch_size", "l
                 "weight_decay", "rank", "alpha", "lora_dropout", "lam", "train_missing_rate",
                 "train_missing_type", "modality_dropout", "method", "compare_naive", "on_error", "precision")
 MODEL_SETTINGS = ("rank", "alpha", "lora_dropout", "lam", "method")  # a checkpoint's own, never overridden
+FREE_SETTINGS = ("out", "eval_only", "resume", "gpu", "workers", "compile", "save_every")  # this invocation's
 
 
 def recipe_of(name):
@@ -399,7 +400,7 @@ class Context:
 
     def __init__(self, args, rank, world, device, tokenizer):
         self.rank, self.world, self.device, self.tokenizer = rank, world, device, tokenizer
-        self.seed, self.workers, self.precision = args.seed, args.workers, args.precision
+        self.seed, self.workers = args.seed, args.workers
         self.autocast = autocast_for(device, args.precision)
         self.eval_batch = max(1, args.batch_size // world) * 4
 
@@ -456,10 +457,10 @@ def info_of(args):
 
 
 def encoder_paths(args, info):
-    """{modality: folder} of the pretrained encoders under --weights; None for those that are missing."""
+    """{modality: folder} of the pretrained encoders under --weights (weights/download.py's folders, or the
+    toy encoders' for the synthetic default)."""
     folders = TOY_FOLDERS if args.data == "synthetic" else ENCODER_FOLDERS
-    paths = {m: Path(args.weights) / folders[m] for m in info.modalities}
-    return {m: p if (p / "model.safetensors").is_file() else None for m, p in paths.items()}
+    return {m: Path(args.weights) / folders[m] for m in info.modalities}
 
 
 def check_inputs(args):
@@ -469,13 +470,12 @@ def check_inputs(args):
         problems.append(f"no dataset at --data-root {args.data_root}: expected {data.EXPECTED_LAYOUT[args.data]} "
                         f"(README.md, 'Datasets', says where to get it)")
     info = data.dataset_info(args.data) if problems else info_of(args)
-    missing = [m for m, p in encoder_paths(args, info).items() if p is None]
+    missing = {m: p / "model.safetensors" for m, p in encoder_paths(args, info).items()
+               if not (p / "model.safetensors").is_file()}
     if missing:
         fetch = "python weights/make_toy.py" if args.data == "synthetic" else \
             f"python weights/download.py --dest {args.weights}"
-        folders = TOY_FOLDERS if args.data == "synthetic" else ENCODER_FOLDERS
-        problems.append(f"no pretrained {' and '.join(missing)} encoder: "
-                        f"{', '.join(str(Path(args.weights) / folders[m] / 'model.safetensors') for m in missing)} "
+        problems.append(f"no pretrained {' and '.join(missing)} encoder: {', '.join(map(str, missing.values()))} "
                         f"missing; get it with `{fetch}`")
     if problems:
         raise FileNotFoundError("cannot start:\n  - " + "\n  - ".join(problems))
@@ -720,6 +720,15 @@ def append_log(path, record):
 # -----------------------------------------------------------------------------
 # main: resolve the settings (fresh, resumed or evaluated run), check everything, then train or evaluate
 
+def take_saved_settings(args, saved, given):
+    """A resumed or evaluated run's settings: the saved run's (config.json, or a checkpoint's "config"),
+    except those the user gave now and those of this invocation alone (FREE_SETTINGS)."""
+    for k, v in saved.items():
+        if k not in given and k not in FREE_SETTINGS:
+            setattr(args, k, Path(v) if k == "weights" else v)
+    return args
+
+
 def resolve_resume(args, given):
     """--resume continues a run as it was configured: its config.json gives every setting of the run; a
     setting given now that contradicts it is an error."""
@@ -732,10 +741,7 @@ def resolve_resume(args, given):
         raise ValueError("--resume continues the run as it was configured; these settings differ from "
                          f"{saved_path}: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run: "
                                                        f"{saved.get(k)})" for k in clash))
-    for k in RUN_SETTINGS + ("weights", "test_missing_rate", "test_missing_type", "warmup_factor", "power", "eps"):
-        if k in saved and k not in given:
-            setattr(args, k, Path(saved[k]) if k == "weights" else saved[k])
-    return args
+    return take_saved_settings(args, saved, given)
 
 
 def eval_checkpoints(path):
@@ -760,10 +766,7 @@ def resolve_eval(args, given, ckpt):
         raise ValueError(f"{ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}"
                                                                  for k in clash)
                          + ": the model's settings come from the checkpoint; leave them out")
-    evaluated = argparse.Namespace(**vars(args))
-    for k, v in saved.items():
-        if k not in given and k not in ("out", "eval_only", "resume", "gpu", "workers", "compile"):
-            setattr(evaluated, k, Path(v) if k == "weights" else v)
+    evaluated = take_saved_settings(argparse.Namespace(**vars(args)), saved, given)
     evaluated.out = args.out if "out" in given else ckpt.parent
     return evaluated, meta
 
