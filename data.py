@@ -95,7 +95,8 @@ def stream_seed(seed, stream, *keys):
 # 1. Registry: what each dataset is
 
 IMAGE_TEXT, AUDIO_VIDEO = ("image", "text"), ("audio", "video")
-TEXT_MAX_LEN = {"food101": 40, "mmimdb": 256, "synthetic": 16}  # sec. 4.2; synthetic: <=12 words
+TEXT_MAX_LEN = {"food101": 40, "mmimdb": 256, "synthetic": 16, "synthetic-independent": 16}  # sec. 4.2;
+# synthetic: <= 12 words
 VAL_SHARE = 0.1  # ~ missing_aware_prompts' 6,846 / 67,988 Food-101 val carve
 
 # The 23 genres of the MM-IMDb paper (Arevalo et al. 2017), most frequent first; other genres are dropped
@@ -117,15 +118,20 @@ AVE_CLASSES = ["Church bell", "Male speech, man speaking", "Bark", "Fixed-wing a
                "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
                "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant cry", "Bus", "Chainsaw", "Cat",
                "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin"]
-# The synthetic classes: a blob's quadrant x a keyword group (chapter 5 draws them)
-SYNTHETIC_CLASSES, SYNTHETIC_IMAGE_SIZE = 8, 32
+# The synthetic designs' cues: a blob's quadrant and a keyword group (chapter 5 draws them)
+SYNTHETIC = ("synthetic", "synthetic-independent")  # generated in memory, no data root
+SYNTHETIC_IMAGE_SIZE = 32
 QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
 KEYWORDS = [["sun", "sunny", "bright"], ["moon", "night", "dark"], ["rain", "wet", "storm"],
             ["snow", "cold", "ice"]]
+FLIP_CLASSES = ["A", "B"]
 
 
-def synthetic_class_names():
-    return [f"{QUADRANTS[c // 2]}+{KEYWORDS[c % 4][0]}" for c in range(SYNTHETIC_CLASSES)]
+def synthetic_class_names(name="synthetic-independent"):
+    """The 8 classes of synthetic-independent, quadrant + keyword; "synthetic" has FLIP_CLASSES."""
+    if name == "synthetic":
+        return list(FLIP_CLASSES)
+    return [f"{QUADRANTS[c // 2]}+{KEYWORDS[c % 4][0]}" for c in range(8)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +156,10 @@ REGISTRY = {
                    has_val=False),
     "ks": dict(modalities=AUDIO_VIDEO, class_names=KS_CLASSES, multilabel=False, metric="accuracy", has_val=False),
     "ave": dict(modalities=AUDIO_VIDEO, class_names=AVE_CLASSES, multilabel=False, metric="accuracy", has_val=True),
-    "synthetic": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names(), multilabel=False,
+    "synthetic": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names("synthetic"), multilabel=False,
                       metric="accuracy", has_val=True, image_size=SYNTHETIC_IMAGE_SIZE),
+    "synthetic-independent": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names(), multilabel=False,
+                                  metric="accuracy", has_val=True, image_size=SYNTHETIC_IMAGE_SIZE),
 }
 DATASETS = tuple(REGISTRY)
 
@@ -898,16 +906,58 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 f"{m1} {p[0]:.0f}% + {m2} {p[1]:.0f}% present")
 
 
-# Synthetic bimodal data: 8 classes, class c shows image attribute a = c // 2 (a blob in one of 4
-# QUADRANTS) and text attribute b = c % 4 (a keyword of one of 4 KEYWORDS groups; both in chapter 1).
-# Each modality alone narrows c to 2 classes; together they name it (~92%). Within each such pair one class
-# is 3x as common as the other (SYNTHETIC_CLASS_WEIGHTS), so the class the missing modality would have
-# picked can be guessed from the present one (one modality alone: <= ~72%): that guess is what a mask token
-# learns (paper sec. 3), and what a placeholder input cannot give. With probability SYNTHETIC_NOISE a
-# modality shows another class's attribute, so neither is perfect.
-SYNTHETIC_CLASS_WEIGHTS = (3, 1, 1, 3, 1, 3, 3, 1)  # pairs (2a, 2a+1) and (b, b+4): one common, one rare
+# Synthetic bimodal data. Every sample shows an image cue a (a blob in one of 4 QUADRANTS) and a text cue b
+# (a keyword of one of 4 KEYWORDS groups, both in chapter 1), drawn with its class c from a joint table
+# P[a, b, c]. Two designs of that table, each teaching one side of the lesson:
+#
+# - "synthetic" (the default): the cues are NOT independent given the class. Two classes, A and B; a0 alone
+#   and b0 alone each point to A, but the picture a0 with the caption b0 means B (as in hateful memes, where a
+#   harmless picture and a harmless caption mean something else together); the mirror holds for a1, b1.
+#   Under sum fusion with one linear head, logits = W.CLS_img + W.stand_in + bias: the head must map
+#   (a0, b0) to B, so W.CLS_img(a0) leans to B, and with the text missing the stand-in must pull a0 back to
+#   A but a1 to B. No constant stand-in (a placeholder's CLS) can do both; one that reads the present
+#   modality (the MT) can. Exact optima under sum fusion, both / image only / text only (toy-design
+#   measurements, expected cross-entropy minimised on this table): a constant stand-in 99.0 / 60.7 / 60.7,
+#   an input-dependent one 99.0 / 77.7 / 77.7 = the Bayes ceiling (bayes_ceiling below).
+# - "synthetic-independent": 8 classes, c shows a = c // 2 and b = c % 4, each cue replaced by another
+#   with probability 5%, and within each pair a modality narrows c to, one class 3x as common as the other.
+#   The cues are independent given the class, so a constant stand-in plus the head's bias already gives the
+#   Bayes rule of each modality alone: modality dropout is all a method needs there, and an MT cannot add.
+FLIP_CELLS = {(0, 0, 1): "R", (0, 2, 0): "S", (2, 0, 0): "S",    # (a, b, class): a0 + b0 -> B; alone -> A
+              (1, 1, 0): "R", (1, 3, 1): "S", (3, 1, 1): "S"}    # the mirror: a1 + b1 -> A; alone -> B
+FLIP_WEIGHTS, FLIP_FLOOR = {"R": 0.1, "S": 0.18}, 0.02           # FLIP_FLOOR of the mass spread on every cell
+INDEPENDENT_CLASS_WEIGHTS = (3, 1, 1, 3, 1, 3, 3, 1)  # pairs (2a, 2a+1) and (b, b+4): one common, one rare
+INDEPENDENT_NOISE = 0.05                              # a cue shows another value of its kind
+
+
+def synthetic_joint(name):
+    """P[a, b, c]: the joint distribution of image cue, text cue and class of a synthetic design (4, 4, C)."""
+    if name == "synthetic":
+        joint = torch.zeros(len(QUADRANTS), len(KEYWORDS), 2, dtype=torch.float64)
+        for (a, b, c), kind in FLIP_CELLS.items():
+            joint[a, b, c] = FLIP_WEIGHTS[kind]
+        return (1 - FLIP_FLOOR) * joint / joint.sum() + FLIP_FLOOR / joint.numel()
+    if name == "synthetic-independent":
+        prior = torch.tensor(INDEPENDENT_CLASS_WEIGHTS, dtype=torch.float64)
+        prior = prior / prior.sum()                                                  # (8,)
+        classes = torch.arange(len(prior))
+        shown = lambda attr: torch.where(torch.arange(4)[:, None] == attr[None, :],  # (4, 8): P(cue | c)
+                                         1 - INDEPENDENT_NOISE, INDEPENDENT_NOISE / 3)
+        return shown(classes // 2)[:, None, :] * shown(classes % 4)[None, :, :] * prior  # (4, 4, 8)
+    raise ValueError(f"{name!r} is not a synthetic dataset: expected one of {', '.join(SYNTHETIC)}")
+
+
+def bayes_ceiling(name):
+    """The best accuracy (%) any model can reach on a synthetic design, exactly, from its joint table:
+    {"both": ..., m1: ..., m2: ...}, the key naming the modalities present. Each cue is read off its input
+    without error by construction (a blob's quadrant, a keyword's group), so the Bayes rule sees (a, b)."""
+    joint = synthetic_joint(name)                              # (4, 4, C) float64
+    return {"both": 100 * joint.amax(2).sum().item(),          # argmax_c P(a, b, c) for every (a, b)
+            "image": 100 * joint.sum(1).amax(1).sum().item(),  # the text missing: argmax_c P(a, c)
+            "text": 100 * joint.sum(0).amax(1).sum().item()}   # the image missing: argmax_c P(b, c)
+
+
 SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 1000}
-SYNTHETIC_NOISE = 0.05
 BLOB_SIGMA, BLOB_JITTER, PIXEL_NOISE = 3.0, 3.0, 0.5  # pixels, pixels, std of the normalised image
 FILLERS = ["a", "the", "photo", "of", "this", "shows", "some", "very", "with", "and", "near", "look", "at",
            "my", "old", "new", "small", "big", "one", "scene"]
@@ -963,13 +1013,6 @@ def _write_sentences(group, g):
     return sentences
 
 
-def _corrupt(attribute, g, choices=4):
-    """With probability SYNTHETIC_NOISE replace an attribute by a different random one."""
-    flip = torch.rand(len(attribute), generator=g) < SYNTHETIC_NOISE
-    other = (attribute + torch.randint(1, choices, (len(attribute),), generator=g)) % choices
-    return torch.where(flip, other, attribute)
-
-
 def synthetic_unimodal(modality, n, seed=0):
     """Unimodal pre-training data for the toy encoders, from its own seed stream: ("image", n) ->
     ((n,3,32,32) images, (n,) quadrant labels); ("text", n) -> (n strings, (n,) keyword-group labels)."""
@@ -981,18 +1024,20 @@ def synthetic_unimodal(modality, n, seed=0):
 
 
 class SyntheticDataset(MultimodalDataset):
-    """Image + text, generated in memory from `seed` (milliseconds, no download)."""
+    """Image + text of a synthetic design, generated in memory from the data's `seed` (milliseconds, no
+    download): each sample's (a, b, c) drawn from the design's joint table, then a blob and a sentence."""
 
-    def __init__(self, split, n=None, present=None, limit=None, seed=0):
+    def __init__(self, name, split, n=None, present=None, limit=None, seed=0):
         n = SYNTHETIC_SIZES[split] if n is None else n
         g = _generator(seed, split)
-        weights = torch.tensor(SYNTHETIC_CLASS_WEIGHTS, dtype=torch.float)
-        labels = torch.multinomial(weights, n, replacement=True, generator=g)  # (n,)
-        images = _draw_blobs(_corrupt(labels // 2, g), g)     # a = c // 2
-        texts = _write_sentences(_corrupt(labels % 4, g), g)  # b = c % 4
+        joint = synthetic_joint(name)                                          # (4, 4, C)
+        cell = torch.multinomial(joint.flatten(), n, replacement=True, generator=g)  # (n,)
+        C = joint.shape[2]
+        quadrant, group, labels = cell // (len(KEYWORDS) * C), (cell // C) % len(KEYWORDS), cell % C
+        images, texts = _draw_blobs(quadrant, g), _write_sentences(group, g)
         n = n if limit is None else min(limit, n)
-        super().__init__(dataset_info("synthetic"), split, {"image": images[:n], "text": texts[:n]},
-                         labels[:n], present=present)
+        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n],
+                         present=present)
 
     def read(self, modality, source, generator=None):
         return source  # already the model input
@@ -1014,8 +1059,8 @@ def make_dataset(name, root, split, present=None, train=False, limit=None, on_er
     _check_on_error(on_error)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if name == "synthetic":
-        return SyntheticDataset(split, present=present, limit=limit, seed=seed, **kw)
+    if name in SYNTHETIC:
+        return SyntheticDataset(name, split, present=present, limit=limit, seed=seed, **kw)
     if kw:
         raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
     if root is None or not Path(root).is_dir():
@@ -1051,7 +1096,7 @@ def input_shape(info, modality):
 def _default_tokenizer(info):
     if "text" not in info.modalities:
         return None
-    if info.name != "synthetic":
+    if info.name not in SYNTHETIC:
         raise ValueError(f"{info.name} has text: pass tokenizer=load_tokenizer(<bert folder>, {info.text_max_len})")
     return synthetic_tokenizer(info.text_max_len)
 
@@ -1088,6 +1133,32 @@ def collate(samples, info, tokenizer=None):
             rows = [placeholder if s[m] is None else s[m] for s in kept]
             batch[m] = torch.stack(rows) if kept else torch.zeros(0, *placeholder.shape)  # (B, ...)
     return batch
+
+
+def placeholder_sample(info):
+    """One sample with every modality missing: collate turns it into the paper's placeholders."""
+    label = torch.zeros(info.num_classes) if info.multilabel else 0
+    return {**{m: None for m in info.modalities}, "label": label, "index": 0}
+
+
+def drop_modalities(batch, present, info, tokenizer=None):
+    """The batch as if only `present` (B, 2) were there (section 3's modality dropout): an input that is no
+    longer present holds the paper's placeholder, exactly as collate gives a missing one, so a method that
+    encodes placeholders sees a dropped modality as it sees a missing one."""
+    gone = batch["present"] & ~present                                  # (B, 2)
+    out = dict(batch, present=present)
+    if not gone.any():
+        return out
+    blank = collate([placeholder_sample(info)], info, tokenizer)      # every input of batch size 1
+    for i, m in enumerate(info.modalities):
+        rows = gone[:, i]
+        for key in ("input_ids", "attention_mask") if m == "text" else (m,):
+            filler = blank[key][0].to(batch[key].device)
+            if m == "text":  # [CLS][SEP], padded to the batch's length (padding changes no output)
+                filler = torch.nn.functional.pad(filler, (0, batch[key].shape[1] - len(filler)))
+            out[key] = batch[key].clone()
+            out[key][rows] = filler
+    return out
 
 
 def seed_worker(worker_id):

@@ -43,11 +43,17 @@ from weights.download import CHECKPOINTS
 
 PAPER = dict(weight_decay=0.02, eps=1e-8, power=0.9, warmup_epochs=5, warmup_factor=0.1,  # the model's own
              rank=U2AConfig.rank, alpha=U2AConfig.alpha, lora_dropout=U2AConfig.lora_dropout, lam=U2AConfig.lam)
-RECIPES = {  # per dataset group: learning rate, epochs, batch size
-    "image-text": dict(lr=1e-3, epochs=10, batch_size=8),
-    "audio-video": dict(lr=5e-5, epochs=100, batch_size=4),
-    # Not the paper's: the toy default is sized to finish U2A and the naive baseline in seconds on a CPU.
-    "synthetic": dict(lr=2e-3, epochs=6, batch_size=32, warmup_epochs=1),
+# How the mask tokens train, where the paper is silent: the MT starts as the pretrained class token, as
+# the CLS does; eq. 6 moves both tokens; the tokens learn at the run's learning rate.
+TOKENS_AS_WRITTEN = dict(mt_init="cls", align_stop_grad=False, token_lr_scale=1.0)
+RECIPES = {  # per dataset group: learning rate, epochs, batch size, the methods trained by default
+    "image-text": dict(lr=1e-3, epochs=10, batch_size=8, method=["u2a"], **TOKENS_AS_WRITTEN),
+    "audio-video": dict(lr=5e-5, epochs=100, batch_size=4, method=["u2a"], **TOKENS_AS_WRITTEN),
+    # Not the paper's: the toy default trains the four methods side by side in about a minute on a CPU. Its
+    # token settings are those under which the toy's MTs learn to estimate the other modality's CLS (README,
+    # "The default run"): with the settings above they stay copies of their own CLS within this budget.
+    "synthetic": dict(lr=2e-3, epochs=12, batch_size=32, warmup_epochs=1, lam=1.0, method=list(u2a.METHODS),
+                      mt_init="random", align_stop_grad=True, token_lr_scale=10.0),
 }
 # Where each modality's pretrained encoder lives under --weights: weights/download.py's folders.
 ENCODER_FOLDERS = {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
@@ -60,13 +66,14 @@ LOG_EVERY = 10  # steps between progress-bar/log updates: each one waits for the
 # --eval-only takes them from the checkpoint. The rest (--out, --gpu, --workers, ...) may change freely.
 RUN_SETTINGS = ("data", "data_root", "limit", "seed", "epochs", "batch_size", "lr", "warmup_epochs",
                 "weight_decay", "rank", "alpha", "lora_dropout", "lam", "train_missing_rate",
-                "train_missing_type", "modality_dropout", "method", "compare_naive", "on_error", "precision")
-MODEL_SETTINGS = ("rank", "alpha", "lora_dropout", "lam", "method")  # a checkpoint's own, never overridden
+                "train_missing_type", "modality_dropout", "method", "mt_init", "align_stop_grad", "token_lr_scale",
+                "on_error", "precision")
+MODEL_SETTINGS = ("rank", "alpha", "lora_dropout", "lam", "mt_init", "align_stop_grad")  # a checkpoint's own
 FREE_SETTINGS = ("out", "eval_only", "resume", "gpu", "workers", "compile", "save_every")  # this invocation's
 
 
 def recipe_of(name):
-    return "synthetic" if name == "synthetic" else (
+    return "synthetic" if name in data.SYNTHETIC else (
         "image-text" if data.dataset_info(name).modalities == ("image", "text") else "audio-video")
 
 
@@ -77,7 +84,9 @@ def recipe_of(name):
 DEFAULTS_HELP = "\n".join(
     ["defaults per dataset (Table 5; synthetic is the offline toy):"]
     + [f"  {group:<12} lr {r['lr']:g}, epochs {r['epochs']}, batch {r['batch_size']}, warm-up epochs "
-       f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}" for group, r in RECIPES.items()]
+       f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}, lambda {r.get('lam', PAPER['lam'])}, methods "
+       f"{' '.join(r['method'])}; MT init {r['mt_init']}, alignment stop-gradient {r['align_stop_grad']}, "
+       f"tokens at {r['token_lr_scale']:g}x lr" for group, r in RECIPES.items()]
     + [f"  all          AdamW (eps {PAPER['eps']:g}, weight decay {PAPER['weight_decay']}), warm-up at "
        f"{PAPER['warmup_factor']}x lr, then polynomial decay (power {PAPER['power']}); LoRA rank "
        f"{PAPER['rank']}, alpha {PAPER['alpha']:g}, dropout {PAPER['lora_dropout']}; lambda {PAPER['lam']}"])
@@ -109,11 +118,16 @@ def make_parser():
     a("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
     a("--test-missing-type")
     a("--modality-dropout", choices=("auto", "on", "off"),
-      help="auto (default): on when the training set is complete (section 3)")
-    a("--method", choices=("u2a", "naive"), help="naive: no mask tokens, placeholders through the encoders "
-                                                 "(the baseline) (default: u2a)")
-    a("--compare-naive", action=argparse.BooleanOptionalAction,
-      help="also train the naive baseline and print both (default: on for synthetic)")
+      help="auto (default): a method with dropout drops on a complete training set (section 3); on: also on "
+           "an incomplete one; off: refused for such a method (naive is the method without)")
+    a("--method", nargs="+", choices=list(u2a.METHODS), metavar="METHOD",
+      help="one or more of " + ", ".join(f"{name} ({m.stand_in}, dropout {'on' if m.dropout else 'off'}, "
+                                          f"{'lambda' if m.align else 'lambda 0'})" for name, m in u2a.METHODS.items())
+           + " (default: per dataset, below)")
+    a("--mt-init", choices=("cls", "random"), help="how each MT starts (default: per dataset)")
+    a("--align-stop-grad", action=argparse.BooleanOptionalAction,
+      help="eq. 6's CLS targets as constants (default: per dataset)")
+    a("--token-lr-scale", type=float, help="the CLS/MT tokens' learning rate over --lr (default: per dataset)")
     a("--limit", type=int, help="use the first N samples of each split")
     a("--eval-only", type=Path, metavar="RUN", help="evaluate a checkpoint or run folder, no training")
     a("--resume", action="store_true", default=None, help="continue the run in --out as it was configured")
@@ -130,7 +144,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None}
     check_args(p, args)
-    return fill_defaults(args), given
+    args = fill_defaults(args)
+    check_method_flags(p, args, given)
+    return args, given
 
 
 def check_args(p, args):
@@ -157,20 +173,42 @@ def check_args(p, args):
                 f"drop --gpu to run on the CPU")
 
 
+def check_method_flags(p, args, given):
+    """A flag that contradicts every chosen method (u2a.METHODS says what each is) is refused by name."""
+    methods = {name: u2a.METHODS[name] for name in args.method}
+    if len(set(args.method)) != len(args.method):
+        p.error(f"--method {' '.join(args.method)}: a method is named twice")
+    aligning = [name for name, m in methods.items() if m.align]
+    if "lam" in given and not aligning:
+        p.error(f"--lam {args.lam}: none of --method {' '.join(methods)} trains eq. 6 (lambda is theirs to be 0); "
+                f"u2a is the method that aligns")
+    if "lam" in given and args.lam == 0 and aligning:
+        p.error(f"--lam 0 with --method {' '.join(aligning)}: u2a with lambda 0 is --method u2a-no-align")
+    for key in ("mt_init", "align_stop_grad"):
+        if key in given and all(m.stand_in == "placeholder" for m in methods.values()):
+            p.error(f"--{key.replace('_', '-')}: none of --method {' '.join(methods)} has mask tokens")
+    dropping = [name for name, m in methods.items() if m.dropout]
+    if args.modality_dropout == "on" and len(dropping) < len(methods):
+        p.error(f"--modality-dropout on: --method {' '.join(n for n in methods if n not in dropping)} trains on the "
+                f"data as it is, without dropout; placeholder-dropout is the placeholder baseline with dropout")
+    if args.modality_dropout == "off" and dropping:
+        p.error(f"--modality-dropout off: --method {' '.join(dropping)} trains with modality dropout (section 3); "
+                f"naive is the method without it")
+
+
 def fill_defaults(args):
     """The paper's values (Table 5) for every option the user left out."""
     args.data = args.data or "synthetic"
     recipe = {**PAPER, **RECIPES[recipe_of(args.data)]}
     for key in ("epochs", "batch_size", "lr", "warmup_epochs", "weight_decay", "rank", "alpha",
-                "lora_dropout", "lam"):
+                "lora_dropout", "lam", "method", "mt_init", "align_stop_grad", "token_lr_scale"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.warmup_factor, args.power, args.eps = PAPER["warmup_factor"], PAPER["power"], PAPER["eps"]
     defaults = dict(weights=WEIGHTS_DIR, seed=0, train_missing_rate=0.0, modality_dropout="auto",
-                    method="u2a", save_every=0, on_error="raise", resume=False, compile=False,
-                    workers=0 if args.data == "synthetic" else min(4, os.cpu_count() or 1),
-                    data_root=None if args.data == "synthetic" else f"data/{args.data}",
-                    compare_naive=args.data == "synthetic" and args.eval_only is None,
+                    save_every=0, on_error="raise", resume=False, compile=False,
+                    workers=0 if args.data in data.SYNTHETIC else min(4, os.cpu_count() or 1),
+                    data_root=None if args.data in data.SYNTHETIC else f"data/{args.data}",
                     precision="bf16" if args.gpu is not None and torch.cuda.is_bf16_supported() else "fp32")
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -252,10 +290,9 @@ def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0
     if ctx.rank > 0:
         return None
     placeholders = None
-    if model.config.method == "naive":  # the paper's placeholders (zeros / ""), through the encoders
-        empty = {**{m: None for m in info.modalities}, "label": torch.zeros(info.num_classes) if info.multilabel else 0,
-                 "index": 0}
-        placeholders = u2a.placeholder_tokens(model, to_device(data.collate([empty], info, ctx.tokenizer), ctx.device))
+    if model.method.stand_in == "placeholder":  # the paper's placeholders (zeros / ""), through the encoders
+        blank = data.collate([data.placeholder_sample(info)], info, ctx.tokenizer)
+        placeholders = u2a.placeholder_tokens(model, to_device(blank, ctx.device))
     test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
     test_type = args.test_missing_type or args.train_missing_type
     seed = data.stream_seed(args.seed, "missing/test")
@@ -299,15 +336,18 @@ def print_tables(results, info, args, title):
 
 
 def lesson_table(metrics_by_method, info):
-    """The embedded default's summary: both modalities, then each one missing, per method."""
+    """The lesson in one table: each method's test score with both modalities, then with each one alone, and
+    for a synthetic design the best any model can reach (data.bayes_ceiling, exact from its joint table)."""
     key, (m1, m2) = u2a.headline(info.multilabel), info.modalities
     columns = {f"{m1} + {m2}": {m1: 100, m2: 100}, f"{m1} only": {m1: 100, m2: 0}, f"{m2} only": {m1: 0, m2: 100}}
-    lines = [f"{'':34}" + "".join(f"{c:>16}" for c in columns)]
-    labels = {"u2a": "U2A (mask tokens + modality drop)", "naive": "naive (placeholders: 0 / '')"}
-    for method, metrics in metrics_by_method.items():
-        results = metrics["scenarios"].values()
+    lines = [f"{'':22}" + "".join(f"{c:>16}" for c in columns)]
+    for method in [m for m in u2a.METHODS if m in metrics_by_method]:  # naive first, u2a last
+        results = metrics_by_method[method]["scenarios"].values()
         row = [next(r[key] for r in results if r["shares"] == shares) for shares in columns.values()]
-        lines.append(f"{labels[method]:34}" + "".join(f"{v:>16.1f}" for v in row))
+        lines.append(f"{method:22}" + "".join(f"{v:>16.1f}" for v in row))
+    if info.name in data.SYNTHETIC:
+        ceiling = data.bayes_ceiling(info.name)
+        lines.append(f"{'Bayes ceiling':22}" + "".join(f"{ceiling[k]:>16.1f}" for k in ("both", m1, m2)))
     return "\n".join(lines)
 
 
@@ -449,31 +489,31 @@ def seed_step(seed, rank, step):
 def threads_for(args):
     """The toy encoders' matrices are tiny: a second thread only spin-waits (on a busy 2-core machine two
     threads ran the default several times slower than one). Real encoders keep torch's default."""
-    return 1 if args.data == "synthetic" else None
+    return 1 if args.data in data.SYNTHETIC else None
 
 
 def info_of(args):
-    return data.dataset_info(args.data, None if args.data == "synthetic" else args.data_root)
+    return data.dataset_info(args.data, None if args.data in data.SYNTHETIC else args.data_root)
 
 
 def encoder_paths(args, info):
     """{modality: folder} of the pretrained encoders under --weights (weights/download.py's folders, or the
     toy encoders' for the synthetic default)."""
-    folders = TOY_FOLDERS if args.data == "synthetic" else ENCODER_FOLDERS
+    folders = TOY_FOLDERS if args.data in data.SYNTHETIC else ENCODER_FOLDERS
     return {m: Path(args.weights) / folders[m] for m in info.modalities}
 
 
 def check_inputs(args):
     """The data root and the pretrained weights, checked together so one start reports every fix."""
     problems = []
-    if args.data != "synthetic" and not Path(args.data_root).is_dir():
+    if args.data not in data.SYNTHETIC and not Path(args.data_root).is_dir():
         problems.append(f"no dataset at --data-root {args.data_root}: expected {data.EXPECTED_LAYOUT[args.data]} "
                         f"(README.md, 'Datasets', says where to get it)")
     info = data.dataset_info(args.data) if problems else info_of(args)
     missing = {m: p / "model.safetensors" for m, p in encoder_paths(args, info).items()
                if not (p / "model.safetensors").is_file()}
     if missing:
-        fetch = "python weights/make_toy.py" if args.data == "synthetic" else \
+        fetch = "python weights/make_toy.py" if args.data in data.SYNTHETIC else \
             f"python weights/download.py --dest {args.weights}"
         problems.append(f"no pretrained {' and '.join(missing)} encoder: {', '.join(map(str, missing.values()))} "
                         f"missing; get it with `{fetch}`")
@@ -483,18 +523,20 @@ def check_inputs(args):
 
 def text_tokenizer(args, info):
     """The text encoder's own WordPiece tokenizer (the synthetic set brings its toy one)."""
-    if "text" not in info.modalities or args.data == "synthetic":
+    if "text" not in info.modalities or args.data in data.SYNTHETIC:
         return None
     return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
 
 
 def build_splits(args, info, splits=("train", "val", "test")):
     """Every split, built and checked before the first step: a broken test split is found now, not after
-    hours of training. The train/val missing tables are drawn from the run's seed (section 4.4.1)."""
+    hours of training. The data itself (synthetic samples, the validation carve) is the same for every run
+    seed (make_dataset's own data seed); the train/val missing tables are drawn from the run's seed
+    (section 4.4.1), as is everything else random about training."""
     sets = {}
     for split in splits:
         ds = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
-                               on_error=args.on_error, seed=args.seed)
+                               on_error=args.on_error)
         if len(ds) == 0:
             raise ValueError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
                              f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
@@ -509,15 +551,20 @@ def model_config(args, info, method):
     paths = encoder_paths(args, info)
     return U2AConfig(encoders={m: str(paths[m]) for m in info.modalities}, class_names=list(info.class_names),
                      multilabel=info.multilabel, method=method, rank=args.rank, alpha=args.alpha,
-                     lora_dropout=args.lora_dropout, lam=args.lam)
+                     lora_dropout=args.lora_dropout, lam=args.lam, mt_init=args.mt_init,
+                     align_stop_grad=args.align_stop_grad)
 
 
 def make_optimizer(model, args):
-    """AdamW (Table 5) over trainable parameters only. Our choice where the paper is silent: decay on
-    matrices (LoRA factors, head weight), none on vectors (CLS/MT tokens, biases), as nanoGPT does."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW (Table 5) over trainable parameters only. Our choices where the paper is silent: decay on
+    matrices (LoRA factors, head weight), none on vectors (biases, and the CLS/MT tokens, which also learn at
+    --token-lr-scale times the learning rate), as nanoGPT does."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_token = lambda n: n.endswith((".cls", ".mt"))
+    groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_scale": 1.0},
+              {"params": [p for n, p in named if p.dim() < 2 and not is_token(n)], "weight_decay": 0.0,
+               "lr_scale": 1.0},
+              {"params": [p for n, p in named if is_token(n)], "weight_decay": 0.0, "lr_scale": args.token_lr_scale}]
     return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps)
 
 
@@ -548,11 +595,11 @@ class EpochSampler(torch.utils.data.Sampler):
 # One training step (eq. 7). Both means of the loss divide by counts over every process: DDP averages the
 # processes' gradients, so each process's loss is scaled by the world size to make the result one process's.
 
-def train_step(model, batch, optimizer, scaler, ctx, lam, multilabel, lr, may_be_empty=False):
+def train_step(model, batch, optimizer, scaler, ctx, config, multilabel, lr, may_be_empty=False):
     """One optimizer step on the global batch. may_be_empty: in skip mode every sample of a step can be
     unreadable; such a step is left out on every process (AdamW would still decay and move the weights)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     present = batch["present"]
     counts = all_sum(torch.stack([present.new_tensor(len(present), dtype=torch.float),
                                   present.all(1).sum().float()]), ctx)      # (2,) samples, complete samples
@@ -560,7 +607,8 @@ def train_step(model, batch, optimizer, scaler, ctx, lam, multilabel, lr, may_be
         return torch.zeros(3, device=present.device)
     with ctx.autocast:
         out = model(batch)
-    loss, task, align = u2a_loss(out, batch["label"], multilabel, lam, counts[0], counts[1])
+    loss, task, align = u2a_loss(out, batch["label"], multilabel, config.align_weight, counts[0], counts[1],
+                                 config.align_stop_grad)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * ctx.world).backward()
     scaler.step(optimizer)
@@ -592,7 +640,7 @@ def setup_run(args, method, out, sets, info, ctx):
             data.save_missing_table(out / f"missing_{split}.json", sets[split].present, rate=args.train_missing_rate,
                                     type=args.train_missing_type, seed=data.stream_seed(args.seed, f"missing/{split}"))
     torch.manual_seed(data.stream_seed(args.seed, "init"))
-    model = u2a.build_model(model_config(args, info, method)).to(ctx.device)
+    model = u2a.U2A(model_config(args, info, method)).to(ctx.device)
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
     state = RunState(nonfinite=torch.zeros((), device=ctx.device), faults=torch.zeros(2, dtype=torch.long))
@@ -624,13 +672,14 @@ def epoch_loader(train_set, args, ctx, epoch, skip):
                             data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
 
 
-def prepare_batch(batch, args, ctx, state, use_dropout):
-    """To the device, with section 3's modality dropout drawn from the step (the same on every process)."""
+def prepare_batch(batch, args, ctx, state, use_dropout, info):
+    """To the device, with section 3's modality dropout drawn from the step (the same on every process); a
+    dropped input holds the placeholder, as a missing one does (what the placeholder methods encode)."""
     state.faults += torch.stack([batch["skipped"], batch["unreadable"]])
     batch = to_device(batch, ctx.device)
     if use_dropout:
         g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", state.step))
-        batch["present"] = modality_dropout(batch["present"], g)
+        batch = data.drop_modalities(batch, modality_dropout(batch["present"], g), info, ctx.tokenizer)
     seed_step(args.seed, ctx.rank, state.step)
     return batch
 
@@ -639,9 +688,8 @@ def run(args, method, out, sets, info, ctx):
     """Train one method, with the checkpoint of the best validation score kept, then evaluate it on test."""
     model, optimizer, scaler, state = setup_run(args, method, out, sets, info, ctx)
     train_model = wrap_for_training(model, args, ctx)
-    lam = args.lam if method == "u2a" else 0.0  # the naive baseline has no mask tokens to align
-    complete = bool(sets["train"].present.all())
-    use_dropout = method == "u2a" and (args.modality_dropout == "on" or (args.modality_dropout == "auto" and complete))
+    complete = bool(sets["train"].present.all())  # section 3: dropout on a complete training set only
+    use_dropout = model.method.dropout and (args.modality_dropout == "on" or complete)
     steps_per_epoch = len(sets["train"]) // args.batch_size
     total, t0 = steps_per_epoch * args.epochs, time.time()
     while state.step < total:
@@ -650,9 +698,9 @@ def run(args, method, out, sets, info, ctx):
         loader = epoch_loader(sets["train"], args, ctx, epoch, skip)
         bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            batch = prepare_batch(batch, args, ctx, state, use_dropout)
+            batch = prepare_batch(batch, args, ctx, state, use_dropout, info)
             lr = args.lr * lr_factor(state.step, total, steps_per_epoch * args.warmup_epochs)
-            losses = train_step(train_model, batch, optimizer, scaler, ctx, lam, info.multilabel, lr,
+            losses = train_step(train_model, batch, optimizer, scaler, ctx, model.config, info.multilabel, lr,
                                 may_be_empty=args.on_error == "skip")
             state.nonfinite += ~torch.isfinite(losses).all()
             state.step += 1
@@ -749,10 +797,11 @@ def eval_checkpoints(path):
     path = Path(path)
     if path.is_file():
         return [path]
-    found = [p for p in (path / "best.safetensors", path / "u2a" / "best.safetensors",
-                         path / "naive" / "best.safetensors") if p.is_file()]
+    found = [p for p in [path / "best.safetensors"] + [path / m / "best.safetensors" for m in u2a.METHODS]
+             if p.is_file()]
     if not found:
-        raise FileNotFoundError(f"--eval-only {path}: no best.safetensors in it, nor in its u2a/ or naive/")
+        raise FileNotFoundError(f"--eval-only {path}: no best.safetensors in it, nor in a method's sub-folder "
+                                f"({', '.join(u2a.METHODS)})")
     return found[:1] if found[0].parent == path else found
 
 
@@ -783,6 +832,8 @@ def evaluate_only(args, given, rank, world, device):
     all_metrics = {}
     for ckpt in eval_checkpoints(args.eval_only):
         ev, meta = resolve_eval(args, given, ckpt)
+        if "method" in given and meta["model"]["method"] not in args.method:  # --method picks among a run's
+            continue
         check_inputs(ev)
         info = info_of(ev)
         check_classes(info, meta["model"], ckpt)
@@ -838,12 +889,12 @@ def train_and_report(args, rank, world, device):
         write_json(args.out / "config.json", vars_json(args))
         print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
               f"samples; {args.precision} on {device}" + (f" x {world} processes" if world > 1 else ""))
-        if args.data == "synthetic":
+        if args.data in data.SYNTHETIC:
             print("Offline default: synthetic image+text data and TOY encoders (tiny ViT/BERT pretrained on "
                   "synthetic shapes and words, weights/toy/). The paper's results need the real encoders "
                   "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
     try:
-        methods = [args.method] + (["naive"] if args.compare_naive and args.method != "naive" else [])
+        methods = args.method
         all_metrics, t0 = {}, time.time()
         for method in methods:
             out = args.out if len(methods) == 1 else args.out / method
@@ -855,7 +906,7 @@ def train_and_report(args, rank, world, device):
             print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
                   f"run folder {args.out} ==")
             print(lesson_table(all_metrics, info))
-            if args.data == "synthetic":
+            if args.data in data.SYNTHETIC:
                 print("(toy encoders on synthetic data: a demonstration of the paper's lesson, not its numbers)")
         return all_metrics
     finally:

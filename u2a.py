@@ -30,7 +30,7 @@ Choices the paper leaves open, made here:
 """
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -55,21 +55,62 @@ MODALITY_ENCODER = {"image": ViT, "video": ViT, "audio": AST, "text": BERT}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, key, value and output
 
 
+@dataclass(frozen=True)
+class Method:
+    """What a method puts in place of a missing modality's CLS (eq. 4), and how it trains for it."""
+    stand_in: str   # "mask_token": the present modality's MT (eq. 4); "placeholder": the encoder's CLS of
+                    # the paper's placeholder input (zeros / empty text), the baseline of section 4
+    dropout: bool   # section 3's random modality dropout, on a complete training set
+    align: bool     # eq. 6 in the loss with weight lambda; False: lambda = 0
+
+
+# The four methods, each one step from the next: naive -> + dropout -> + mask tokens -> + alignment.
+METHODS = {
+    "naive": Method("placeholder", dropout=False, align=False),               # trained on the data as it is
+    "placeholder-dropout": Method("placeholder", dropout=True, align=False),
+    "u2a-no-align": Method("mask_token", dropout=True, align=False),
+    "u2a": Method("mask_token", dropout=True, align=True),                    # the paper's method
+}
+
+
 @dataclass
 class U2AConfig:
     """Everything that builds a U2A model, with the paper's values (section 4.2, Table 5) as defaults.
-    Every checkpoint stores it, so a trained model rebuilds from its file alone (from_checkpoint, below).
-    U2A, u2a_loss and train.py take their defaults from here."""
+    Every checkpoint stores it, so a trained model rebuilds from its file alone (from_checkpoint, below)."""
     encoders: dict                      # modality -> folder of its pretrained encoder, in (m1, m2) order
     class_names: list                   # the head's classes, in label order
     multilabel: bool = False            # MM-IMDb: sigmoid per genre instead of one softmax
-    method: str = "u2a"                 # "naive": placeholders through the encoders, no mask tokens
+    method: str = "u2a"                 # a key of METHODS
     rank: int = 1                       # LoRA rank
     alpha: float = 1.0                  # LoRA alpha
     lora_dropout: float = 0.1
     lora_targets: tuple = LORA_TARGETS
-    lam: float = 0.2                    # lambda of eq. 7
+    lam: float = 0.2                    # lambda of eq. 7, for a method that aligns (METHODS[method].align)
+    mt_init: str = "cls"                # "cls": MT starts as the pretrained class token, as CLS does;
+                                        # "random": Gaussian, of the class token's norm (see the docstring)
+    align_stop_grad: bool = False       # eq. 6's CLS target as a constant: the alignment moves only the MT
     encoder_configs: dict = field(default_factory=dict)  # filled when built: checked when rebuilt
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.mt_init not in ("cls", "random"):
+            raise ValueError(f"mt_init must be 'cls' or 'random', got {self.mt_init!r}")
+
+    @property
+    def align_weight(self):
+        """lambda as the loss uses it: the method's own 0 when it does not align."""
+        return self.lam if METHODS[self.method].align else 0.0
+
+
+# -----------------------------------------------------------------------------
+# Pretrained encoders for a modality
+
+def load_encoder(modality, path):
+    """The frozen pretrained encoder for a modality, read from a checkpoint folder or file."""
+    if modality not in MODALITY_ENCODER:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_ENCODER)}")
+    return MODALITY_ENCODER[modality].from_pretrained(path)
 
 
 # -----------------------------------------------------------------------------
@@ -79,7 +120,7 @@ class Branch(nn.Module):
     """Turns one modality's input into its CLS and MT output tokens, each (b, D): embed (eq. 1) ->
     sequence (eq. 2) -> the encoder (eq. 3)."""
 
-    def __init__(self, modality, encoder):
+    def __init__(self, modality, encoder, mt_init="cls"):
         super().__init__()
         if modality not in MODALITY_INPUTS:
             raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_INPUTS)}")
@@ -88,7 +129,12 @@ class Branch(nn.Module):
         self.encoder = encoder
         pretrained_cls = encoder.class_token().detach().clone()  # (D,)
         self.cls = nn.Parameter(pretrained_cls.clone())           # T_CLS,m of eq. 2
-        self.mt = nn.Parameter(pretrained_cls.clone())            # T_MT,m of eq. 2
+        if mt_init == "random":  # a direction of its own, the class token's size (module docstring)
+            mt = torch.randn_like(pretrained_cls)
+            mt = mt * pretrained_cls.norm() / mt.norm()
+        else:
+            mt = pretrained_cls.clone()
+        self.mt = nn.Parameter(mt)                                # T_MT,m of eq. 2
 
     def embed(self, inputs):
         """Eq. 1: the frozen embedding layer. Returns tokens (b, N, D) and a key mask (b, N) or None."""
@@ -141,36 +187,41 @@ class U2AOutput:
 
 
 class U2A(nn.Module):
-    """
-    encoders: {modality: encoder} for exactly two modalities, in the order (m1, m2) of the batch's
-    "present" columns. missing="mask_token" is U2A; missing="placeholder" is the naive baseline that
-    encodes the paper's placeholder inputs (zeros / empty text) and always uses the two CLS tokens.
-    """
+    """The model a U2AConfig describes. encoders: {modality: encoder} for exactly two modalities, in the
+    order (m1, m2) of the batch's "present" columns; default: loaded from config.encoders. The method
+    (METHODS[config.method]) decides the stand-in for a missing modality: the other modality's MT, or the
+    encoder's CLS of the paper's placeholder input (the batch holds it: data.py's contract)."""
 
-    def __init__(self, encoders, num_classes, rank=U2AConfig.rank, alpha=U2AConfig.alpha,
-                 dropout=U2AConfig.lora_dropout, missing="mask_token", targets=U2AConfig.lora_targets):
+    def __init__(self, config, encoders=None):
         super().__init__()
+        if encoders is None:
+            encoders = {m: load_encoder(m, path) for m, path in config.encoders.items()}
         if len(encoders) != 2:
             raise ValueError(f"U2A takes exactly two modalities, got {list(encoders)}")
-        if missing not in ("mask_token", "placeholder"):
-            raise ValueError(f"missing must be 'mask_token' or 'placeholder', got {missing!r}")
+        found = {m: asdict(enc.config) for m, enc in encoders.items()}
+        for m, expected in config.encoder_configs.items():  # the same frozen weights' shape as in training
+            if found.get(m) != expected:
+                raise ValueError(f"the {m} encoder at {config.encoders[m]} is not the one this model was "
+                                 f"trained on: its config is {found.get(m)}, expected {expected}")
+        self.config = replace(config, encoder_configs=found)
+        self.method = METHODS[config.method]
         self.modalities = tuple(encoders)
-        self.missing = missing
-        self.branches = nn.ModuleDict({m: Branch(m, enc) for m, enc in encoders.items()})
+        self.branches = nn.ModuleDict({m: Branch(m, enc, config.mt_init) for m, enc in encoders.items()})
         dims = {enc.config.hidden_size for enc in encoders.values()}
         if len(dims) != 1:  # sum fusion (eq. 5) needs one width
             raise ValueError(f"sum fusion needs encoders of one width, got {sorted(dims)}")
-        self.head = nn.Linear(dims.pop(), num_classes)     # h(.; Theta_h) of eq. 5
+        self.head = nn.Linear(dims.pop(), len(config.class_names))  # h(.; Theta_h) of eq. 5
         # LoRA on q/k/v/out of every block (section 4.2); only LoRA, the tokens and the head learn.
         for enc in encoders.values():
-            add_lora(enc, targets, rank=rank, alpha=alpha, dropout=dropout)
+            add_lora(enc, tuple(config.lora_targets), rank=config.rank, alpha=config.alpha,
+                     dropout=config.lora_dropout)
         tokens = [f"branches.{m}.{t}" for m in self.modalities for t in ("cls", "mt")]
         mark_only_lora_as_trainable(self, also=(*tokens, "head."))
 
     def encode(self, batch):
         """Runs each modality's branch on the samples that have it; returns cls, mt dicts of (B, D)."""
         present = batch["present"].bool()                  # (B, 2)
-        if self.missing == "placeholder":                  # the baseline encodes placeholders too
+        if self.method.stand_in == "placeholder":          # the baselines encode the placeholders too
             present = torch.ones_like(present)
         elif not present.any(1).all():
             raise ValueError("a sample has neither modality: U2A needs at least one per sample")
@@ -198,7 +249,7 @@ class U2A(nn.Module):
     def select_tokens(self, cls, mt, present):
         """Eq. 4, per sample. Returns (T1, T2), each (B, D)."""
         m1, m2 = self.modalities
-        if self.missing == "placeholder":
+        if self.method.stand_in == "placeholder":          # a missing CLS is its placeholder's CLS
             return cls[m1], cls[m2]
         has1 = present[:, 0:1].bool()                      # (B, 1)
         has2 = present[:, 1:2].bool()                      # (B, 1)
@@ -222,25 +273,30 @@ class U2A(nn.Module):
 # -----------------------------------------------------------------------------
 # The loss: task loss + lambda * alignment of mask tokens (eq. 6-7)
 
-def alignment_loss(out, n_complete=None):
+def alignment_loss(out, n_complete=None, stop_grad=False):
     """Eq. 6: MSE(MT_1, CLS_2) + MSE(MT_2, CLS_1), averaged over the modality-complete samples.
     n_complete: the number of complete samples to average over (default: this batch's). Under DDP it is
     the count over all processes: eq. 6 averages over the whole batch, and a process whose share of the
-    batch holds no complete sample must not halve the term's weight."""
+    batch holds no complete sample must not halve the term's weight.
+    stop_grad: the CLS targets as constants (U2AConfig.align_stop_grad), so that eq. 6 moves the MTs towards
+    the CLS and never the CLS towards the MTs."""
     m1, m2 = list(out.cls)
     complete = out.present.all(1)                                     # (B,)
     cls = {m: t.float() for m, t in out.cls.items()}                  # float32 even under autocast
+    if stop_grad:
+        cls = {m: t.detach() for m, t in cls.items()}
     mt = {m: t.float() for m, t in out.mt.items()}
     per_sample = ((mt[m1] - cls[m2]) ** 2).mean(1) + ((mt[m2] - cls[m1]) ** 2).mean(1)  # (B,)
     n = complete.sum() if n_complete is None else n_complete
     return (per_sample * complete).sum() / torch.clamp(torch.as_tensor(n, device=per_sample.device), min=1)
 
 
-def u2a_loss(out, labels, multilabel=False, lam=U2AConfig.lam, n_samples=None, n_complete=None):
+def u2a_loss(out, labels, multilabel=False, lam=U2AConfig.lam, n_samples=None, n_complete=None,
+             stop_grad=False):
     """Eq. 7: L_total = L_task + lambda * L_align. Returns (total, task, align).
     n_samples, n_complete: the denominators of the task and alignment means (default: this batch's
     counts); train.py passes the counts over every DDP process, so that the averaged gradients equal one
-    process's."""
+    process's. A model's own lambda and stop_grad: model.config.align_weight, .align_stop_grad."""
     logits = out.logits.float()                                       # (B, C)
     if multilabel:   # MM-IMDb: 23 genres, several per film; the mean over genres, summed over films
         task = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(1).sum()
@@ -248,7 +304,7 @@ def u2a_loss(out, labels, multilabel=False, lam=U2AConfig.lam, n_samples=None, n
         task = F.cross_entropy(logits, labels, reduction="sum")
     n = len(labels) if n_samples is None else n_samples
     task = task / torch.clamp(torch.as_tensor(n, device=logits.device), min=1)
-    align = alignment_loss(out, n_complete)
+    align = alignment_loss(out, n_complete, stop_grad)
     return task + lam * align, task, align
 
 
@@ -269,36 +325,7 @@ def modality_dropout(present, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# Pretrained encoders for a modality
-
-def load_encoder(modality, path):
-    """The frozen pretrained encoder for a modality, read from a checkpoint folder or file."""
-    if modality not in MODALITY_ENCODER:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_ENCODER)}")
-    return MODALITY_ENCODER[modality].from_pretrained(path)
-
-
-# -----------------------------------------------------------------------------
 # A trained model: the config that builds it, and a checkpoint that rebuilds it from the file alone
-
-METHODS = {"u2a": "mask_token", "naive": "placeholder"}  # U2AConfig.method -> U2A(missing=...)
-
-
-def build_model(config):
-    """The U2A model a config describes: pretrained encoders loaded, LoRA added, tokens and head fresh."""
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {config.method!r}")
-    encoders = {m: load_encoder(m, path) for m, path in config.encoders.items()}
-    found = {m: asdict(enc.config) for m, enc in encoders.items()}
-    for m, expected in config.encoder_configs.items():  # the same frozen weights' shape as in training
-        if found[m] != expected:
-            raise ValueError(f"the {m} encoder at {config.encoders[m]} is not the one this model was trained "
-                             f"on: its config is {found[m]}, expected {expected}")
-    model = U2A(encoders, len(config.class_names), rank=config.rank, alpha=config.alpha,
-                dropout=config.lora_dropout, missing=METHODS[config.method], targets=tuple(config.lora_targets))
-    model.config = U2AConfig(**{**asdict(config), "encoder_configs": found})
-    return model
-
 
 def save_checkpoint(path, model, extra_tensors=None, meta=None):
     """Only what training changed (LoRA factors, CLS/MT tokens, head) as `model.<name>`, plus the model's
@@ -349,7 +376,7 @@ def from_checkpoint(path, encoders=None):
     config = U2AConfig(**meta["model"])
     if encoders:
         config.encoders = {m: str(encoders[m]) for m in config.encoders}
-    model = build_model(config)
+    model = U2A(config)
     load_trained(model, path)
     return model.eval()
 

@@ -57,7 +57,7 @@ def toy_model(method="u2a"):
     """A fresh U2A (LoRA B = 0, CLS = MT = pretrained class token) on the toy ViT and BERT, in eval mode."""
     config = u2a.U2AConfig(encoders={m: str(path) for m, path in TOY_ENCODERS.items()},
                            class_names=data.synthetic_class_names(), method=method)
-    return u2a.build_model(config).eval()
+    return u2a.U2A(config).eval()
 
 
 # -----------------------------------------------------------------------------

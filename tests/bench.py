@@ -54,7 +54,7 @@ import checkpoints  # tests/checkpoints.py: random-weight checkpoints in the hub
 import train
 from encoders import BERT, ViT
 from lora import LoRALinear
-from u2a import U2A, U2AOutput, u2a_loss
+from u2a import U2A, U2AConfig, U2AOutput, u2a_loss
 
 transformers.logging.set_verbosity_error()  # its load reports list the heads (pooler, cls.*) we do not use
 warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # peft calls a deprecated name
@@ -171,8 +171,9 @@ def build(full=True, encoder_dropout=True, seed=0, device="cpu"):
         clip_dir = checkpoints.save_clip(os.path.join(tmp, "clip"), full=full, seed=seed)
         bert_dir = checkpoints.save_bert(os.path.join(tmp, "bert"), full=full, seed=seed + 1)
         torch.manual_seed(seed)
-        ours = U2A({"image": ViT.from_pretrained(clip_dir), "text": BERT.from_pretrained(bert_dir)}, NUM_CLASSES,
-                   rank=RANK, alpha=ALPHA, dropout=LORA_DROPOUT)
+        config = U2AConfig(encoders={"image": clip_dir, "text": bert_dir}, class_names=list(range(NUM_CLASSES)),
+                           rank=RANK, alpha=ALPHA, lora_dropout=LORA_DROPOUT)
+        ours = U2A(config)
         ref = ReferenceU2A(clip_dir, bert_dir, NUM_CLASSES, encoder_dropout)
     # A fresh adapter has B = 0 (LoRA's init); random B makes the logit check cover the LoRA branch too.
     for mod in ours.modules():

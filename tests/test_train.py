@@ -103,7 +103,7 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 def test_checkpoint_round_trip(tmp_path):
     args, _ = train.parse_args(SMALL)
     info = train.info_of(args)
-    model = u2a.build_model(train.model_config(args, info, "u2a"))
+    model = u2a.U2A(train.model_config(args, info, "u2a"))
     opt = train.make_optimizer(model, args)
     batch = next(iter(data.make_loader(data.make_dataset("synthetic", None, "train", limit=8), 8, False)))
     loss, _, _ = train.u2a_loss(model(batch), batch["label"])
@@ -111,7 +111,7 @@ def test_checkpoint_round_trip(tmp_path):
     opt.step()
     path = tmp_path / "ckpt.safetensors"
     train.save_resumable(path, model, opt, {"step": 1, "config": train.vars_json(args)})
-    fresh = u2a.build_model(train.model_config(args, info, "u2a"))
+    fresh = u2a.U2A(train.model_config(args, info, "u2a"))
     fresh_opt = train.make_optimizer(fresh, args)
     meta = train.load_resumable(path, fresh, fresh_opt)
     assert meta["step"] == 1
@@ -130,7 +130,7 @@ def test_checkpoint_round_trip(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a safetensors checkpoint"):
         u2a.load_trained(fresh, tmp_path / "bad.safetensors")
-    naive = u2a.build_model(train.model_config(args, info, "naive"))
+    naive = u2a.U2A(train.model_config(args, info, "naive"))
     naive.head = torch.nn.Linear(naive.head.in_features, 3)  # a model of another shape
     with pytest.raises(ValueError, match="trained with method u2a"):
         u2a.load_trained(naive, path)

@@ -407,7 +407,7 @@ def test_resume_with_dataloader_workers_is_exact_on_audio_video(tmp_path, publis
 def test_a_resumable_checkpoint_restores_every_field_of_numpy_s_rng(tmp_path):
     import numpy as np
     args, _ = train.parse_args(SMALL)
-    model = u2a.build_model(train.model_config(args, train.info_of(args), "u2a"))
+    model = u2a.U2A(train.model_config(args, train.info_of(args), "u2a"))
     opt = train.make_optimizer(model, args)
     np.random.seed(7)
     np.random.standard_normal()  # leaves a cached Gaussian: has_gauss = 1 and its value, the last two fields

@@ -10,7 +10,7 @@ from PIL import Image
 import data
 from encoders import AST, ASTConfig, BERT, BERTConfig, ViT, ViTConfig
 from lora import LoRALinear
-from u2a import U2A, U2AConfig, U2AOutput, alignment_loss, build_model, modality_dropout, predict, u2a_loss
+from u2a import U2A, U2AConfig, U2AOutput, alignment_loss, modality_dropout, predict, u2a_loss
 
 D = 32
 TINY = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -24,9 +24,16 @@ def tiny_bert():
     return BERT(BERTConfig(vocab_size=100, max_position_embeddings=32, cls_token_id=2, **TINY))
 
 
-def tiny_model(num_classes=5, missing="mask_token", dropout=0.0):
+def in_memory(encoders, num_classes, **settings):
+    """A U2A on encoders built in memory (no folder to load them from)."""
+    config = U2AConfig(encoders={m: "in memory" for m in encoders}, class_names=[f"c{i}" for i in range(num_classes)],
+                       **settings)
+    return U2A(config, encoders)
+
+
+def tiny_model(num_classes=5, method="u2a", dropout=0.0):
     torch.manual_seed(0)
-    model = U2A({"image": tiny_vit(), "text": tiny_bert()}, num_classes, dropout=dropout, missing=missing)
+    model = in_memory({"image": tiny_vit(), "text": tiny_bert()}, num_classes, method=method, lora_dropout=dropout)
     # A fresh adapter is the pretrained model; give the LoRA factors values so they matter in the tests.
     for mod in model.modules():
         if isinstance(mod, LoRALinear):
@@ -126,7 +133,7 @@ def test_missing_encoder_is_skipped():
 
 def test_placeholder_baseline_encodes_everything():
     """The naive baseline runs the encoders on the placeholders and always uses the CLS tokens."""
-    model = tiny_model(missing="placeholder")
+    model = tiny_model(method="naive")
     batch = tiny_batch()
     out = model(batch)
     assert (out.cls["image"] != 0).any(1).all()  # every row encoded
@@ -226,9 +233,9 @@ def test_video_frames_are_encoded_separately_and_averaged():
     torch.manual_seed(0)
     vit_video, vit_image = tiny_vit(), tiny_vit()
     vit_image.load_state_dict(vit_video.state_dict())
-    model = U2A({"audio": AST(ASTConfig(max_length=64, num_mel_bins=32, **TINY)), "video": vit_video}, 4,
-                dropout=0.0).eval()
-    image_model = U2A({"image": vit_image, "text": tiny_bert()}, 4, dropout=0.0).eval()
+    model = in_memory({"audio": AST(ASTConfig(max_length=64, num_mel_bins=32, **TINY)), "video": vit_video}, 4,
+                      lora_dropout=0.0).eval()
+    image_model = in_memory({"image": vit_image, "text": tiny_bert()}, 4, lora_dropout=0.0).eval()
     image_model.branches["image"].load_state_dict(model.branches["video"].state_dict())
     frames = torch.randn(2, 3, 3, 32, 32)  # (B, T, 3, H, W)
     batch = {"audio": torch.randn(2, 64, 32), "video": frames, "present": torch.ones(2, 2, dtype=torch.bool)}
@@ -268,7 +275,7 @@ def test_modality_dropout():
 @pytest.mark.parametrize("num_classes", [101, 31])
 def test_trainable_parameters_of_the_paper_configuration(num_classes):
     with torch.device("meta"):
-        model = U2A({"image": ViT(), "text": BERT()}, num_classes)
+        model = in_memory({"image": ViT(), "text": BERT()}, num_classes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d, blocks, projections = 768, 12, 4
     lora = 2 * blocks * projections * (d + d)          # rank 1: A (1 x d) + B (d x 1)
@@ -290,7 +297,7 @@ def toy_model(method):
     torch.manual_seed(0)
     config = U2AConfig(encoders={"image": str(TOY / "vit"), "text": str(TOY / "bert")},
                        class_names=data.synthetic_class_names(), method=method)
-    model = build_model(config)
+    model = U2A(config)
     for mod in model.modules():  # trained-looking factors, so that every input matters
         if isinstance(mod, LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.1)
