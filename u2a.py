@@ -30,7 +30,8 @@ Choices the paper leaves open, made here:
 """
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -312,10 +313,36 @@ def save_checkpoint(path, model, extra_tensors=None, meta=None):
     os.replace(tmp, path)
 
 
+def checkpoint_file(path):
+    """The checkpoint file `path` names: the file itself, or in a train.py run folder its best.safetensors
+    (the validation-selected model), at the top or in the folder's one method subfolder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    expected = ("expected a checkpoint file (<run>/best.safetensors) or a run folder holding one "
+                "(the --out folder of train.py)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} not found: {expected}")
+    if (path / "best.safetensors").is_file():
+        return path / "best.safetensors"
+    found = sorted(path.glob("*/best.safetensors"))  # a run of several methods: one subfolder each
+    if len(found) == 1:
+        return found[0]
+    if found:  # which method the caller wants is theirs to say
+        names = ", ".join(str(f.relative_to(path)) for f in found)
+        raise ValueError(f"run folder {path} holds {len(found)} checkpoints: {names}; pass one of them, "
+                         f"e.g. u2a.from_checkpoint('{found[0]}')")
+    others = sorted(str(f.relative_to(path)) for f in path.rglob("*.safetensors"))
+    raise FileNotFoundError(f"{path} holds no best.safetensors, in it or in a method subfolder ({expected}); "
+                            f"safetensors files in it: {', '.join(others) if others else 'none'}"
+                            + ("; pass last.safetensors by name to use the last saved step"
+                               if "last.safetensors" in others else ""))
+
+
 def open_checkpoint(path):
-    """-> (open safetensors file, metadata dict) of a checkpoint written by save_checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    """-> (open safetensors file, metadata dict) of a checkpoint written by save_checkpoint. path: the file,
+    or a run folder holding one (checkpoint_file)."""
+    path = checkpoint_file(path)
     try:
         f = safe_open(str(path), framework="pt")  # never torch.load: unpickling can run arbitrary code
         return f, json.loads(f.metadata()["u2a"])
@@ -324,7 +351,9 @@ def open_checkpoint(path):
 
 
 def load_trained(model, path):
-    """Copy a checkpoint's trained tensors into `model`; every one must fit. Returns the metadata."""
+    """Copy a checkpoint's trained tensors into `model`; every one must fit and be finite (a run that
+    diverged saves NaN, and a model loaded from it would predict NaN for every input). Returns the metadata."""
+    path = checkpoint_file(path)
     f, meta = open_checkpoint(path)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -336,17 +365,46 @@ def load_trained(model, path):
                          f"{trained.get('method')}, rank {trained.get('rank')}, "
                          f"{len(trained.get('class_names', []))} classes); missing {sorted(expected - found)[:3]}, "
                          f"unexpected {sorted(found - expected)[:3]}, other shapes {misfit[:3]}")
+    tensors = {n: f.get_tensor(f"model.{n}") for n in sorted(expected)}  # all checked before any is copied
+    for n, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{path}: model.{n} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} (of {t.numel()}): "
+                             "the training that wrote it diverged; use an earlier checkpoint or retrain "
+                             "(a lower --lr, for one)")
     with torch.no_grad():
-        for n in expected:
-            params[n].copy_(f.get_tensor(f"model.{n}"))
+        for n, t in tensors.items():
+            params[n].copy_(t)
     return meta
 
 
+def saved_config(meta, path):
+    """The U2AConfig a checkpoint's metadata stores; a config written by another version of u2a (fields
+    this one does not know, or lacks) is refused by name rather than half-read."""
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} has no model config in its metadata: not a checkpoint written by "
+                         "u2a.save_checkpoint")
+    known = {f.name: f for f in fields(U2AConfig)}
+    unknown = sorted(set(saved) - set(known))
+    lacking = [name for name, f in known.items()
+               if name not in saved and f.default is MISSING and f.default_factory is MISSING]
+    if unknown or lacking:
+        problems = ([f"fields unknown here: {', '.join(unknown)}"] if unknown else []) + \
+                   ([f"it lacks: {', '.join(lacking)}"] if lacking else [])
+        raise ValueError(f"{path} comes from another version of u2a: its model config does not fit this "
+                         f"version's U2AConfig ({'; '.join(problems)}); load it with the version of u2a that "
+                         "wrote it, or retrain with this one")
+    return U2AConfig(**saved)
+
+
 def from_checkpoint(path, encoders=None):
-    """The trained model of a checkpoint, rebuilt from the file alone, in eval mode.
-    encoders: {modality: folder} where the pretrained encoders are now, if they moved since training."""
+    """The trained model of a checkpoint, rebuilt from the file alone, in eval mode. path: the file, or a
+    run folder holding one (checkpoint_file). encoders: {modality: folder} where the pretrained encoders are
+    now, if they moved since training."""
+    path = checkpoint_file(path)
     _, meta = open_checkpoint(path)
-    config = U2AConfig(**meta["model"])
+    config = saved_config(meta, path)
     if encoders:
         config.encoders = {m: str(encoders[m]) for m in config.encoders}
     model = build_model(config)
