@@ -494,28 +494,69 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
 # -----------------------------------------------------------------------------
 # Predicting for a user's own inputs: an image and/or a text, either may be missing
 
+def checked_image(image, size):
+    """predict's image once a path or PIL image has been preprocessed: None, or a preprocessed
+    (3, size, size) float tensor (data.clip_image's output) that is finite -> float32."""
+    if image is None:
+        return None
+    accepted = f"a file path, a PIL image or a preprocessed (3, {size}, {size}) float tensor (data.clip_image)"
+    if not isinstance(image, torch.Tensor):
+        hint = ": wrap an array of pixels with PIL.Image.fromarray" if type(image).__name__ == "ndarray" else ""
+        raise TypeError(f"predict: image must be {accepted}, got {type(image).__name__}{hint}")
+    if not image.is_floating_point():  # raw pixels: without CLIP's mean/std the encoder reads another image
+        raise TypeError(f"predict: an image tensor must be preprocessed floats, got {image.dtype}: pass raw "
+                        f"pixels as a PIL image (PIL.Image.fromarray) or a file path instead, or preprocess "
+                        f"them with data.clip_image")
+    if tuple(image.shape) != (3, size, size):
+        raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
+    bad = int((~torch.isfinite(image)).sum())
+    if bad:  # they would make every probability NaN
+        raise ValueError(f"predict: the image tensor holds {bad} NaN/Inf value{'s' if bad > 1 else ''}")
+    return image.float()
+
+
+def checked_text(text):
+    """predict's text argument -> one string, or None for a missing text (None, or blank:
+    data.is_missing_text). Anything else is refused here, rather than by the tokenizer, which reads a list as
+    a text pair and fails on bytes with an error that names neither."""
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        raise TypeError(f"predict takes one text (a string), got a {type(text).__name__}: call it once per text")
+    if not isinstance(text, str):
+        hint = ": decode it first, e.g. text.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"predict: text must be a string (or None when missing), got {type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate, e.g. from a bad decode with errors="surrogateescape"
+        raise ValueError(f"predict: text is not valid Unicode: {err.reason} at position {err.start} "
+                         f"({text[err.start:err.end]!r})") from None
+    return None if data.is_missing_text(text) else text
+
+
 @torch.no_grad()
 def predict(model, image=None, text=None, tokenizer=None):
     """[(class name, probability)] for one sample of an image-text model, most likely first: a softmax over
     the classes, or a sigmoid per class for a multi-label model (MM-IMDb genres).
-    image: a file path, a PIL image (both through CLIP's preprocessing, data.clip_image) or a preprocessed
-    (3, H, W) tensor. text: a string. A missing one (None) is absent in `present`: U2A selects the other
-    modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
+    image: a file path, a PIL image (both through CLIP's preprocessing, data.clip_image, at the image
+    encoder's size) or a preprocessed (3, H, W) float tensor. text: a string. A missing one (None; for text
+    also "" or whitespace only: the paper's placeholder for a missing text is "") is absent in `present`: U2A
+    selects the other modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
+    Other types, and NaN/Inf in an image tensor, are refused (checked_image, checked_text).
     tokenizer: the run's (data.load_tokenizer(folder, max_len)); default: the text encoder's own folder's,
     truncating at the encoder's longest input."""
     if set(model.modalities) != {"image", "text"}:
         raise ValueError(f"predict takes an image and a text; this model reads {model.modalities}")
-    if image is None and text is None:
-        raise ValueError("predict needs an image, a text or both")
     vit, bert = model.branches["image"].encoder, model.branches["text"].encoder
+    size = vit.config.image_size  # the encoder's own input size: CLIP's 224, the toy ViT's 32
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as pil:
-            image = data.clip_image(pil)                                      # (3, 224, 224)
+            image = data.clip_image(pil, size)                                # (3, size, size)
     elif isinstance(image, Image.Image):
-        image = data.clip_image(image)
-    size = vit.config.image_size
-    if image is not None and tuple(image.shape) != (3, size, size):
-        raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
+        image = data.clip_image(image, size)
+    image, text = checked_image(image, size), checked_text(text)
+    if image is None and text is None:
+        raise ValueError("predict needs an image, a text or both (a blank text counts as missing)")
     config = model.config
     tokenizer = tokenizer or data.load_tokenizer(config.encoders["text"], bert.config.max_position_embeddings)
     info = data.DatasetInfo(name="predict", modalities=model.modalities, num_classes=len(config.class_names),
