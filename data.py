@@ -214,20 +214,20 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 WHITE = (255, 255, 255, 255)
 
 
-def clip_image(pil):
-    """PIL image -> (3, 224, 224) float, as CLIPImageProcessor: shortest side to 224 (bicubic),
-    centre crop 224, /255, CLIP mean/std."""
+def clip_image(pil, size=IMAGE_SIZE):
+    """PIL image -> (3, size, size) float, as CLIPImageProcessor: shortest side to size (bicubic),
+    centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy ViT's 32)."""
     if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
         has_alpha = "A" in pil.getbands() or "transparency" in pil.info
         if has_alpha:
             pil = Image.alpha_composite(Image.new("RGBA", pil.size, WHITE), pil.convert("RGBA"))
         pil = pil.convert("RGB")
     w, h = pil.size
-    long = int(IMAGE_SIZE * max(w, h) / min(w, h))  # transformers truncates, so do we
-    pil = pil.resize((IMAGE_SIZE, long) if w <= h else (long, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    left, top = (pil.width - IMAGE_SIZE) // 2, (pil.height - IMAGE_SIZE) // 2
-    pil = pil.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255  # (3, 224, 224) in [0, 1]
+    long = int(size * max(w, h) / min(w, h))  # transformers truncates, so do we
+    pil = pil.resize((size, long) if w <= h else (long, size), Image.Resampling.BICUBIC)
+    left, top = (pil.width - size) // 2, (pil.height - size) // 2
+    pil = pil.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255  # (3, size, size) in [0, 1]
     return (x - CLIP_MEAN) / CLIP_STD
 
 
@@ -423,6 +423,13 @@ def load_tokenizer(path, max_len):
     else:
         tok = wordpiece_tokenizer(WordPiece.read_file(str(path)))
     return _bert_template(tok, max_len, source=path)
+
+
+def is_missing_text(text):
+    """None, "" and whitespace-only texts are all a missing text. The paper's placeholder for a missing text
+    is the empty string, so a blank text carries nothing a missing one does not: it is marked absent (U2A
+    then uses the other modality's mask token) rather than encoded as a present [CLS][SEP]."""
+    return text is None or (isinstance(text, str) and not text.strip())
 
 
 def _bert_template(tok, max_len, source):
@@ -659,7 +666,7 @@ def is_lfs_pointer(path):
 def _problem(modality, source):
     """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
     if modality == "text":
-        return None if source is not None else "missing"
+        return "missing" if is_missing_text(source) else None
     if modality == "video":
         return None if list_frames(source) else "missing"
     path = source.path if isinstance(source, AudioWindow) else source
@@ -1103,15 +1110,16 @@ def _default_tokenizer(info):
 
 def collate(samples, info, tokenizer=None):
     """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
-    text, i.e. [CLS][SEP]); "present" records which is which. Text is tokenised once per batch.
+    text, i.e. [CLS][SEP]; a blank text is absent, is_missing_text); "present" records which is which.
+    Text is tokenised once per batch.
     The synthetic dataset brings its own tokenizer when none is given. Skip mode: None items (nothing
     readable) are dropped, so B can be smaller than len(samples), even 0; the batch counts them in
     "skipped" and the kept items' undecodable files in "unreadable" (0-dim long tensors)."""
     tokenizer = tokenizer or _default_tokenizer(info)
     kept = [s for s in samples if s is not None]
     B = len(kept)
-    present = torch.tensor([[s[m] is not None for m in info.modalities] for s in kept],
-                           dtype=torch.bool).view(B, 2)                              # (B, 2)
+    present = torch.tensor([[not is_missing_text(s[m]) if m == "text" else s[m] is not None
+                             for m in info.modalities] for s in kept], dtype=torch.bool).view(B, 2)  # (B, 2)
     labels = [s["label"] for s in kept]
     if info.multilabel:  # (B, C); torch.stack needs at least one tensor
         label = torch.stack(labels).float() if kept else torch.zeros(0, info.num_classes)
@@ -1124,7 +1132,7 @@ def collate(samples, info, tokenizer=None):
              "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept))}
     for m in info.modalities:
         if m == "text":
-            enc = tokenizer.encode_batch([s["text"] or "" for s in kept])
+            enc = tokenizer.encode_batch(["" if is_missing_text(s["text"]) else s["text"] for s in kept])
             L = len(enc[0].ids) if enc else 0  # all padded to the longest text
             batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
             batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)

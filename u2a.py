@@ -30,7 +30,8 @@ Choices the paper leaves open, made here:
 """
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -339,10 +340,36 @@ def save_checkpoint(path, model, extra_tensors=None, meta=None):
     os.replace(tmp, path)
 
 
+def checkpoint_file(path):
+    """The checkpoint file `path` names: the file itself, or in a train.py run folder its best.safetensors
+    (the validation-selected model), at the top or in the folder's one method subfolder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    expected = ("expected a checkpoint file (<run>/best.safetensors) or a run folder holding one "
+                "(the --out folder of train.py)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} not found: {expected}")
+    if (path / "best.safetensors").is_file():
+        return path / "best.safetensors"
+    found = sorted(path.glob("*/best.safetensors"))  # a run of several methods: one subfolder each
+    if len(found) == 1:
+        return found[0]
+    if found:  # which method the caller wants is theirs to say
+        names = ", ".join(str(f.relative_to(path)) for f in found)
+        raise ValueError(f"run folder {path} holds {len(found)} checkpoints: {names}; pass one of them, "
+                         f"e.g. u2a.from_checkpoint('{found[0]}')")
+    others = sorted(str(f.relative_to(path)) for f in path.rglob("*.safetensors"))
+    raise FileNotFoundError(f"{path} holds no best.safetensors, in it or in a method subfolder ({expected}); "
+                            f"safetensors files in it: {', '.join(others) if others else 'none'}"
+                            + ("; pass last.safetensors by name to use the last saved step"
+                               if "last.safetensors" in others else ""))
+
+
 def open_checkpoint(path):
-    """-> (open safetensors file, metadata dict) of a checkpoint written by save_checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    """-> (open safetensors file, metadata dict) of a checkpoint written by save_checkpoint. path: the file,
+    or a run folder holding one (checkpoint_file)."""
+    path = checkpoint_file(path)
     try:
         f = safe_open(str(path), framework="pt")  # never torch.load: unpickling can run arbitrary code
         return f, json.loads(f.metadata()["u2a"])
@@ -351,7 +378,9 @@ def open_checkpoint(path):
 
 
 def load_trained(model, path):
-    """Copy a checkpoint's trained tensors into `model`; every one must fit. Returns the metadata."""
+    """Copy a checkpoint's trained tensors into `model`; every one must fit and be finite (a run that
+    diverged saves NaN, and a model loaded from it would predict NaN for every input). Returns the metadata."""
+    path = checkpoint_file(path)
     f, meta = open_checkpoint(path)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -363,17 +392,46 @@ def load_trained(model, path):
                          f"{trained.get('method')}, rank {trained.get('rank')}, "
                          f"{len(trained.get('class_names', []))} classes); missing {sorted(expected - found)[:3]}, "
                          f"unexpected {sorted(found - expected)[:3]}, other shapes {misfit[:3]}")
+    tensors = {n: f.get_tensor(f"model.{n}") for n in sorted(expected)}  # all checked before any is copied
+    for n, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{path}: model.{n} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} (of {t.numel()}): "
+                             "the training that wrote it diverged; use an earlier checkpoint or retrain "
+                             "(a lower --lr, for one)")
     with torch.no_grad():
-        for n in expected:
-            params[n].copy_(f.get_tensor(f"model.{n}"))
+        for n, t in tensors.items():
+            params[n].copy_(t)
     return meta
 
 
+def saved_config(meta, path):
+    """The U2AConfig a checkpoint's metadata stores; a config written by another version of u2a (fields
+    this one does not know, or lacks) is refused by name rather than half-read."""
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} has no model config in its metadata: not a checkpoint written by "
+                         "u2a.save_checkpoint")
+    known = {f.name: f for f in fields(U2AConfig)}
+    unknown = sorted(set(saved) - set(known))
+    lacking = [name for name, f in known.items()
+               if name not in saved and f.default is MISSING and f.default_factory is MISSING]
+    if unknown or lacking:
+        problems = ([f"fields unknown here: {', '.join(unknown)}"] if unknown else []) + \
+                   ([f"it lacks: {', '.join(lacking)}"] if lacking else [])
+        raise ValueError(f"{path} comes from another version of u2a: its model config does not fit this "
+                         f"version's U2AConfig ({'; '.join(problems)}); load it with the version of u2a that "
+                         "wrote it, or retrain with this one")
+    return U2AConfig(**saved)
+
+
 def from_checkpoint(path, encoders=None):
-    """The trained model of a checkpoint, rebuilt from the file alone, in eval mode.
-    encoders: {modality: folder} where the pretrained encoders are now, if they moved since training."""
+    """The trained model of a checkpoint, rebuilt from the file alone, in eval mode. path: the file, or a
+    run folder holding one (checkpoint_file). encoders: {modality: folder} where the pretrained encoders are
+    now, if they moved since training."""
+    path = checkpoint_file(path)
     _, meta = open_checkpoint(path)
-    config = U2AConfig(**meta["model"])
+    config = saved_config(meta, path)
     if encoders:
         config.encoders = {m: str(encoders[m]) for m in config.encoders}
     model = U2A(config)
@@ -463,28 +521,69 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
 # -----------------------------------------------------------------------------
 # Predicting for a user's own inputs: an image and/or a text, either may be missing
 
+def checked_image(image, size):
+    """predict's image once a path or PIL image has been preprocessed: None, or a preprocessed
+    (3, size, size) float tensor (data.clip_image's output) that is finite -> float32."""
+    if image is None:
+        return None
+    accepted = f"a file path, a PIL image or a preprocessed (3, {size}, {size}) float tensor (data.clip_image)"
+    if not isinstance(image, torch.Tensor):
+        hint = ": wrap an array of pixels with PIL.Image.fromarray" if type(image).__name__ == "ndarray" else ""
+        raise TypeError(f"predict: image must be {accepted}, got {type(image).__name__}{hint}")
+    if not image.is_floating_point():  # raw pixels: without CLIP's mean/std the encoder reads another image
+        raise TypeError(f"predict: an image tensor must be preprocessed floats, got {image.dtype}: pass raw "
+                        f"pixels as a PIL image (PIL.Image.fromarray) or a file path instead, or preprocess "
+                        f"them with data.clip_image")
+    if tuple(image.shape) != (3, size, size):
+        raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
+    bad = int((~torch.isfinite(image)).sum())
+    if bad:  # they would make every probability NaN
+        raise ValueError(f"predict: the image tensor holds {bad} NaN/Inf value{'s' if bad > 1 else ''}")
+    return image.float()
+
+
+def checked_text(text):
+    """predict's text argument -> one string, or None for a missing text (None, or blank:
+    data.is_missing_text). Anything else is refused here, rather than by the tokenizer, which reads a list as
+    a text pair and fails on bytes with an error that names neither."""
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        raise TypeError(f"predict takes one text (a string), got a {type(text).__name__}: call it once per text")
+    if not isinstance(text, str):
+        hint = ": decode it first, e.g. text.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"predict: text must be a string (or None when missing), got {type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate, e.g. from a bad decode with errors="surrogateescape"
+        raise ValueError(f"predict: text is not valid Unicode: {err.reason} at position {err.start} "
+                         f"({text[err.start:err.end]!r})") from None
+    return None if data.is_missing_text(text) else text
+
+
 @torch.no_grad()
 def predict(model, image=None, text=None, tokenizer=None):
     """[(class name, probability)] for one sample of an image-text model, most likely first: a softmax over
     the classes, or a sigmoid per class for a multi-label model (MM-IMDb genres).
-    image: a file path, a PIL image (both through CLIP's preprocessing, data.clip_image) or a preprocessed
-    (3, H, W) tensor. text: a string. A missing one (None) is absent in `present`: U2A selects the other
-    modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
+    image: a file path, a PIL image (both through CLIP's preprocessing, data.clip_image, at the image
+    encoder's size) or a preprocessed (3, H, W) float tensor. text: a string. A missing one (None; for text
+    also "" or whitespace only: the paper's placeholder for a missing text is "") is absent in `present`: U2A
+    selects the other modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
+    Other types, and NaN/Inf in an image tensor, are refused (checked_image, checked_text).
     tokenizer: the run's (data.load_tokenizer(folder, max_len)); default: the text encoder's own folder's,
     truncating at the encoder's longest input."""
     if set(model.modalities) != {"image", "text"}:
         raise ValueError(f"predict takes an image and a text; this model reads {model.modalities}")
-    if image is None and text is None:
-        raise ValueError("predict needs an image, a text or both")
     vit, bert = model.branches["image"].encoder, model.branches["text"].encoder
+    size = vit.config.image_size  # the encoder's own input size: CLIP's 224, the toy ViT's 32
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as pil:
-            image = data.clip_image(pil)                                      # (3, 224, 224)
+            image = data.clip_image(pil, size)                                # (3, size, size)
     elif isinstance(image, Image.Image):
-        image = data.clip_image(image)
-    size = vit.config.image_size
-    if image is not None and tuple(image.shape) != (3, size, size):
-        raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
+        image = data.clip_image(image, size)
+    image, text = checked_image(image, size), checked_text(text)
+    if image is None and text is None:
+        raise ValueError("predict needs an image, a text or both (a blank text counts as missing)")
     config = model.config
     tokenizer = tokenizer or data.load_tokenizer(config.encoders["text"], bert.config.max_position_embeddings)
     info = data.DatasetInfo(name="predict", modalities=model.modalities, num_classes=len(config.class_names),

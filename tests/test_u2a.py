@@ -327,10 +327,10 @@ def test_predict_multilabel_gives_a_sigmoid_per_class_and_keeps_the_training_mod
     assert [p for _, p in got] == sorted((p for _, p in got), reverse=True) and model.training
 
 
-def test_predict_refuses_no_input_and_an_image_of_the_wrong_size(tmp_path):
+def test_predict_refuses_no_input_and_an_image_of_the_wrong_size():
     model = toy_model("u2a")
     with pytest.raises(ValueError, match="an image, a text or both"):
         predict(model)
-    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.png")  # CLIP preprocessing: 224 x 224
+    photo = data.clip_image(Image.new("RGB", (50, 40), (200, 30, 30)))  # preprocessed for CLIP: 224 x 224
     with pytest.raises(ValueError, match=r"takes \(3, 32, 32\) images, got \(3, 224, 224\)"):
-        predict(model, image=tmp_path / "photo.png", text="a sunny scene")
+        predict(model, image=photo, text="a sunny scene")  # a path or PIL image is read at 32 px instead
