@@ -191,9 +191,14 @@ def _food101_classes(root):
     folder = root / "images" / "train"
     if not folder.is_dir():
         raise FileNotFoundError(f"food101: no class folders at {folder}; expected {EXPECTED_LAYOUT['food101']}")
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    # a hidden folder is a tool's (.ipynb_checkpoints, .git), not a class: as class 0 it would shift every label
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise FileNotFoundError(f"food101: {folder} holds no class folders; expected {EXPECTED_LAYOUT['food101']}")
+    empty = [name for name in names if all(f.name.startswith(".") for f in (folder / name).iterdir())]
+    if empty:  # a class with no image is a stray folder or a failed copy: either way the class count is wrong
+        raise ValueError(f"food101: class folder {folder / empty[0]} is empty ({len(empty)} empty in all): every "
+                         f"folder in {folder} is a class; remove it, or copy its images into it")
     return names
 
 # -----------------------------------------------------------------------------
@@ -451,6 +456,15 @@ def _list_lines(path, errors="strict"):
         return [(number, text.strip()) for number, text in enumerate(f, start=1) if text.strip()]
 
 
+def _plain_name(entry, where):
+    """A split list's entry names a file or folder in the data root: with a folder part ('../x', '/abs')
+    it would read files outside it (an absolute path even replaces the root), so it is refused."""
+    if entry in ("", ".", "..") or "/" in entry or "\\" in entry:
+        raise ValueError(f"{where}: {entry!r} is not a plain name: a split list names files in the data root, "
+                         f"without '/', '\\' or '..'")
+    return entry
+
+
 def _not_empty(rows, path, name):
     if not rows:
         raise ValueError(f"{name}: split file {path} has no rows; expected {EXPECTED_LAYOUT[name]}")
@@ -484,6 +498,7 @@ def _read_food101(root, split, info, on_error):
             file, title, cls, closed = food101_row(text)
         except ValueError:
             raise ValueError(f"{csv_path}:{line}: expected 'image file,title,class', got {text!r}") from None
+        _plain_name(file, f"{csv_path}:{line}")  # the class is one of the folders: plain already
         if cls not in folders or cls not in label_of:  # classes are images/train's folders
             missing = image_dir / cls if cls not in folders else root / "images" / "train" / cls
             raise ValueError(f"{csv_path}:{line}: class {cls!r} has no folder {missing}")
@@ -501,13 +516,21 @@ def _read_food101(root, split, info, on_error):
     return sources, labels
 
 
+def _is_list_of_str(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _read_mmimdb(root, split, info, on_error):
-    """split.json {train, dev, test: [ids]}; dataset/<id>.json has 'plot' (list) and 'genres'."""
+    """split.json {train, dev, test: [ids]}; dataset/<id>.json has 'plot' (list) and 'genres'. A movie whose
+    JSON is missing, broken or has no genre list (its label) is dropped in skip mode; one without a plot
+    keeps its image, its text marked absent. Raise mode names the file."""
     split_path = _need_file(root / "split.json", "mmimdb")
+    key = {"train": "train", "val": "dev", "test": "test"}[split]
     with open(split_path, encoding=LIST_ENCODING) as f:
-        ids = _not_empty(json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]], split_path, "mmimdb")
-    sources, labels, skipped = {"image": [], "text": []}, [], 0
-    for movie in map(str, ids):
+        ids = _not_empty(json.load(f)[key], split_path, "mmimdb")
+    sources, labels, dropped, no_plot = {"image": [], "text": []}, [], [], []
+    for position, movie in enumerate(map(str, ids), start=1):
+        _plain_name(movie, f'{split_path}: "{key}" entry {position}')
         meta_path = root / "dataset" / f"{movie}.json"
         try:
             with open(meta_path) as f:
@@ -516,14 +539,31 @@ def _read_mmimdb(root, split, info, on_error):
             if on_error == "raise":
                 raise FileNotFoundError(f"mmimdb: cannot read {meta_path} ({err}); "
                                         f"expected {EXPECTED_LAYOUT['mmimdb']}")
-            skipped += 1
+            dropped.append(meta_path)
             continue
-        plot = meta.get("plot") or None  # a list of summaries; MMBT keeps the longest
-        sources["text"].append(max(plot, key=len) if isinstance(plot, list) else plot)  # None: no text
+        genres = meta.get("genres") if isinstance(meta, dict) else None
+        if not _is_list_of_str(genres):  # "Drama" or no key: an all-zero label would train "no genre"
+            if on_error == "raise":
+                raise ValueError(f'mmimdb: {meta_path}: "genres" is {genres!r}, not a list of genre names '
+                                 f"(on_error='skip' drops the movie)")
+            dropped.append(meta_path)
+            continue
+        plot = meta.get("plot")  # a list of summaries, of which MMBT keeps the longest; a string is one summary
+        text = max(plot, key=len) if _is_list_of_str(plot) and plot else plot if isinstance(plot, str) else None
+        if not text:
+            if on_error == "raise":
+                raise ValueError(f'mmimdb: {meta_path}: "plot" is {plot!r}, not a list of summaries '
+                                 f"(on_error='skip' marks the movie's text absent)")
+            no_plot.append(meta_path)
+        sources["text"].append(text or None)  # None: no text
         sources["image"].append(str(root / "dataset" / f"{movie}.jpeg"))
-        labels.append([MMIMDB_GENRES.index(g) for g in meta.get("genres", []) if g in MMIMDB_GENRES])
-    if skipped:
-        warnings.warn(f"mmimdb/{split}: dropped {skipped} of {len(ids)} movies whose JSON is missing or broken")
+        labels.append([MMIMDB_GENRES.index(g) for g in genres if g in MMIMDB_GENRES])
+    if dropped:
+        warnings.warn(f"mmimdb/{split}: dropped {len(dropped)} of {len(ids)} movies whose JSON is missing, broken "
+                      f"or has no genre list (e.g. {dropped[0]})")
+    if no_plot:
+        warnings.warn(f"mmimdb/{split}: {len(no_plot)} of {len(ids)} movies have no plot (e.g. {no_plot[0]}): "
+                      f"their text is marked absent")
     return sources, labels
 
 
@@ -545,7 +585,7 @@ def cremad_rows(path):
         row = text.split(",")
         if len(row) != 2 or row[1] not in CREMAD_EMOTIONS:
             raise ValueError(f"{path}:{line}: expected 'clip,EMOTION' with EMOTION in {CREMAD_EMOTIONS}, got {row}")
-        rows.append(ListRow(row[0], CREMAD_EMOTIONS.index(row[1])))
+        rows.append(ListRow(_plain_name(row[0], f"{path}:{line}"), CREMAD_EMOTIONS.index(row[1])))
     return _not_empty(rows, path, "cremad")
 
 
@@ -558,7 +598,7 @@ def ks_rows(path):
         if len(row) != 3 or not row[2].isdigit() or int(row[2]) >= len(KS_CLASSES):
             raise ValueError(f"{path}:{line}: expected 'id,10,label' with label in 0..{len(KS_CLASSES) - 1}, "
                              f"got {row}")
-        rows.append(ListRow(row[0], int(row[2])))
+        rows.append(ListRow(_plain_name(row[0], f"{path}:{line}"), int(row[2])))
     return _not_empty(rows, path, "ks")
 
 
@@ -593,7 +633,7 @@ def ave_rows(path):
         if row[1] in seen:
             dropped += 1
             continue
-        seen.add(row[1])
+        seen.add(_plain_name(row[1], f"{path}:{line}"))
         rows.append(ListRow(row[1], AVE_CLASSES.index(row[0]), (int(row[3]), int(row[4]))))
     return _not_empty(rows, path, "ave"), dropped
 
