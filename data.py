@@ -42,7 +42,14 @@ Design choices (the paper leaves them open):
   - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
     or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
-  - every WAV's header is checked when the dataset is built (a git-lfs pointer file is named as such).
+  - every WAV's and image's header is checked when the dataset is built (a git-lfs pointer file is named as
+    such): a file that is not an image, a WAV shorter than one 25 ms analysis window, an image of a mode we
+    do not read or of an aspect ratio above MAX_ASPECT_RATIO are named then, not after training.
+  - 16-bit and float grey images are read by their range (FULL_SCALE), not clipped at 255.
+  - a split list's entries are plain names: one with a folder part ('../x', '/abs') is refused, naming the line.
+  - Food-101's hidden folders (.ipynb_checkpoints) are not classes; an empty class folder is an error.
+  - an MM-IMDb movie JSON without a genre list is refused (skip mode: the movie is dropped); one without a plot,
+    too (skip mode: its text is marked absent, its image kept).
   - AVE's audio is cut to the event window of the split file, the window its frames come from.
   - Food-101's titles CSV is read one record per line, so its one unclosed quote damages only its own title.
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
@@ -209,11 +216,51 @@ IMAGE_SIZE = 224
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 WHITE = (255, 255, 255, 255)
+# The modes of 8 bits a channel, read as CLIPImageProcessor reads them (Pillow's conversion to RGB)
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# Grey images beyond 8 bits, by the value that means white. Converted to RGB as they are, Pillow (and so
+# CLIPImageProcessor) clips them at 255: a 16-bit PNG turns white, a float TIFF in [0, 1] black. They are
+# read by their range instead, into the 8 bits CLIP's preprocessing and pretraining work in. Pillow opens a
+# 16-bit PNG as "I;16" ("I" in older versions): "I" is read as 16-bit too, and a value beyond it refused.
+FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+# The centre crop keeps 1/ratio of a long image, after resizing its *shortest* side to 224: a 1 x 20000 PNG
+# became a 224 x 4.5M image (4.3 GB) to keep 0.005% of it. Beyond 20:1 (a panorama is ~4:1, a 1080p frame
+# 16:9) the crop shows too little of the picture to be a sample of it: such images are refused.
+MAX_ASPECT_RATIO = 20
+
+
+def image_problem(pil):
+    """Why clip_image cannot read `pil` (its mode or its shape), or None. Needs only the header, so the
+    datasets ask it when they are built."""
+    if pil.mode not in EIGHT_BIT_MODES and pil.mode not in FULL_SCALE:
+        return (f"image mode {pil.mode!r} is not supported: expected one of {', '.join(EIGHT_BIT_MODES)} "
+                f"(8 bits a channel), or grey {', '.join(FULL_SCALE)} (16-bit, or float in [0, 1])")
+    w, h = pil.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return (f"{w} x {h} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1: CLIP's 224 x 224 centre crop "
+                f"would keep too little of it (crop or pad it nearer to square)")
+    return None
+
+
+def to_8_bit(pil):
+    """A grey image of a FULL_SCALE mode -> "L", its values scaled so that full scale is 255."""
+    x = np.asarray(pil, dtype=np.float64)                                         # (H, W)
+    top = FULL_SCALE[pil.mode]
+    if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= top):
+        raise ValueError(f"image mode {pil.mode!r} with values in [{x.min():g}, {x.max():g}]: expected "
+                         f"{'[0, 1]' if pil.mode == 'F' else f'0..{top}'} (white at {top})")
+    return Image.fromarray(np.rint(x * (255 / top)).astype(np.uint8))
 
 
 def clip_image(pil):
     """PIL image -> (3, 224, 224) float, as CLIPImageProcessor: shortest side to 224 (bicubic),
-    centre crop 224, /255, CLIP mean/std."""
+    centre crop 224, /255, CLIP mean/std. 16-bit and float grey images are first read by their range
+    (FULL_SCALE); other modes and aspect ratios above MAX_ASPECT_RATIO raise a ValueError naming them."""
+    problem = image_problem(pil)
+    if problem:
+        raise ValueError(problem)
+    if pil.mode in FULL_SCALE:
+        pil = to_8_bit(pil)
     if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
         has_alpha = "A" in pil.getbands() or "transparency" in pil.info
         if has_alpha:
@@ -688,8 +735,17 @@ def is_lfs_pointer(path):
         return f.read(len(LFS_POINTER)) == LFS_POINTER
 
 
+def samples_at_16k(frames, rate, source):
+    """How many samples fbank gets from a WAV of `frames` samples at `rate`: after an AudioWindow's cut (as
+    read_audio) and resampling to 16 kHz (as resample)."""
+    if isinstance(source, AudioWindow):
+        frames = max(0, min(frames, round(source.end * rate)) - round(source.start * rate))
+    return math.ceil(frames * SAMPLE_RATE / rate)
+
+
 def _problem(modality, source):
-    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
+    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ...",
+    "too short: ...", "unusable: ..."), or None. Headers only: nothing is decoded."""
     if modality == "text":
         return None if source is not None else "missing"
     if modality == "video":
@@ -697,18 +753,29 @@ def _problem(modality, source):
     path = source.path if isinstance(source, AudioWindow) else source
     if not os.path.isfile(path):
         return "missing"
-    if modality == "audio":
-        if is_lfs_pointer(path):
-            return "git-lfs pointer"
+    if is_lfs_pointer(path):
+        return "git-lfs pointer"
+    if modality == "image":
         try:
-            sf.info(path)
-        except RuntimeError as err:  # soundfile.LibsndfileError
-            return f"bad header: {getattr(err, 'error_string', err)}"
-    return None
+            with Image.open(path) as pil:  # reads the header; the pixels are decoded when the sample is read
+                unusable = image_problem(pil)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
+            return f"bad header: {err}"
+        return f"unusable: {unusable}" if unusable else None
+    try:
+        header = sf.info(path)
+    except RuntimeError as err:  # soundfile.LibsndfileError
+        return f"bad header: {getattr(err, 'error_string', err)}"
+    # A clip shorter than one analysis window has no feature frame. Refused (skip mode: marked absent), not
+    # padded: a few ms of sound is a failed extraction far more often than a sample, and padded with silence
+    # it would pass for a present audio that holds nothing.
+    n = samples_at_16k(header.frames, header.samplerate, source)
+    return f"too short: {n} samples at 16 kHz" if n < FRAME_LENGTH else None
 
 
 def _check_files(info, split, sources, labels, on_error):
-    """Every referenced file exists, and every WAV has a readable header (no decoding). Unusable ones raise,
+    """Every referenced file exists, and every WAV and image has a readable header (no decoding) that says it
+    can be used (a WAV long enough, an image of a supported mode and shape). Unusable ones raise,
     or in skip mode mark the modality absent; a sample left with nothing is dropped. All announced with counts."""
     n = len(labels)
     problems = [[_problem(m, sources[m][i]) for m in info.modalities] for i in range(n)]
@@ -719,14 +786,22 @@ def _check_files(info, split, sources, labels, on_error):
         for i in bad:
             kinds.setdefault(problems[i][col].split(":")[0], []).append(i)
         for kind, idx in kinds.items():
-            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}"
+            other = info.modalities[1 - col]  # a text has no file: its sample is named by the other modality's
+            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}, with {other} {sources[other][idx[0]]}"
+            detail = problems[idx[0]][col].removeprefix(kind).removeprefix(": ")  # the example's own problem
             message = f"{info.name}/{split}: {len(idx)} of {n} "
             if kind == "missing":
                 message += f"samples lack their {m} (e.g. {example}); expected {EXPECTED_LAYOUT[info.name]}"
             elif kind == "git-lfs pointer":
-                message += f"{m} files are git-lfs pointer files, not audio (e.g. {example}): {LFS_HINT}"
+                message += f"{m} files are git-lfs pointer files, not {m} (e.g. {example}): {LFS_HINT}"
+            elif kind == "too short":
+                message += (f"{m} files are shorter than one {FRAME_LENGTH}-sample window (25 ms at 16 kHz), "
+                            f"the least a feature frame needs (e.g. {example}: {detail})")
+            elif kind == "bad header":
+                header = "WAV" if m == "audio" else "image"
+                message += f"{m} files have no readable {header} header (e.g. {example}: {detail})"
             else:
-                message += f"{m} files have no readable WAV header (e.g. {example}: {problems[idx[0]][col]})"
+                message += f"{m} files cannot be used (e.g. {example}: {detail})"
             if on_error == "raise":
                 error = FileNotFoundError if kind == "missing" else ValueError
                 raise error(message + " (on_error='skip' marks them absent)")
