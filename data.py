@@ -42,7 +42,14 @@ Design choices (the paper leaves them open):
   - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
     or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
-  - every WAV's header is checked when the dataset is built (a git-lfs pointer file is named as such).
+  - every WAV's and image's header is checked when the dataset is built (a git-lfs pointer file is named as
+    such): a file that is not an image, a WAV shorter than one 25 ms analysis window, an image of a mode we
+    do not read or of an aspect ratio above MAX_ASPECT_RATIO are named then, not after training.
+  - 16-bit and float grey images are read by their range (FULL_SCALE), not clipped at 255.
+  - a split list's entries are plain names: one with a folder part ('../x', '/abs') is refused, naming the line.
+  - Food-101's hidden folders (.ipynb_checkpoints) are not classes; an empty class folder is an error.
+  - an MM-IMDb movie JSON without a genre list is refused (skip mode: the movie is dropped); one without a plot,
+    too (skip mode: its text is marked absent, its image kept).
   - AVE's audio is cut to the event window of the split file, the window its frames come from.
   - Food-101's titles CSV is read one record per line, so its one unclosed quote damages only its own title.
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
@@ -199,9 +206,14 @@ def _food101_classes(root):
     folder = root / "images" / "train"
     if not folder.is_dir():
         raise FileNotFoundError(f"food101: no class folders at {folder}; expected {EXPECTED_LAYOUT['food101']}")
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    # a hidden folder is a tool's (.ipynb_checkpoints, .git), not a class: as class 0 it would shift every label
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise FileNotFoundError(f"food101: {folder} holds no class folders; expected {EXPECTED_LAYOUT['food101']}")
+    empty = [name for name in names if all(f.name.startswith(".") for f in (folder / name).iterdir())]
+    if empty:  # a class with no image is a stray folder or a failed copy: either way the class count is wrong
+        raise ValueError(f"food101: class folder {folder / empty[0]} is empty ({len(empty)} empty in all): every "
+                         f"folder in {folder} is a class; remove it, or copy its images into it")
     return names
 
 # -----------------------------------------------------------------------------
@@ -212,11 +224,52 @@ IMAGE_SIZE = 224
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 WHITE = (255, 255, 255, 255)
+# The modes of 8 bits a channel, read as CLIPImageProcessor reads them (Pillow's conversion to RGB)
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# Grey images beyond 8 bits, by the value that means white. Converted to RGB as they are, Pillow (and so
+# CLIPImageProcessor) clips them at 255: a 16-bit PNG turns white, a float TIFF in [0, 1] black. They are
+# read by their range instead, into the 8 bits CLIP's preprocessing and pretraining work in. Pillow opens a
+# 16-bit PNG as "I;16" ("I" in older versions): "I" is read as 16-bit too, and a value beyond it refused.
+FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+# The centre crop keeps 1/ratio of a long image, after resizing its *shortest* side to 224: a 1 x 20000 PNG
+# became a 224 x 4.5M image (4.3 GB) to keep 0.005% of it. Beyond 20:1 (a panorama is ~4:1, a 1080p frame
+# 16:9) the crop shows too little of the picture to be a sample of it: such images are refused.
+MAX_ASPECT_RATIO = 20
+
+
+def image_problem(pil):
+    """Why clip_image cannot read `pil` (its mode or its shape), or None. Needs only the header, so the
+    datasets ask it when they are built."""
+    if pil.mode not in EIGHT_BIT_MODES and pil.mode not in FULL_SCALE:
+        return (f"image mode {pil.mode!r} is not supported: expected one of {', '.join(EIGHT_BIT_MODES)} "
+                f"(8 bits a channel), or grey {', '.join(FULL_SCALE)} (16-bit, or float in [0, 1])")
+    w, h = pil.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return (f"{w} x {h} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1: CLIP's 224 x 224 centre crop "
+                f"would keep too little of it (crop or pad it nearer to square)")
+    return None
+
+
+def to_8_bit(pil):
+    """A grey image of a FULL_SCALE mode -> "L", its values scaled so that full scale is 255."""
+    x = np.asarray(pil, dtype=np.float64)                                         # (H, W)
+    top = FULL_SCALE[pil.mode]
+    if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= top):
+        raise ValueError(f"image mode {pil.mode!r} with values in [{x.min():g}, {x.max():g}]: expected "
+                         f"{'[0, 1]' if pil.mode == 'F' else f'0..{top}'} (white at {top})")
+    return Image.fromarray(np.rint(x * (255 / top)).astype(np.uint8))
 
 
 def clip_image(pil, size=IMAGE_SIZE):
     """PIL image -> (3, size, size) float, as CLIPImageProcessor: shortest side to size (bicubic),
-    centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy ViT's 32)."""
+    centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy ViT's 32).
+    16-bit and float grey images are first read by their range (FULL_SCALE); other modes and aspect ratios
+    above MAX_ASPECT_RATIO raise a ValueError naming them."""
+    problem = image_problem(pil)
+    if problem:
+        raise ValueError(problem)
+    if pil.mode in FULL_SCALE:
+        pil = to_8_bit(pil)
     if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
         has_alpha = "A" in pil.getbands() or "transparency" in pil.info
         if has_alpha:
@@ -466,6 +519,15 @@ def _list_lines(path, errors="strict"):
         return [(number, text.strip()) for number, text in enumerate(f, start=1) if text.strip()]
 
 
+def _plain_name(entry, where):
+    """A split list's entry names a file or folder in the data root: with a folder part ('../x', '/abs')
+    it would read files outside it (an absolute path even replaces the root), so it is refused."""
+    if entry in ("", ".", "..") or "/" in entry or "\\" in entry:
+        raise ValueError(f"{where}: {entry!r} is not a plain name: a split list names files in the data root, "
+                         f"without '/', '\\' or '..'")
+    return entry
+
+
 def _not_empty(rows, path, name):
     if not rows:
         raise ValueError(f"{name}: split file {path} has no rows; expected {EXPECTED_LAYOUT[name]}")
@@ -499,6 +561,7 @@ def _read_food101(root, split, info, on_error):
             file, title, cls, closed = food101_row(text)
         except ValueError:
             raise ValueError(f"{csv_path}:{line}: expected 'image file,title,class', got {text!r}") from None
+        _plain_name(file, f"{csv_path}:{line}")  # the class is one of the folders: plain already
         if cls not in folders or cls not in label_of:  # classes are images/train's folders
             missing = image_dir / cls if cls not in folders else root / "images" / "train" / cls
             raise ValueError(f"{csv_path}:{line}: class {cls!r} has no folder {missing}")
@@ -516,13 +579,21 @@ def _read_food101(root, split, info, on_error):
     return sources, labels
 
 
+def _is_list_of_str(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _read_mmimdb(root, split, info, on_error):
-    """split.json {train, dev, test: [ids]}; dataset/<id>.json has 'plot' (list) and 'genres'."""
+    """split.json {train, dev, test: [ids]}; dataset/<id>.json has 'plot' (list) and 'genres'. A movie whose
+    JSON is missing, broken or has no genre list (its label) is dropped in skip mode; one without a plot
+    keeps its image, its text marked absent. Raise mode names the file."""
     split_path = _need_file(root / "split.json", "mmimdb")
+    key = {"train": "train", "val": "dev", "test": "test"}[split]
     with open(split_path, encoding=LIST_ENCODING) as f:
-        ids = _not_empty(json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]], split_path, "mmimdb")
-    sources, labels, skipped = {"image": [], "text": []}, [], 0
-    for movie in map(str, ids):
+        ids = _not_empty(json.load(f)[key], split_path, "mmimdb")
+    sources, labels, dropped, no_plot = {"image": [], "text": []}, [], [], []
+    for position, movie in enumerate(map(str, ids), start=1):
+        _plain_name(movie, f'{split_path}: "{key}" entry {position}')
         meta_path = root / "dataset" / f"{movie}.json"
         try:
             with open(meta_path) as f:
@@ -531,14 +602,31 @@ def _read_mmimdb(root, split, info, on_error):
             if on_error == "raise":
                 raise FileNotFoundError(f"mmimdb: cannot read {meta_path} ({err}); "
                                         f"expected {EXPECTED_LAYOUT['mmimdb']}")
-            skipped += 1
+            dropped.append(meta_path)
             continue
-        plot = meta.get("plot") or None  # a list of summaries; MMBT keeps the longest
-        sources["text"].append(max(plot, key=len) if isinstance(plot, list) else plot)  # None: no text
+        genres = meta.get("genres") if isinstance(meta, dict) else None
+        if not _is_list_of_str(genres):  # "Drama" or no key: an all-zero label would train "no genre"
+            if on_error == "raise":
+                raise ValueError(f'mmimdb: {meta_path}: "genres" is {genres!r}, not a list of genre names '
+                                 f"(on_error='skip' drops the movie)")
+            dropped.append(meta_path)
+            continue
+        plot = meta.get("plot")  # a list of summaries, of which MMBT keeps the longest; a string is one summary
+        text = max(plot, key=len) if _is_list_of_str(plot) and plot else plot if isinstance(plot, str) else None
+        if not text:
+            if on_error == "raise":
+                raise ValueError(f'mmimdb: {meta_path}: "plot" is {plot!r}, not a list of summaries '
+                                 f"(on_error='skip' marks the movie's text absent)")
+            no_plot.append(meta_path)
+        sources["text"].append(text or None)  # None: no text
         sources["image"].append(str(root / "dataset" / f"{movie}.jpeg"))
-        labels.append([MMIMDB_GENRES.index(g) for g in meta.get("genres", []) if g in MMIMDB_GENRES])
-    if skipped:
-        warnings.warn(f"mmimdb/{split}: dropped {skipped} of {len(ids)} movies whose JSON is missing or broken")
+        labels.append([MMIMDB_GENRES.index(g) for g in genres if g in MMIMDB_GENRES])
+    if dropped:
+        warnings.warn(f"mmimdb/{split}: dropped {len(dropped)} of {len(ids)} movies whose JSON is missing, broken "
+                      f"or has no genre list (e.g. {dropped[0]})")
+    if no_plot:
+        warnings.warn(f"mmimdb/{split}: {len(no_plot)} of {len(ids)} movies have no plot (e.g. {no_plot[0]}): "
+                      f"their text is marked absent")
     return sources, labels
 
 
@@ -560,7 +648,7 @@ def cremad_rows(path):
         row = text.split(",")
         if len(row) != 2 or row[1] not in CREMAD_EMOTIONS:
             raise ValueError(f"{path}:{line}: expected 'clip,EMOTION' with EMOTION in {CREMAD_EMOTIONS}, got {row}")
-        rows.append(ListRow(row[0], CREMAD_EMOTIONS.index(row[1])))
+        rows.append(ListRow(_plain_name(row[0], f"{path}:{line}"), CREMAD_EMOTIONS.index(row[1])))
     return _not_empty(rows, path, "cremad")
 
 
@@ -573,7 +661,7 @@ def ks_rows(path):
         if len(row) != 3 or not row[2].isdigit() or int(row[2]) >= len(KS_CLASSES):
             raise ValueError(f"{path}:{line}: expected 'id,10,label' with label in 0..{len(KS_CLASSES) - 1}, "
                              f"got {row}")
-        rows.append(ListRow(row[0], int(row[2])))
+        rows.append(ListRow(_plain_name(row[0], f"{path}:{line}"), int(row[2])))
     return _not_empty(rows, path, "ks")
 
 
@@ -608,7 +696,7 @@ def ave_rows(path):
         if row[1] in seen:
             dropped += 1
             continue
-        seen.add(row[1])
+        seen.add(_plain_name(row[1], f"{path}:{line}"))
         rows.append(ListRow(row[1], AVE_CLASSES.index(row[0]), (int(row[3]), int(row[4]))))
     return _not_empty(rows, path, "ave"), dropped
 
@@ -663,8 +751,17 @@ def is_lfs_pointer(path):
         return f.read(len(LFS_POINTER)) == LFS_POINTER
 
 
+def samples_at_16k(frames, rate, source):
+    """How many samples fbank gets from a WAV of `frames` samples at `rate`: after an AudioWindow's cut (as
+    read_audio) and resampling to 16 kHz (as resample)."""
+    if isinstance(source, AudioWindow):
+        frames = max(0, min(frames, round(source.end * rate)) - round(source.start * rate))
+    return math.ceil(frames * SAMPLE_RATE / rate)
+
+
 def _problem(modality, source):
-    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ..."), or None."""
+    """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ...",
+    "too short: ...", "unusable: ..."), or None. Headers only: nothing is decoded."""
     if modality == "text":
         return "missing" if is_missing_text(source) else None
     if modality == "video":
@@ -672,18 +769,29 @@ def _problem(modality, source):
     path = source.path if isinstance(source, AudioWindow) else source
     if not os.path.isfile(path):
         return "missing"
-    if modality == "audio":
-        if is_lfs_pointer(path):
-            return "git-lfs pointer"
+    if is_lfs_pointer(path):
+        return "git-lfs pointer"
+    if modality == "image":
         try:
-            sf.info(path)
-        except RuntimeError as err:  # soundfile.LibsndfileError
-            return f"bad header: {getattr(err, 'error_string', err)}"
-    return None
+            with Image.open(path) as pil:  # reads the header; the pixels are decoded when the sample is read
+                unusable = image_problem(pil)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
+            return f"bad header: {err}"
+        return f"unusable: {unusable}" if unusable else None
+    try:
+        header = sf.info(path)
+    except RuntimeError as err:  # soundfile.LibsndfileError
+        return f"bad header: {getattr(err, 'error_string', err)}"
+    # A clip shorter than one analysis window has no feature frame. Refused (skip mode: marked absent), not
+    # padded: a few ms of sound is a failed extraction far more often than a sample, and padded with silence
+    # it would pass for a present audio that holds nothing.
+    n = samples_at_16k(header.frames, header.samplerate, source)
+    return f"too short: {n} samples at 16 kHz" if n < FRAME_LENGTH else None
 
 
 def _check_files(info, split, sources, labels, on_error):
-    """Every referenced file exists, and every WAV has a readable header (no decoding). Unusable ones raise,
+    """Every referenced file exists, and every WAV and image has a readable header (no decoding) that says it
+    can be used (a WAV long enough, an image of a supported mode and shape). Unusable ones raise,
     or in skip mode mark the modality absent; a sample left with nothing is dropped. All announced with counts."""
     n = len(labels)
     problems = [[_problem(m, sources[m][i]) for m in info.modalities] for i in range(n)]
@@ -694,14 +802,22 @@ def _check_files(info, split, sources, labels, on_error):
         for i in bad:
             kinds.setdefault(problems[i][col].split(":")[0], []).append(i)
         for kind, idx in kinds.items():
-            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}"
+            other = info.modalities[1 - col]  # a text has no file: its sample is named by the other modality's
+            example = sources[m][idx[0]] if m != "text" else f"sample {idx[0]}, with {other} {sources[other][idx[0]]}"
+            detail = problems[idx[0]][col].removeprefix(kind).removeprefix(": ")  # the example's own problem
             message = f"{info.name}/{split}: {len(idx)} of {n} "
             if kind == "missing":
                 message += f"samples lack their {m} (e.g. {example}); expected {EXPECTED_LAYOUT[info.name]}"
             elif kind == "git-lfs pointer":
-                message += f"{m} files are git-lfs pointer files, not audio (e.g. {example}): {LFS_HINT}"
+                message += f"{m} files are git-lfs pointer files, not {m} (e.g. {example}): {LFS_HINT}"
+            elif kind == "too short":
+                message += (f"{m} files are shorter than one {FRAME_LENGTH}-sample window (25 ms at 16 kHz), "
+                            f"the least a feature frame needs (e.g. {example}: {detail})")
+            elif kind == "bad header":
+                header = "WAV" if m == "audio" else "image"
+                message += f"{m} files have no readable {header} header (e.g. {example}: {detail})"
             else:
-                message += f"{m} files have no readable WAV header (e.g. {example}: {problems[idx[0]][col]})"
+                message += f"{m} files cannot be used (e.g. {example}: {detail})"
             if on_error == "raise":
                 error = FileNotFoundError if kind == "missing" else ValueError
                 raise error(message + " (on_error='skip' marks them absent)")

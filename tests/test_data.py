@@ -35,6 +35,11 @@ def write_wav(path, seconds=1.0, rate=SR):
              rate, subtype="PCM_16")
 
 
+def truncate(path):
+    """Keep a file's first half: a JPEG's header still reads (the dataset is built), its pixels do not decode."""
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
 def write_clip(root, audio_dir, frame_dir, clip, n_frames=4):
     write_wav(root / audio_dir / f"{clip}.wav")
     for k in range(n_frames):
@@ -382,7 +387,7 @@ def test_eval_scenarios_cover_the_papers_settings():
 
 def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, bert_tokenizers, tmp_path):
     root = make_cremad(tmp_path / "cremad")
-    write_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", seconds=0.01)  # too short to read, but marked absent
+    write_float_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.nan)  # does not decode, but marked absent
     present = torch.tensor([[False, True], [True, False]])
     ds = data.make_dataset("cremad", root, "test", present=present)
     assert ds[0]["audio"] is None and ds[0]["video"].shape == (3, 3, 224, 224)
@@ -537,7 +542,7 @@ def test_missing_files_raise_or_are_marked_absent_with_a_count(tmp_path):
 
 def test_corrupt_files_raise_or_are_skipped(tmp_path):
     root = make_food101(tmp_path / "food", per_class=(1, 2))
-    (root / "images" / "test" / "baklava" / "baklava_0.jpg").write_bytes(b"\xff\xd8 truncated")
+    truncate(root / "images" / "test" / "baklava" / "baklava_0.jpg")
     ds = data.make_dataset("food101", root, "test")
     with pytest.raises(RuntimeError, match="cannot read image .*baklava_0.jpg"):
         ds[2]
@@ -546,7 +551,7 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
     assert item["image"] is None and item["text"] and item["unreadable"] == 1 and len(ds) == 6
     assert ds[3]["unreadable"] == 0
     cremad = make_cremad(tmp_path / "cremad")
-    write_wav(cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav", seconds=0.01)  # a header, but too short to read
+    write_float_wav(cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.nan)  # a header, but NaN samples
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
         data.make_dataset("cremad", cremad, "test")[0]
     with warnings.catch_warnings():
@@ -557,7 +562,7 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
 
 def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
     root = make_cremad(tmp_path / "cremad")  # test: 1088_IOM_NEU_XX, 1089_DFA_ANG_XX
-    write_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", seconds=0.01)  # its only present modality: too short
+    write_float_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.nan)  # its only present modality: NaN
     (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
     present = torch.tensor([[True, False], [True, True]])
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):

@@ -347,7 +347,7 @@ def av_run(root, out, published_weights, *extra):
 def test_skip_mode_skips_a_sample_whose_only_modality_does_not_decode(tmp_path, published_weights, capsys):
     root = test_data.make_food101(tmp_path / "food")
     for jpeg in (root / "images" / "train").rglob("*.jpg"):
-        jpeg.write_bytes(b"not a jpeg")  # every training image exists but does not decode
+        test_data.truncate(jpeg)  # every training image has a readable header but does not decode
     metrics = train.main(["--data", "food101", "--data-root", str(root), "--weights", str(published_weights),
                           "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "--warmup-epochs",
                           "0", "--workers", "0", "--train-missing-rate", "0.7", "--train-missing-type", "text",

@@ -1,0 +1,182 @@
+"""Bad input on the data side (issue 17): images beyond 8 bits, absurd aspect ratios, split entries that leave
+the data root, stray Food-101 folders, MM-IMDb movies without a genre list, WAVs too short to analyse and files
+that are not images. Each is found when the dataset is built, or refused where it is read, by name."""
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import data
+from test_data import SR, make_ave, make_cremad, make_food101, make_ks, make_mmimdb, write_clip, write_wav
+
+
+# ----------------------------------------------------------------------------- images (items 1, 15, 16)
+
+def grey_gradient(w=96, h=64):
+    """(h, w) uint8 with every value 0..255 present, so a wrong scale shows."""
+    return (np.add.outer(np.arange(h), np.arange(w)) * 255 // (h + w - 2)).astype(np.uint8)
+
+
+def test_16_bit_and_float_images_are_read_by_their_range(tmp_path):
+    grey = grey_gradient()
+    expected = data.clip_image(Image.fromarray(grey))  # the 8-bit picture: CLIPImageProcessor's path
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG: v * 257 is v / 255
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")  # float TIFF in [0, 1]
+    for file, mode in [("deep.png", "I;16"), ("float.tif", "F")]:
+        with Image.open(tmp_path / file) as pil:
+            assert pil.mode == mode
+            torch.testing.assert_close(data.clip_image(pil), expected, atol=0, rtol=0)
+    # a float image outside [0, 1] and a 32-bit one beyond 16 bits have no range to read them by
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "float255.tif")
+    with Image.open(tmp_path / "float255.tif") as pil, pytest.raises(ValueError, match=r"mode 'F'.* \[0, 1\]"):
+        data.clip_image(pil)
+    with pytest.raises(ValueError, match=r"mode 'I'.* 0\.\.65535"):
+        data.clip_image(Image.fromarray(grey.astype(np.int32) * 1000))
+    with pytest.raises(ValueError, match=r"image mode 'La' is not supported"):
+        data.clip_image(Image.new("La", (32, 32)))
+    # the datasets read images through the same function
+    root = make_food101(tmp_path / "food", per_class=(1, 1))
+    shutil.copyfile(tmp_path / "deep.png", root / "images" / "test" / "baklava" / "baklava_0.jpg")
+    torch.testing.assert_close(data.make_dataset("food101", root, "test")[1]["image"], expected, atol=0, rtol=0)
+
+
+def test_absurd_aspect_ratios_are_refused_and_normal_ones_match_the_processor(tmp_path):
+    # 1 x 500 would be resized to 224 x 112000 first (75 MB; 1 x 20000: 4.3 GB) to keep a 224 x 224 crop
+    with pytest.raises(ValueError, match=r"1 x 500 pixels.*aspect ratio above 20:1"):
+        data.clip_image(Image.new("RGB", (1, 500)))
+    with pytest.raises(ValueError, match=r"500 x 1 pixels"):
+        data.clip_image(Image.new("L", (500, 1)))
+    root = make_food101(tmp_path / "food", per_class=(1, 1))
+    Image.new("RGB", (2000, 10)).save(root / "images" / "test" / "ramen" / "ramen_0.jpg", format="PNG")
+    with pytest.raises(ValueError, match=r"food101/test: 1 of 3 image files cannot be used \(e.g. .*ramen_0.jpg: "
+                                         r"2000 x 10 pixels"):
+        data.make_dataset("food101", root, "test")
+    # up to the bound, CLIPImageProcessor's answer
+    transformers = pytest.importorskip("transformers")
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+    except ImportError:
+        Processor = transformers.CLIPImageProcessor
+    rng = np.random.default_rng(1)
+    for w, h in [(20, 400), (460, 23)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        torch.testing.assert_close(data.clip_image(img), Processor()(img, return_tensors="pt")["pixel_values"][0],
+                                   atol=1e-2, rtol=0)
+
+
+def test_a_file_that_is_not_an_image_is_found_when_the_dataset_is_built(tmp_path):
+    root = make_food101(tmp_path / "food", per_class=(1, 1))
+    write_wav(tmp_path / "sound.wav")
+    shutil.copyfile(tmp_path / "sound.wav", root / "images" / "test" / "baklava" / "baklava_0.jpg")  # under a .jpg name
+    with pytest.raises(ValueError, match=r"food101/test: 1 of 3 image files have no readable image header "
+                                         r"\(e.g. .*baklava_0.jpg"):
+        data.make_dataset("food101", root, "test")
+    with pytest.warns(UserWarning, match="no readable image header"):
+        ds = data.make_dataset("food101", root, "test", on_error="skip")
+    assert ds.present.tolist() == [[True, True], [False, True], [True, True]]
+
+
+# ----------------------------------------------------------------------------- split files (item 6)
+
+def add_line(path, line):
+    with open(path, "a", newline="") as f:
+        f.write(line)
+
+
+ESCAPES = {  # dataset -> (split file, the line it gets, where the error points)
+    "food101": ("texts/test_titles.csv", "../../../outside.jpg,A title,ramen\n", r"test_titles.csv:4"),
+    "cremad": ("test.csv", "../outside,NEU\r\n", r"test.csv:3"),
+    "ks": ("my_test.txt", "/tmp/outside,10,3\r\n", r"my_test.txt:3"),
+    "ave": ("testSet.txt", "Bark&..&good&0&3\n", r"testSet.txt:4"),
+}
+
+
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_split_entries_that_leave_the_data_root_are_refused_naming_the_line(name, tmp_path):
+    root = {"food101": lambda p: make_food101(p, per_class=(1, 1)), "cremad": make_cremad, "ks": make_ks,
+            "ave": make_ave}[name](tmp_path / name)
+    file, line, where = ESCAPES[name]
+    add_line(root / file, line)
+    if name == "cremad":  # files where "../outside" leads: read as if they were in the release, until now
+        write_clip(root, ".", ".", "outside")
+    with pytest.raises(ValueError, match=rf"{where}: .* is not a plain name"):
+        data.make_dataset(name, root, "test")
+
+
+def test_mmimdb_ids_that_leave_the_data_root_are_refused_naming_the_entry(tmp_path):
+    root = make_mmimdb(tmp_path / "mmimdb")
+    outside = tmp_path / "outside"  # a movie outside dataset/: read as if it were in the release
+    shutil.copyfile(root / "dataset" / "0005.json", tmp_path / "outside.json")
+    shutil.copyfile(root / "dataset" / "0005.jpeg", tmp_path / "outside.jpeg")
+    for bad in ["../../outside", str(outside)]:
+        (root / "split.json").write_text(json.dumps({"train": ["0001"], "dev": ["0004"], "test": ["0005", bad]}))
+        with pytest.raises(ValueError, match=r'split.json: "test" entry 2: .* is not a plain name'):
+            data.make_dataset("mmimdb", root, "test")
+
+
+# ----------------------------------------------------------------------------- Food-101 class folders (item 7)
+
+def test_food101_hidden_folders_are_not_classes_and_an_empty_class_is_an_error(tmp_path):
+    root = make_food101(tmp_path / "food", per_class=(1, 1))
+    (root / "images" / "train" / ".ipynb_checkpoints").mkdir()  # sorts first: it would be class 0
+    (root / "images" / "train" / ".DS_Store").write_bytes(b"")
+    assert data.dataset_info("food101", root).class_names == ["apple_pie", "baklava", "ramen"]
+    assert data.make_dataset("food101", root, "test").labels.tolist() == [0, 1, 2]
+    (root / "images" / "train" / "sushi").mkdir()
+    (root / "images" / "train" / "sushi" / ".DS_Store").write_bytes(b"")  # hidden files are not images either
+    with pytest.raises(ValueError, match=r"food101: class folder .*images/train/sushi is empty"):
+        data.dataset_info("food101", root)
+
+
+# ----------------------------------------------------------------------------- MM-IMDb movie files (item 9)
+
+@pytest.mark.parametrize("meta", [{"plot": ["A plot."]}, {"plot": ["A plot."], "genres": "Drama"},
+                                  {"plot": ["A plot."], "genres": ["Drama", 3]}])
+def test_mmimdb_movie_without_a_genre_list_is_refused_or_skipped(meta, tmp_path):
+    root = make_mmimdb(tmp_path / "mmimdb")
+    (root / "dataset" / "0002.json").write_text(json.dumps(meta))  # train: 0001, 0002, 0003
+    with pytest.raises(ValueError, match=r'mmimdb: .*0002.json: "genres" is .*, not a list of genre names'):
+        data.make_dataset("mmimdb", root, "train")
+    with pytest.warns(UserWarning, match=r"dropped 1 of 3 movies .*0002.json"):
+        ds = data.make_dataset("mmimdb", root, "train", on_error="skip")
+    assert len(ds) == 2 and [s.rsplit("/", 1)[1] for s in ds.sources["image"]] == ["0001.jpeg", "0003.jpeg"]
+
+
+def test_mmimdb_movie_without_a_plot_names_its_file(tmp_path):
+    root = make_mmimdb(tmp_path / "mmimdb")
+    (root / "dataset" / "0001.json").write_text(json.dumps({"genres": ["Drama"], "plot": []}))
+    with pytest.raises(ValueError, match=r'mmimdb: .*0001.json: "plot" is \[\], not a list of summaries'):
+        data.make_dataset("mmimdb", root, "train")
+    with pytest.warns(UserWarning) as record:
+        ds = data.make_dataset("mmimdb", root, "train", on_error="skip")
+    messages = " | ".join(str(w.message) for w in record)
+    assert re.search(r"1 of 3 movies have no plot \(e.g. .*0001.json\)", messages)
+    assert re.search(r"1 of 3 samples lack their text \(e.g. sample 0, with image .*0001.jpeg\)", messages)
+    assert ds.present[0].tolist() == [True, False] and ds[0]["image"] is not None  # the image is still usable
+
+
+# ----------------------------------------------------------------------------- short WAVs (item 14)
+
+@pytest.mark.parametrize("samples, rate", [(0, SR), (160, SR), (1000, 44_100)])  # 0, 10 ms; 363 at 16 kHz
+def test_wavs_shorter_than_one_analysis_window_are_found_when_the_dataset_is_built(samples, rate, tmp_path):
+    root = make_cremad(tmp_path / "cremad")
+    sf.write(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.zeros(samples, np.float32), rate, subtype="PCM_16")
+    with pytest.raises(ValueError, match=r"cremad/test: 1 of 2 audio files are shorter than one 400-sample window"
+                                         r".*1088_IOM_NEU_XX.wav: \d+ samples at 16 kHz"):
+        data.make_dataset("cremad", root, "test")
+    with pytest.warns(UserWarning, match="shorter than one 400-sample window"):
+        ds = data.make_dataset("cremad", root, "test", on_error="skip")
+    assert ds.present.tolist() == [[False, True], [True, True]]
+    assert ds[0]["audio"] is None and ds[1]["audio"].shape == (1024, 128)
+
+
+def test_an_ave_event_window_past_the_end_of_its_wav_is_found_when_the_dataset_is_built(tmp_path):
+    root = make_ave(tmp_path / "ave")
+    write_wav(root / "audio" / "vid5.wav", seconds=3)  # test: Horse, vid5, seconds 4-10
+    with pytest.raises(ValueError, match=r"ave/test: 1 of 2 audio files are shorter .*vid5.wav.*: 0 samples"):
+        data.make_dataset("ave", root, "test")
