@@ -93,7 +93,7 @@ def test_default_summary_table_compares_u2a_with_the_naive_baseline(tmp_path, ca
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*make_toy"):
+    with pytest.raises(train.UserError, match=r"model\.safetensors.*make_toy"):
         train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path), "--weights", str(tmp_path / "nope")])
 
 
