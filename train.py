@@ -968,16 +968,14 @@ def cut_log_at_checkpoint(folder):
     log, last = folder / "log.jsonl", folder / "last.safetensors"
     if not log.is_file():
         return
-    with as_user_errors():  # a checkpoint the kill cut short: not one this run can continue from
-        step = u2a.open_checkpoint(last)[1]["step"] if last.is_file() else 0
+    step = u2a.open_checkpoint(last)[1]["step"] if last.is_file() else 0
     kept = []
     for line in log.read_text().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, TypeError, KeyError):  # cut short: not one of the run's records
             continue
-        if record["step"] <= step:
-            kept.append(line + "\n")
     write_text(log, "".join(kept))
 
 
