@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,8 @@ RECIPES = {  # per dataset group: learning rate, epochs, batch size
 ENCODER_FOLDERS = {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
                    "text": CHECKPOINTS["bert"].folder, "audio": CHECKPOINTS["ast"].folder}
 TOY_FOLDERS = {"image": "toy/vit", "text": "toy/bert"}  # weights/make_toy.py: tiny encoders for the default
+ENCODER_CONFIGS = {"image": encoders.ViTConfig, "video": encoders.ViTConfig, "text": encoders.BERTConfig,
+                   "audio": encoders.ASTConfig}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 LOG_EVERY = 10  # steps between progress-bar/log updates: each one waits for the GPU (loss.item())
 
@@ -577,23 +579,37 @@ def check_encoders_fit(paths, info, tokenizer):
     Read from their config.json, before anything is written: a misfit used to crash in the first step."""
     problems = []
     for m, folder in paths.items():
-        config_file = Path(folder) / "config.json"
-        if m in ("image", "video"):
-            vit = encoders.ViTConfig.from_json(config_file) if config_file.is_file() else encoders.ViTConfig()
-            if vit.image_size != info.image_size:
-                problems.append(f"the {m} encoder at {folder} takes {vit.image_size}x{vit.image_size} images "
-                                f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x"
-                                f"{info.image_size}")
+        config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
+        if m in ("image", "video") and config.image_size != info.image_size:
+            problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
+                            f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
         if m == "text":
-            bert = encoders.BERTConfig.from_json(config_file) if config_file.is_file() else encoders.BERTConfig()
             tokens = (tokenizer or data.synthetic_tokenizer(info.text_max_len)).get_vocab_size()
-            if tokens > bert.vocab_size:
-                problems.append(f"the text encoder at {folder} knows {bert.vocab_size} tokens (vocab_size in "
+            if tokens > config.vocab_size:
+                problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
                                 f"{config_file}); {info.name}'s tokenizer gives {tokens}")
     if problems:
         toy = " (weights/make_toy.py's toy encoders fit only the synthetic default)" if info.name != "synthetic" else ""
         raise UserError("the encoders do not fit the data: " + "; ".join(problems) + ". Point --weights at the "
                         f"encoders made for {info.name}{toy}")
+
+
+def encoder_config(modality, folder):
+    """An encoder's config as encoders.load_pretrained will read it (its folder's config.json, or the class's
+    defaults without one), without loading the weights."""
+    config_file, config_class = Path(folder) / "config.json", ENCODER_CONFIGS[modality]
+    return config_class.from_json(config_file) if config_file.is_file() else config_class()
+
+
+def check_same_encoders(trained, paths, ckpt):
+    """A resumed run's encoders, maybe moved (--weights), are still those it was trained with: the configs
+    u2a.build_model recorded in the checkpoint (`trained`, its "model" metadata)."""
+    differ = [m for m, expected in trained.get("encoder_configs", {}).items()
+              if asdict(encoder_config(m, paths[m])) != expected]
+    if differ:
+        raise UserError(f"{ckpt} was trained with other {' and '.join(differ)} encoders than those at "
+                        f"{', '.join(str(paths[m]) for m in differ)} (their config.json differs); point --weights "
+                        f"at the encoders the run was trained with")
 
 
 def text_tokenizer(args, info):
@@ -917,7 +933,8 @@ def evaluate_only(args, given, rank, world, device):
         paths = encoder_paths(ev, info) if "weights" in given else None
         check_encoders_fit(paths or meta["model"]["encoders"], info, tokenizer)
         ctx = Context(ev, rank, world, device, tokenizer)
-        model = u2a.from_checkpoint(ckpt, paths).to(device)
+        with as_user_errors():  # --weights holding other encoders than the model was trained on
+            model = u2a.from_checkpoint(ckpt, paths).to(device)
         metrics = evaluate_test(model, test_set, info, ev, ctx, ev.out, ckpt)
         if rank == 0:
             print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, {ckpt}")
@@ -988,8 +1005,10 @@ def train_and_report(args, rank, world, device):
         info = info_of(args)
         sets = build_splits(args, info)
         tokenizer = text_tokenizer(args, info)
-        for ckpt in resumed_checkpoints(args.out) if args.resume else []:  # the same data, maybe moved
-            check_classes(info, u2a.open_checkpoint(ckpt)[1]["model"], ckpt)
+        for ckpt in resumed_checkpoints(args.out) if args.resume else []:  # the same data and encoders, maybe moved
+            trained = u2a.open_checkpoint(ckpt)[1]["model"]
+            check_classes(info, trained, ckpt)
+            check_same_encoders(trained, encoder_paths(args, info), ckpt)
     if len(sets["train"]) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(sets['train'])} samples)")

@@ -207,11 +207,26 @@ def test_relative_data_root_is_stored_absolute_and_a_moved_copy_is_taken(food_ru
     for split in ("train", "test"):
         (renamed / "images" / split / old).rename(renamed / "images" / split / "zzz_renamed")
         csv = renamed / "texts" / f"{split}_titles.csv"
-        csv.write_text(csv.read_text().replace(f",{old}\n", ",zzz_renamed\n").replace(f",{old}\r\n", ",zzz_renamed\r\n"))
+        text = csv.read_text()
+        csv.write_text(text.replace(f",{old}\n", ",zzz_renamed\n").replace(f",{old}\r\n", ",zzz_renamed\r\n"))
     log = (run / "log.jsonl").read_text()
     with pytest.raises(train.UserError, match="trained on 3 classes"):
         train.main(["--resume", "--out", "run", "--data-root", "renamed"])
     assert (run / "log.jsonl").read_text() == log
+
+
+def test_weights_holding_other_encoders_than_the_trained_ones_are_refused(tmp_path):
+    out = tmp_path / "run"
+    train.main(SMALL + ["--out", str(out)])
+    other = toy_weights(tmp_path / "other")
+    config_file = other / "toy" / "vit" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "layer_norm_eps": 1e-6}))
+    with pytest.raises(train.UserError, match="is not the one this model was trained on"):
+        train.main(["--eval-only", str(out), "--weights", str(other)])
+    log = (out / "log.jsonl").read_text()
+    with pytest.raises(train.UserError, match="trained with other image encoders than those at .*other/toy/vit"):
+        train.main(["--resume", "--out", str(out), "--weights", str(other)])
+    assert (out / "log.jsonl").read_text() == log
 
 
 # -----------------------------------------------------------------------------
