@@ -97,7 +97,7 @@ def test_default_summary_table_prints_the_four_methods_and_the_bayes_ceiling(tmp
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*make_toy"):
+    with pytest.raises(train.UserError, match=r"model\.safetensors.*make_toy"):
         train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path), "--weights", str(tmp_path / "nope")])
 
 

@@ -150,7 +150,7 @@ def test_eval_only_reproduces_a_run_from_its_folder_alone(tmp_path, capsys):
     again = train.main(["--eval-only", str(out)])["u2a"]  # no other flag: rank, alpha, data come from the file
     assert again["scenarios"] == trained["scenarios"]
     assert "Offline default" not in capsys.readouterr().out  # no training banner
-    with pytest.raises(ValueError, match="trained with --rank 2"):
+    with pytest.raises(train.UserError, match="trained with --rank 2"):
         train.main(["--eval-only", str(out), "--rank", "4"])
 
 
@@ -177,10 +177,10 @@ def test_eval_only_refuses_data_whose_classes_differ(tmp_path, published_weights
         (renamed / "images" / split / old).rename(renamed / "images" / split / "zzz_renamed")
         csv = renamed / "texts" / f"{split}_titles.csv"
         csv.write_text(csv.read_text().replace(f",{old}\n", ",zzz_renamed\n").replace(f",{old}\r\n", ",zzz_renamed\r\n"))
-    with pytest.raises(ValueError, match=f"trained on 3 classes \\({old}"):
+    with pytest.raises(train.UserError, match=f"trained on 3 classes \\({old}"):
         train.main(["--eval-only", str(out), "--data-root", str(renamed)])
     mm = test_data.make_mmimdb(tmp_path / "mm")
-    with pytest.raises(ValueError, match="trained on 3 classes"):
+    with pytest.raises(train.UserError, match="trained on 3 classes"):
         train.main(["--eval-only", str(out), "--data", "mmimdb", "--data-root", str(mm)])
 
 
@@ -231,14 +231,14 @@ def test_help_shows_the_paper_defaults_per_dataset():
 
 
 def test_batch_larger_than_the_training_set_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="larger than the training set"):
+    with pytest.raises(train.UserError, match="larger than the training set"):
         train.main(["--data", "synthetic", "--limit", "8", "--batch-size", "16", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_data_and_weights_are_reported_together_and_leave_no_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(train.UserError) as err:
         train.main(["--data", "food101", "--data-root", str(tmp_path / "none"), "--weights", str(tmp_path / "nope")])
     assert "no dataset at --data-root" in str(err.value) and "python weights/download.py" in str(err.value)
     assert not (tmp_path / "runs").exists()
@@ -255,7 +255,7 @@ def test_a_broken_test_split_is_found_before_training(fault, tmp_path, published
         (root / "texts" / "test_titles.csv").write_text("")
     trained = []
     monkeypatch.setattr(train, "train_step", lambda *a, **k: trained.append(1))
-    with pytest.raises((FileNotFoundError, ValueError)):
+    with pytest.raises(train.UserError):
         train.main(["--data", "food101", "--data-root", str(root), "--weights", str(published_weights),
                     "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "--warmup-epochs", "0"])
     assert not trained and not (tmp_path / "run").exists()
@@ -298,7 +298,7 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_ov
     try:
         tmp_path.mkdir(exist_ok=True)
         (tmp_path / "lock").write_text(f"{socket.gethostname()} {holder.pid}")
-        with pytest.raises(RuntimeError, match=f"in use by process {holder.pid}"):
+        with pytest.raises(train.UserError, match=f"in use by process {holder.pid}"):
             train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(tmp_path)])
     finally:
         holder.kill()
@@ -313,10 +313,10 @@ def test_resume_refuses_changed_settings_and_an_empty_folder(tmp_path):
     train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(out)])
     config = (out / "config.json").read_text()
     for flag, value in (("--batch-size", "8"), ("--seed", "3"), ("--lr", "0.1"), ("--epochs", "2")):
-        with pytest.raises(ValueError, match=f"{flag} {value} \\(run: "):
+        with pytest.raises(train.UserError, match=f"{flag} {value} \\(run: "):
             train.main(["--resume", "--out", str(out), flag, value])
     assert (out / "config.json").read_text() == config
-    with pytest.raises(FileNotFoundError, match="holds no run to resume"):
+    with pytest.raises(train.UserError, match="holds no run to resume"):
         train.main(["--resume", "--out", str(tmp_path / "empty")])
 
 
