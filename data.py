@@ -346,6 +346,11 @@ def _check_on_error(on_error):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
+class UnreadableFile(RuntimeError):
+    """A file named by the dataset that does not decode, in on_error="raise" mode: the data's to fix (or to
+    skip), not a bug; train.py reports it in one line."""
+
+
 class MultimodalDataset(torch.utils.data.Dataset):
     """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
     frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
@@ -405,8 +410,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
             return read_frames(source, generator)
         except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
             if self.on_error == "raise":
-                raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
-                                   f"(on_error='skip' marks it absent instead)") from err
+                raise UnreadableFile(f"{self.info.name}: cannot read {modality} {source}: {err} "
+                                     f"(on_error='skip' marks it absent instead)") from err
             return None  # counted in the batch's "unreadable"; on_error='raise' names the file
 
     def __repr__(self):

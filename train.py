@@ -85,6 +85,10 @@ class UserError(Exception):
     `train.py: error: ...` line and exits with 2, as argparse does. Any other exception is a bug: a traceback."""
 
 
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The loss became NaN or infinite: bad inputs or too high a learning rate, the user's to fix."""
+
+
 def recipe_of(name):
     return "synthetic" if name in data.SYNTHETIC else (
         "image-text" if data.dataset_info(name).modalities == ("image", "text") else "audio-video")
@@ -891,9 +895,9 @@ def stop_if_not_finite(nonfinite, step, ctx, last_ckpt):
     """A non-finite loss (NaN input, divergence) stops the run before a NaN checkpoint is written. Checked
     every LOG_EVERY steps on the device-side count, so the loop itself never waits for the GPU."""
     if all_sum(nonfinite.clone(), ctx).item() > 0:
-        raise FloatingPointError(f"the loss became NaN or infinite by step {step}; stopped before writing "
-                                 f"a checkpoint (the last good one, if any: {last_ckpt}). Check the inputs "
-                                 f"(a file with NaN/Inf values) or lower --lr")
+        raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopped before writing a "
+                            f"checkpoint (the last good one, if any: {last_ckpt}). Check the inputs (a file with "
+                            f"NaN/Inf values) or lower --lr")
 
 
 def append_log(path, record):
@@ -1110,6 +1114,7 @@ def train_and_report(args, rank, world, device):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as err:  # the user's to fix: one line, as argparse reports a bad flag; bugs keep a traceback
+    except (UserError, data.UnreadableFile) as err:  # the user's to fix: one line, as argparse reports a bad
+        # flag; bugs keep a traceback
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)

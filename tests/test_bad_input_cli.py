@@ -283,9 +283,14 @@ def run_script(argv, cwd):
                           text=True, timeout=240)
 
 
-@pytest.mark.parametrize("case", ["no data", "no run to resume", "a broken split file"])
+@pytest.mark.parametrize("case", ["no data", "no run to resume", "a broken split file", "a JPEG cut short"])
 def test_a_user_error_prints_one_line_and_exits_with_2(case, tmp_path, published_weights):
-    if case == "no data":
+    if case == "a JPEG cut short":  # found only when read, during training: still the data's to fix
+        root = test_data.make_food101(tmp_path / "food")
+        for jpeg in (root / "images" / "train").rglob("*.jpg"):
+            test_data.truncate(jpeg)
+        argv, words = food_args(root, published_weights, tmp_path / "run"), "cannot read image"
+    elif case == "no data":
         argv, words = ["--data", "food101", "--data-root", "nowhere"], "no dataset at --data-root"
     elif case == "no run to resume":
         argv, words = ["--resume", "--out", "empty"], "holds no run to resume"
