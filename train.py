@@ -226,6 +226,12 @@ def fill_defaults(args):
     return args
 
 
+def as_flag(key, value):
+    """A setting as the user writes it: --seed 0 1 (the list args.seeds), --method u2a naive, --lr 0.001."""
+    return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} " + \
+        (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
 def vars_json(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
@@ -918,8 +924,8 @@ def resolve_resume(args, given):
     clash = [k for k in RUN_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
     if clash:
         raise ValueError("--resume continues the run as it was configured; these settings differ from "
-                         f"{saved_path}: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run: "
-                                                       f"{saved.get(k)})" for k in clash))
+                         f"{saved_path}: " + ", ".join(f"{as_flag(k, getattr(args, k))} (run: "
+                                                       f"{as_flag(k, saved.get(k))})" for k in clash))
     return take_saved_settings(args, saved, given)
 
 
