@@ -437,8 +437,11 @@ def summary_markdown(summary, shares, info, args, seeds, counts):
     m1, m2 = info.modalities
     ceiling = data.bayes_ceiling(info.name) if info.name in data.SYNTHETIC else None
     cell = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f} (n={s['n']})" if s["sd"] is not None else f"{s['mean']:.2f} (n=1)"
+    trained = data.present_shares(info.modalities, args.train_missing_rate or 0.0, args.train_missing_type)
     lines = [f"# {info.name}: test {u2a.headline(info.multilabel)} (%), mean ± sample SD (n) over seeds "
              f"{' '.join(map(str, seeds))}", "",
+             "Trained on " + " + ".join(f"{m} {share:g}%" for m, share in trained.items()) + "; each row a test "
+             "scenario (the % of test samples that have each modality).", "",
              "| test scenario | " + " | ".join(summary) + " | paper: U2A |" + (" Bayes ceiling |" if ceiling else ""),
              "| --- |" + " ---: |" * (len(summary) + 1 + bool(ceiling))]
     for name, share in shares.items():
