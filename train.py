@@ -973,12 +973,13 @@ def check_classes(info, trained, ckpt):
 def evaluate_only(args, given, rank, world, device):
     """Every checkpoint of --eval-only (--method and --seed pick among them), each written where it lies or
     under --out in the same layout, then the summary over them."""
-    root, runs = Path(args.eval_only), {}
+    root, runs, picked = Path(args.eval_only), {}, 0
     for ckpt in eval_checkpoints(root):
         ev, meta = resolve_eval(args, given, ckpt)  # ev.seed: the checkpoint's own run seed
         if ("method" in given and meta["model"]["method"] not in args.method) or \
                 ("seeds" in given and ev.seed not in args.seeds):
             continue
+        picked += 1
         if "out" in given and root.is_dir():
             ev.out = args.out / ckpt.parent.relative_to(root)
         check_inputs(ev)
@@ -992,8 +993,12 @@ def evaluate_only(args, given, rank, world, device):
         if rank == 0:
             print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, seed {ev.seed}, {ckpt}")
             runs[(ev.seed, metrics["method"])] = metrics
+    if not picked:
+        raise ValueError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, eval_checkpoints(root)))}) "
+                         f"is of the --seed / --method given; leave them out to evaluate every one")
     if runs:
         folder = args.out if "out" in given else root if root.is_dir() else root.parent
+        print(f"\n== Summary: {info.name}, test {u2a.headline(info.multilabel)} (%), evaluated {root} ==")
         report(runs, info, ev, folder, {"test": len(test_set)})
     return by_layout(runs)
 

@@ -130,6 +130,13 @@ def test_eval_only_on_the_folder_evaluates_every_checkpoint(grid, tmp_path, caps
         json.loads((out / "summary.json").read_text())
     picked = train.main(["--eval-only", str(out), "--out", str(tmp_path / "one"), "--seed", "1", "--method", "naive"])
     assert set(picked) == {"naive"} and picked["naive"]["scenarios"] == returned[1]["naive"]["scenarios"]
+    with pytest.raises(ValueError, match="none of its checkpoints"):
+        train.main(["--eval-only", str(out), "--out", str(tmp_path / "none"), "--seed", "7"])
+
+
+def test_a_seed_named_twice_is_refused():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--seed", "0", "1", "0"])
 
 
 def test_the_paper_column_on_a_food101_layout(published_weights, tmp_path):
