@@ -4,13 +4,15 @@ paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun 
 
     python train.py                                  # offline default: synthetic data, toy encoders, ~30 s on CPU
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
+    python train.py --data food101 --gpu 0 --seed 0 1 2 --method u2a naive   # 6 runs; summary.md: mean ± SD
     torchrun --nproc_per_node 2 train.py --data mmimdb
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
     python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
 Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> evaluation over the
-paper's scenarios -> the run folder and its checkpoints -> set-up (devices, DDP, precision, seeds, data,
-model) -> one training step -> one run (the loop and its named steps) -> main.
+paper's scenarios -> the summary over seeds, beside the paper's numbers -> the run folder and its
+checkpoints -> set-up (devices, DDP, precision, seeds, data, model) -> one training step -> one run (the loop
+and its named steps) -> main (every (seed, method) pair, then the summary).
 
 Every random draw of a run is keyed by the run's seed through data.stream_seed (the missing tables, each
 epoch's order, modality dropout and LoRA dropout per step, frames and crops per sample), so a run is the
@@ -361,6 +363,7 @@ def lesson_table(metrics_by_method, info):
         ceiling = data.bayes_ceiling(info.name)
         lines.append(f"{'Bayes ceiling':22}" + "".join(f"{ceiling[k]:>16.1f}" for k in ("both", m1, m2)))
     return "\n".join(lines)
+
 
 # -----------------------------------------------------------------------------
 # The summary: each method's test score in every scenario over the seeds (mean, sample SD, n), beside the
