@@ -2,18 +2,21 @@
 Data for U2A: what a user has on disk -> batches of two modalities, some of them missing.
 
 Paper: sections 4.1-4.2 (datasets, preprocessing), 4.4 and supplementary 3 (missing-modality
-settings). The file reads top to bottom in the order the data flows:
+settings). The file has two parts. First what a reader of U2A needs, in the order the data flows:
 
   0. stream_seed            one seed for every random stream of a run
-  1. registry               DatasetInfo of each of the six datasets (modalities m1/m2, classes, metric),
-                            a keyword table; EXPECTED_LAYOUT of each data root
-  2. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
+  1. registry               DatasetInfo of each dataset (modalities m1/m2, classes, metric), a keyword
+                            table; EXPECTED_LAYOUT of each data root
+  2. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
+  3. datasets               MultimodalDataset, make_dataset (the one entry point)
+  4. batches                collate (batch-level tokenisation, placeholders), drop_modalities, make_loader
+  5. synthetic data         the two synthetic designs, their exact Bayes ceiling, SyntheticDataset
+  6. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
                             video frames, WordPiece tokenizer
-  3. readers                one per public release -> per-sample sources and labels; files checked at build
-  4. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
-  5. datasets               MultimodalDataset, the synthetic data and SyntheticDataset, make_dataset
-  6. batches                collate (batch-level tokenisation, placeholders) and make_loader
-  7. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
+
+Then two appendices, the plumbing of the public releases:
+  A. readers                one per public release -> per-sample sources and labels; files checked at build
+  B. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
 
 A batch is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
@@ -217,7 +220,486 @@ def _food101_classes(root):
     return names
 
 # -----------------------------------------------------------------------------
-# 2. Preprocessing: each encoder gets exactly what it was pretrained on
+# 2. Missing modalities (sec. 4.4, supp. 3): which samples have which modality
+
+PAPER_MISSING_RATE = 0.7  # eta = 70% throughout the paper
+FIGURE2_TEXT_PERCENTS = range(0, 101, 10)
+
+
+def _round_half_up(x):
+    return int(math.floor(round(x, 9) + 0.5))  # Python's round() would send 3.5 and 4.5 both to 4
+
+
+def missing_table(n, rate, missing_type, seed, modalities):
+    """(n, 2) bool present table, column i = modalities[i]. Exactly round(rate * n) samples miss a
+    modality: all of them `missing_type`, or for "both" half m1 and half m2, never both (sec. 4.4.1).
+    One seeded permutation decides who goes first, so for a fixed seed a smaller rate removes a
+    subset of what a larger one removes."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"missing rate must be in [0, 1], got {rate}")
+    if missing_type not in (*modalities, "both"):
+        raise ValueError(f"missing type {missing_type!r}: expected one of {modalities} or 'both'")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = _round_half_up(rate * n)
+    present = torch.ones(n, 2, dtype=torch.bool)
+    if missing_type == "both":
+        k1 = _round_half_up(rate * n / 2)
+        present[order[:k1], 0] = False
+        present[order[k1:k], 1] = False
+    else:
+        present[order[:k], modalities.index(missing_type)] = False
+    return present
+
+
+def save_missing_table(path, table, **settings):
+    """JSON with the settings (rate, type, seed, ...), the counts and one [m1, m2] 0/1 pair a sample."""
+    counts = {"complete": int(table.all(1).sum()), "m1_only": int((table[:, 0] & ~table[:, 1]).sum()),
+              "m2_only": int((~table[:, 0] & table[:, 1]).sum())}
+    with open(path, "w") as f:
+        json.dump({**settings, "n": len(table), "counts": counts, "present": table.int().tolist()}, f)
+
+
+def load_missing_table(path):
+    with open(path) as f:
+        content = json.load(f)
+    if "present" not in content:
+        raise ValueError(f"{path}: expected a JSON object with a 'present' list of [m1, m2] pairs")
+    return _check_present(torch.tensor(content["present"], dtype=torch.bool).view(-1, 2), None, path)
+
+
+def _check_present(present, n, where):
+    present = torch.as_tensor(present, dtype=torch.bool)
+    if present.dim() != 2 or present.shape[1] != 2 or (n is not None and present.shape[0] != n):
+        expected = f"({n if n is not None else 'n'}, 2)"
+        raise ValueError(f"{where}: present table must be {expected}, got {tuple(present.shape)}")
+    empty = (~present.any(1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"{where}: {len(empty)} samples have neither modality (first: {empty[0].item()})")
+    return present
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One test-time missing setting. `groups`: the paper's tables/figures it appears in."""
+    name: str
+    groups: tuple
+    rate: float
+    missing_type: str
+    modalities: tuple
+    seed: int = 0
+
+    @property
+    def group(self):
+        return self.groups[0]
+
+    @property
+    def shares(self):
+        return present_shares(self.modalities, self.rate, self.missing_type)
+
+    def table(self, n, seed=None):
+        """(n, 2) present table for a test set of n samples."""
+        return missing_table(n, self.rate, self.missing_type, self.seed if seed is None else seed,
+                             self.modalities)
+
+
+def eval_scenarios(info, train_rate=0.0, train_type=None, seed=0):
+    """The paper's test settings, each once, in this order: complete; Table 3 (the training ratio,
+    when training had missing data); Table 6 (the three ratios at eta = train_rate, or 70%);
+    Table 4 (one modality entirely missing); Figure 2 (m1 100% + m2 x%, x = 0, 10, ..., 100).
+    A setting shared by several (e.g. text 30%) carries all their groups."""
+    m1, m2 = info.modalities
+    train_rate = train_rate or 0.0  # None: training was complete
+    if train_rate > 0 and train_type not in (m1, m2, "both"):
+        raise ValueError(f"train_type {train_type!r}: expected {m1!r}, {m2!r} or 'both' when train_rate > 0")
+    eta = train_rate if train_rate > 0 else PAPER_MISSING_RATE
+    wanted = [(0.0, m2, "complete")]
+    if train_rate > 0:
+        wanted.append((train_rate, train_type, "table3"))
+    wanted += [(eta, t, "table6") for t in (m1, "both", m2)]
+    wanted += [(1.0, m2, "table4"), (1.0, m1, "table4")]
+    wanted += [(round(1 - x / 100, 6), m2, "figure2") for x in FIGURE2_TEXT_PERCENTS]
+    scenarios = {}  # (rate, type) -> (name, groups)
+    for rate, mtype, group in wanted:
+        key = (round(rate, 6), m2 if rate == 0 else mtype)
+        name, groups = scenarios.get(key, (_scenario_name(m1, m2, rate, mtype), ()))
+        scenarios[key] = (name, groups if group in groups else groups + (group,))
+    return [Scenario(name, groups, rate, mtype, info.modalities, seed)
+            for (rate, mtype), (name, groups) in scenarios.items()]
+
+
+def present_shares(modalities, rate, mtype):
+    """{modality: % of samples that have it} of a missing setting: what the paper's tables call it by."""
+    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in modalities}
+    return {m: round(100 * (1 - lost[m]), 1) for m in modalities}
+
+
+def _scenario_name(m1, m2, rate, mtype):
+    """'image 100% + text 30%', as the paper's tables."""
+    return " + ".join(f"{m} {share:g}%" for m, share in present_shares((m1, m2), rate, mtype).items())
+
+
+# -----------------------------------------------------------------------------
+# 3. Datasets: one class, filled by a release's reader (appendix A) or the synthetic generator (5)
+
+def _check_on_error(on_error):
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+class MultimodalDataset(torch.utils.data.Dataset):
+    """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
+    frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
+    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index", "unreadable"
+    (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
+    nothing readable left is None, which collate drops and counts."""
+
+    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
+                 on_error="raise"):
+        _check_on_error(on_error)
+        self.info, self.split, self.train, self.on_error = info, split, train, on_error
+        self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
+        # available: files found at construction; present: available & the missing table
+        self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
+        self.present = self.available.clone()
+        self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
+        if present is not None:
+            self.set_present(present)
+
+    def set_epoch(self, epoch, seed):
+        """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
+        the same whichever DataLoader worker reads it, with any number of workers, and after a resume.
+        Call it before iterating a new loader: persistent workers keep the copy they started with."""
+        self.epoch, self.seed = epoch, seed
+
+    def set_present(self, present):
+        """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
+        skip mode stay absent."""
+        present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
+        self.present = present & self.available
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
+        wanted = [m for col, m in enumerate(self.info.modalities) if self.present[i, col]]
+        item = {m: self.read(m, self.sources[m][i], g) if m in wanted else None for m in self.info.modalities}
+        if all(item[m] is None for m in self.info.modalities):  # skip mode only: raise mode raised in read
+            return None
+        label = self.labels[i]
+        return {**item, "label": label if self.info.multilabel else int(label), "index": i,
+                "unreadable": sum(item[m] is None for m in wanted)}
+
+    def read(self, modality, source, generator=None):
+        """One modality of one sample from disk -> its model input; None when it does not decode in
+        skip mode. generator: training's random frames and crops."""
+        try:
+            if modality == "text":
+                return source
+            if modality == "image":
+                with Image.open(source) as pil:
+                    return clip_image(pil)
+            if modality == "audio":
+                return fbank(*read_audio(source))
+            return read_frames(source, generator)
+        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
+            if self.on_error == "raise":
+                raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
+                                   f"(on_error='skip' marks it absent instead)") from err
+            return None  # counted in the batch's "unreadable"; on_error='raise' names the file
+
+    def __repr__(self):
+        m1, m2 = self.info.modalities
+        p = self.present.float().mean(0) * 100 if len(self) else torch.zeros(2)
+        return (f"{self.info.name}/{self.split}: {len(self)} samples, "
+                f"{m1} {p[0]:.0f}% + {m2} {p[1]:.0f}% present")
+
+def _carve_val(n, split, seed):
+    """Sorted indices of train's `split` part: a seeded VAL_SHARE goes to val, the rest to train."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = _round_half_up(VAL_SHARE * n)
+    return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
+
+
+def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
+    """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
+    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
+    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
+    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
+    _check_name(name)
+    _check_on_error(on_error)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name in SYNTHETIC:
+        return SyntheticDataset(name, split, present=present, limit=limit, seed=seed, **kw)
+    if kw:
+        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {EXPECTED_LAYOUT[name]}")
+    root, info = Path(root), dataset_info(name, root)
+    if info.has_val or split == "test":
+        sources, labels = READERS[name](root, split, info, on_error)
+    else:
+        sources, labels = READERS[name](root, "train", info, on_error)
+        keep = _carve_val(len(labels), split, seed)
+        sources, labels = {m: [s[i] for i in keep] for m, s in sources.items()}, [labels[i] for i in keep]
+    if limit is not None:
+        sources, labels = {m: s[:limit] for m, s in sources.items()}, labels[:limit]
+    sources, labels, available = _check_files(info, split, sources, labels, on_error)
+    if info.multilabel:  # genre index lists -> (n, C) multi-hot
+        targets = torch.zeros(len(labels), info.num_classes)
+        for i, genres in enumerate(labels):
+            targets[i, genres] = 1.0
+        labels = targets
+    else:
+        labels = torch.tensor(labels, dtype=torch.long)
+    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
+
+
+# -----------------------------------------------------------------------------
+# 4. Batches: samples -> the batch dict of the header docstring
+
+def input_shape(info, modality):
+    s = info.image_size
+    return {"image": (3, s, s), "video": (NUM_FRAMES, 3, s, s), "audio": (MAX_FRAMES, NUM_MEL_BINS)}[modality]
+
+
+def _default_tokenizer(info):
+    if "text" not in info.modalities:
+        return None
+    if info.name not in SYNTHETIC:
+        raise ValueError(f"{info.name} has text: pass tokenizer=load_tokenizer(<bert folder>, {info.text_max_len})")
+    return synthetic_tokenizer(info.text_max_len)
+
+
+def collate(samples, info, tokenizer=None):
+    """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
+    text, i.e. [CLS][SEP]; a blank text is absent, is_missing_text); "present" records which is which.
+    Text is tokenised once per batch.
+    The synthetic dataset brings its own tokenizer when none is given. Skip mode: None items (nothing
+    readable) are dropped, so B can be smaller than len(samples), even 0; the batch counts them in
+    "skipped" and the kept items' undecodable files in "unreadable" (0-dim long tensors)."""
+    tokenizer = tokenizer or _default_tokenizer(info)
+    kept = [s for s in samples if s is not None]
+    B = len(kept)
+    present = torch.tensor([[not is_missing_text(s[m]) if m == "text" else s[m] is not None
+                             for m in info.modalities] for s in kept], dtype=torch.bool).view(B, 2)  # (B, 2)
+    labels = [s["label"] for s in kept]
+    if info.multilabel:  # (B, C); torch.stack needs at least one tensor
+        label = torch.stack(labels).float() if kept else torch.zeros(0, info.num_classes)
+    else:
+        label = torch.tensor(labels, dtype=torch.long)                                 # (B,)
+    # skip mode's counts, () long: samples dropped, and the kept samples' files that failed to decode
+    # (a hand-built item, such as train.py's placeholder batch, has no "unreadable")
+    batch = {"present": present, "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+             "label": label, "skipped": torch.tensor(len(samples) - B),
+             "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept))}
+    for m in info.modalities:
+        if m == "text":
+            enc = tokenizer.encode_batch(["" if is_missing_text(s["text"]) else s["text"] for s in kept])
+            L = len(enc[0].ids) if enc else 0  # all padded to the longest text
+            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
+            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)
+        else:
+            placeholder = torch.zeros(input_shape(info, m))
+            rows = [placeholder if s[m] is None else s[m] for s in kept]
+            batch[m] = torch.stack(rows) if kept else torch.zeros(0, *placeholder.shape)  # (B, ...)
+    return batch
+
+
+def placeholder_sample(info):
+    """One sample with every modality missing: collate turns it into the paper's placeholders."""
+    label = torch.zeros(info.num_classes) if info.multilabel else 0
+    return {**{m: None for m in info.modalities}, "label": label, "index": 0}
+
+
+def drop_modalities(batch, present, info, tokenizer=None):
+    """The batch as if only `present` (B, 2) were there (section 3's modality dropout): an input that is no
+    longer present holds the paper's placeholder, exactly as collate gives a missing one, so a method that
+    encodes placeholders sees a dropped modality as it sees a missing one."""
+    gone = batch["present"] & ~present                                  # (B, 2)
+    out = dict(batch, present=present)
+    if not gone.any():
+        return out
+    blank = collate([placeholder_sample(info)], info, tokenizer)      # every input of batch size 1
+    for i, m in enumerate(info.modalities):
+        rows = gone[:, i]
+        for key in ("input_ids", "attention_mask") if m == "text" else (m,):
+            filler = blank[key][0].to(batch[key].device)
+            if m == "text":  # [CLS][SEP], padded to the batch's length (padding changes no output)
+                filler = torch.nn.functional.pad(filler, (0, batch[key].shape[1] - len(filler)))
+            out[key] = batch[key].clone()
+            out[key][rows] = filler
+    return out
+
+
+def seed_worker(worker_id):
+    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that, for
+    any randomness besides the samples' own streams (a transform of your own, say)."""
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
+                drop_last=False, sampler=None):
+    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs follow `seed`; training's random
+    frames and crops follow the dataset's set_epoch, whatever the workers. pin_memory defaults to CUDA
+    being available. The synthetic dataset brings its own tokenizer when none is given."""
+    info = dataset.info
+    tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
+    if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+        collate_fn=functools.partial(collate, info=info, tokenizer=tokenizer), num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
+        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0)
+
+
+# -----------------------------------------------------------------------------
+# 5. The synthetic data: two designs of one joint table of image cue, text cue and class
+
+# Synthetic bimodal data. Every sample shows an image cue a (a blob in one of 4 QUADRANTS) and a text cue b
+# (a keyword of one of 4 KEYWORDS groups, both in chapter 1), drawn with its class c from a joint table
+# P[a, b, c]. Two designs of that table, each teaching one side of the lesson:
+#
+# - "synthetic" (the default): the cues are NOT independent given the class. Two classes, A and B; a0 alone
+#   and b0 alone each point to A, but the picture a0 with the caption b0 means B (as in hateful memes, where a
+#   harmless picture and a harmless caption mean something else together); the mirror holds for a1, b1.
+#   Under sum fusion with one linear head, logits = W.CLS_img + W.stand_in + bias: the head must map
+#   (a0, b0) to B, so W.CLS_img(a0) leans to B, and with the text missing the stand-in must pull a0 back to
+#   A but a1 to B. A constant stand-in (a placeholder's CLS, whatever the training) cannot do both for both
+#   modalities; one that reads the present modality (the MT) can. The best any model can do with one
+#   modality is bayes_ceiling's 77.7%; the default run prints what each method reaches (README).
+# - "synthetic-independent": 8 classes, c shows a = c // 2 and b = c % 4, each cue replaced by another
+#   with probability 5%, and within each pair a modality narrows c to, one class 3x as common as the other.
+#   The cues are independent given the class, so a constant stand-in plus the head's bias already represents
+#   the Bayes rule of each modality alone: modality dropout is all a method needs there, and an MT cannot add.
+FLIP_CELLS = {(0, 0, 1): "R", (0, 2, 0): "S", (2, 0, 0): "S",    # (a, b, class): a0 + b0 -> B; alone -> A
+              (1, 1, 0): "R", (1, 3, 1): "S", (3, 1, 1): "S"}    # the mirror: a1 + b1 -> A; alone -> B
+FLIP_WEIGHTS, FLIP_FLOOR = {"R": 0.1, "S": 0.18}, 0.02           # FLIP_FLOOR of the mass spread on every cell
+INDEPENDENT_CLASS_WEIGHTS = (3, 1, 1, 3, 1, 3, 3, 1)  # pairs (2a, 2a+1) and (b, b+4): one common, one rare
+INDEPENDENT_NOISE = 0.05                              # a cue shows another value of its kind
+
+
+def synthetic_joint(name):
+    """P[a, b, c]: the joint distribution of image cue, text cue and class of a synthetic design (4, 4, C)."""
+    if name == "synthetic":
+        joint = torch.zeros(len(QUADRANTS), len(KEYWORDS), 2, dtype=torch.float64)
+        for (a, b, c), kind in FLIP_CELLS.items():
+            joint[a, b, c] = FLIP_WEIGHTS[kind]
+        return (1 - FLIP_FLOOR) * joint / joint.sum() + FLIP_FLOOR / joint.numel()
+    if name == "synthetic-independent":
+        prior = torch.tensor(INDEPENDENT_CLASS_WEIGHTS, dtype=torch.float64)
+        prior = prior / prior.sum()                                                  # (8,)
+        classes = torch.arange(len(prior))
+        shown = lambda attr: torch.where(torch.arange(4)[:, None] == attr[None, :],  # (4, 8): P(cue | c)
+                                         1 - INDEPENDENT_NOISE, INDEPENDENT_NOISE / 3)
+        return shown(classes // 2)[:, None, :] * shown(classes % 4)[None, :, :] * prior  # (4, 4, 8)
+    raise ValueError(f"{name!r} is not a synthetic dataset: expected one of {', '.join(SYNTHETIC)}")
+
+
+def bayes_ceiling(name):
+    """The best accuracy (%) any model can reach on a synthetic design, exactly, from its joint table:
+    {"both": ..., m1: ..., m2: ...}, the key naming the modalities present. Each cue is read off its input
+    without error by construction (a blob's quadrant, a keyword's group), so the Bayes rule sees (a, b)."""
+    joint = synthetic_joint(name)                              # (4, 4, C) float64
+    return {"both": 100 * joint.amax(2).sum().item(),          # argmax_c P(a, b, c) for every (a, b)
+            "image": 100 * joint.sum(1).amax(1).sum().item(),  # the text missing: argmax_c P(a, c)
+            "text": 100 * joint.sum(0).amax(1).sum().item()}   # the image missing: argmax_c P(b, c)
+
+
+SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 1000}
+BLOB_SIGMA, BLOB_JITTER, PIXEL_NOISE = 3.0, 3.0, 0.5  # pixels, pixels, std of the normalised image
+FILLERS = ["a", "the", "photo", "of", "this", "shows", "some", "very", "with", "and", "near", "look", "at",
+           "my", "old", "new", "small", "big", "one", "scene"]
+SYNTHETIC_WORDS = FILLERS + [w for group in KEYWORDS for w in group]
+SENTENCE_WORDS = (6, 12)  # min, max words
+SEED_STREAMS = {"train": 0, "val": 1, "test": 2, "image": 3, "text": 4}  # disjoint generator seeds
+SEED_STRIDE = len(SEED_STREAMS)
+
+
+def synthetic_vocab():
+    """BERT vocab.txt order: the specials, then SYNTHETIC_WORDS."""
+    return SPECIAL_TOKENS + SYNTHETIC_WORDS
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_tokenizer(max_len=TEXT_MAX_LEN["synthetic"]):
+    """The toy BERT's tokenizer, built in memory (weights/toy/bert/vocab.txt holds the same vocab)."""
+    vocab = {w: i for i, w in enumerate(synthetic_vocab())}
+    return _bert_template(wordpiece_tokenizer(vocab), max_len, source="synthetic_vocab()")
+
+
+def _generator(seed, stream):
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + SEED_STREAMS[stream])
+
+
+def _draw_blobs(quadrant, g):
+    """(n,) quadrant ids -> (n, 3, 32, 32) images: a blob of random colour in that quadrant + noise."""
+    n, size = len(quadrant), SYNTHETIC_IMAGE_SIZE
+    centre = size / 4 + size / 2 * torch.stack([quadrant // 2, quadrant % 2], 1).float()  # (n, 2) row, col
+    centre = centre + (torch.rand(n, 2, generator=g) * 2 - 1) * BLOB_JITTER
+    grid = torch.arange(size, dtype=torch.float32)
+    dy = grid[None, :, None] - centre[:, 0, None, None]                       # (n, 32, 1)
+    dx = grid[None, None, :] - centre[:, 1, None, None]                       # (n, 1, 32)
+    blob = torch.exp(-(dy ** 2 + dx ** 2) / (2 * BLOB_SIGMA ** 2))            # (n, 32, 32)
+    colour = torch.rand(n, 3, generator=g) * 2 + 1                            # (n, 3) in [1, 3]
+    noise = torch.randn(n, 3, size, size, generator=g) * PIXEL_NOISE
+    return colour[:, :, None, None] * blob[:, None] + noise                   # (n, 3, 32, 32)
+
+
+def _write_sentences(group, g):
+    """(n,) keyword-group ids -> n strings of 6-12 words: filler words and one keyword of the group."""
+    n, longest = len(group), SENTENCE_WORDS[1]
+    lengths = torch.randint(SENTENCE_WORDS[0], longest + 1, (n,), generator=g)
+    fillers = torch.randint(len(FILLERS), (n, longest), generator=g)
+    where = (torch.rand(n, generator=g) * lengths).long()                     # keyword position
+    which = torch.randint(len(KEYWORDS[0]), (n,), generator=g)
+    sentences = []
+    for row, length, at, grp, k in zip(fillers.tolist(), lengths.tolist(), where.tolist(), group.tolist(),
+                                       which.tolist()):
+        words = [FILLERS[j] for j in row[:length]]
+        words[at] = KEYWORDS[grp][k]
+        sentences.append(" ".join(words))
+    return sentences
+
+
+def synthetic_unimodal(modality, n, seed=0):
+    """Unimodal pre-training data for the toy encoders, from its own seed stream: ("image", n) ->
+    ((n,3,32,32) images, (n,) quadrant labels); ("text", n) -> (n strings, (n,) keyword-group labels)."""
+    if modality not in ("image", "text"):
+        raise ValueError(f"synthetic modalities are 'image' and 'text', got {modality!r}")
+    g = _generator(seed, modality)
+    labels = torch.randint(len(QUADRANTS), (n,), generator=g)
+    return (_draw_blobs(labels, g) if modality == "image" else _write_sentences(labels, g)), labels
+
+
+class SyntheticDataset(MultimodalDataset):
+    """Image + text of a synthetic design, generated in memory from the data's `seed` (milliseconds, no
+    download): each sample's (a, b, c) drawn from the design's joint table, then a blob and a sentence."""
+
+    def __init__(self, name, split, n=None, present=None, limit=None, seed=0):
+        n = SYNTHETIC_SIZES[split] if n is None else n
+        g = _generator(seed, split)
+        joint = synthetic_joint(name)                                          # (4, 4, C)
+        cell = torch.multinomial(joint.flatten(), n, replacement=True, generator=g)  # (n,)
+        C = joint.shape[2]
+        quadrant, group, labels = cell // (len(KEYWORDS) * C), (cell // C) % len(KEYWORDS), cell % C
+        images, texts = _draw_blobs(quadrant, g), _write_sentences(group, g)
+        n = n if limit is None else min(limit, n)
+        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n],
+                         present=present)
+
+    def read(self, modality, source, generator=None):
+        return source  # already the model input
+
+
+# -----------------------------------------------------------------------------
+# 6. Preprocessing: each encoder gets exactly what it was pretrained on
 
 # Images and video frames: transformers' CLIPImageProcessor, as the CLIP checkpoints' preprocessor_config.json sets it
 IMAGE_SIZE = 224
@@ -498,8 +980,11 @@ def _bert_template(tok, max_len, source):
     return tok
 
 
+# =============================================================================
+# Appendix A. The public releases: their readers and the checks of the files they name.
+# Nothing above needs this to be read first: make_dataset calls READERS.
 # -----------------------------------------------------------------------------
-# 3. Readers: one per public release, each -> (sources, labels); then the files they name are checked
+# A. Readers: one per public release, each -> (sources, labels); then the files they name are checked
 #
 # Every split list is read as "utf-8-sig": UTF-8 whose byte-order mark, if a Windows tool wrote one, would
 # otherwise stick to the first row's first field. CRLF and LF endings both work. A list with no row is an
@@ -832,486 +1317,8 @@ def _check_files(info, split, sources, labels, on_error):
     return sources, labels, available
 
 
-# -----------------------------------------------------------------------------
-# 4. Missing modalities (sec. 4.4, supp. 3): which samples have which modality
-
-PAPER_MISSING_RATE = 0.7  # eta = 70% throughout the paper
-FIGURE2_TEXT_PERCENTS = range(0, 101, 10)
-
-
-def _round_half_up(x):
-    return int(math.floor(round(x, 9) + 0.5))  # Python's round() would send 3.5 and 4.5 both to 4
-
-
-def missing_table(n, rate, missing_type, seed, modalities):
-    """(n, 2) bool present table, column i = modalities[i]. Exactly round(rate * n) samples miss a
-    modality: all of them `missing_type`, or for "both" half m1 and half m2, never both (sec. 4.4.1).
-    One seeded permutation decides who goes first, so for a fixed seed a smaller rate removes a
-    subset of what a larger one removes."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"missing rate must be in [0, 1], got {rate}")
-    if missing_type not in (*modalities, "both"):
-        raise ValueError(f"missing type {missing_type!r}: expected one of {modalities} or 'both'")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = _round_half_up(rate * n)
-    present = torch.ones(n, 2, dtype=torch.bool)
-    if missing_type == "both":
-        k1 = _round_half_up(rate * n / 2)
-        present[order[:k1], 0] = False
-        present[order[k1:k], 1] = False
-    else:
-        present[order[:k], modalities.index(missing_type)] = False
-    return present
-
-
-def save_missing_table(path, table, **settings):
-    """JSON with the settings (rate, type, seed, ...), the counts and one [m1, m2] 0/1 pair a sample."""
-    counts = {"complete": int(table.all(1).sum()), "m1_only": int((table[:, 0] & ~table[:, 1]).sum()),
-              "m2_only": int((~table[:, 0] & table[:, 1]).sum())}
-    with open(path, "w") as f:
-        json.dump({**settings, "n": len(table), "counts": counts, "present": table.int().tolist()}, f)
-
-
-def load_missing_table(path):
-    with open(path) as f:
-        content = json.load(f)
-    if "present" not in content:
-        raise ValueError(f"{path}: expected a JSON object with a 'present' list of [m1, m2] pairs")
-    return _check_present(torch.tensor(content["present"], dtype=torch.bool).view(-1, 2), None, path)
-
-
-def _check_present(present, n, where):
-    present = torch.as_tensor(present, dtype=torch.bool)
-    if present.dim() != 2 or present.shape[1] != 2 or (n is not None and present.shape[0] != n):
-        expected = f"({n if n is not None else 'n'}, 2)"
-        raise ValueError(f"{where}: present table must be {expected}, got {tuple(present.shape)}")
-    empty = (~present.any(1)).nonzero().flatten()
-    if len(empty):
-        raise ValueError(f"{where}: {len(empty)} samples have neither modality (first: {empty[0].item()})")
-    return present
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One test-time missing setting. `groups`: the paper's tables/figures it appears in."""
-    name: str
-    groups: tuple
-    rate: float
-    missing_type: str
-    modalities: tuple
-    seed: int = 0
-
-    @property
-    def group(self):
-        return self.groups[0]
-
-    @property
-    def shares(self):
-        return present_shares(self.modalities, self.rate, self.missing_type)
-
-    def table(self, n, seed=None):
-        """(n, 2) present table for a test set of n samples."""
-        return missing_table(n, self.rate, self.missing_type, self.seed if seed is None else seed,
-                             self.modalities)
-
-
-def eval_scenarios(info, train_rate=0.0, train_type=None, seed=0):
-    """The paper's test settings, each once, in this order: complete; Table 3 (the training ratio,
-    when training had missing data); Table 6 (the three ratios at eta = train_rate, or 70%);
-    Table 4 (one modality entirely missing); Figure 2 (m1 100% + m2 x%, x = 0, 10, ..., 100).
-    A setting shared by several (e.g. text 30%) carries all their groups."""
-    m1, m2 = info.modalities
-    train_rate = train_rate or 0.0  # None: training was complete
-    if train_rate > 0 and train_type not in (m1, m2, "both"):
-        raise ValueError(f"train_type {train_type!r}: expected {m1!r}, {m2!r} or 'both' when train_rate > 0")
-    eta = train_rate if train_rate > 0 else PAPER_MISSING_RATE
-    wanted = [(0.0, m2, "complete")]
-    if train_rate > 0:
-        wanted.append((train_rate, train_type, "table3"))
-    wanted += [(eta, t, "table6") for t in (m1, "both", m2)]
-    wanted += [(1.0, m2, "table4"), (1.0, m1, "table4")]
-    wanted += [(round(1 - x / 100, 6), m2, "figure2") for x in FIGURE2_TEXT_PERCENTS]
-    scenarios = {}  # (rate, type) -> (name, groups)
-    for rate, mtype, group in wanted:
-        key = (round(rate, 6), m2 if rate == 0 else mtype)
-        name, groups = scenarios.get(key, (_scenario_name(m1, m2, rate, mtype), ()))
-        scenarios[key] = (name, groups if group in groups else groups + (group,))
-    return [Scenario(name, groups, rate, mtype, info.modalities, seed)
-            for (rate, mtype), (name, groups) in scenarios.items()]
-
-
-def present_shares(modalities, rate, mtype):
-    """{modality: % of samples that have it} of a missing setting: what the paper's tables call it by."""
-    lost = {m: rate / 2 if mtype == "both" else (rate if mtype == m else 0.0) for m in modalities}
-    return {m: round(100 * (1 - lost[m]), 1) for m in modalities}
-
-
-def _scenario_name(m1, m2, rate, mtype):
-    """'image 100% + text 30%', as the paper's tables."""
-    return " + ".join(f"{m} {share:g}%" for m, share in present_shares((m1, m2), rate, mtype).items())
-
-
-# -----------------------------------------------------------------------------
-# 5. Datasets: one class, filled by a reader with per-sample sources, or by the synthetic generator
-
-def _check_on_error(on_error):
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-
-
-class MultimodalDataset(torch.utils.data.Dataset):
-    """sources[m][i]: where sample i's modality m comes from (image path, text string, WAV path,
-    frame folder; synthetic: the tensor itself). Item i is a dict: one entry per modality
-    (None when absent: never read), "label" (int, or (C,) float multi-hot), "index", "unreadable"
-    (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
-    nothing readable left is None, which collate drops and counts."""
-
-    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
-                 on_error="raise"):
-        _check_on_error(on_error)
-        self.info, self.split, self.train, self.on_error = info, split, train, on_error
-        self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
-        # available: files found at construction; present: available & the missing table
-        self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
-        self.present = self.available.clone()
-        self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
-        if present is not None:
-            self.set_present(present)
-
-    def set_epoch(self, epoch, seed):
-        """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
-        the same whichever DataLoader worker reads it, with any number of workers, and after a resume.
-        Call it before iterating a new loader: persistent workers keep the copy they started with."""
-        self.epoch, self.seed = epoch, seed
-
-    def set_present(self, present):
-        """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
-        skip mode stay absent."""
-        present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
-        self.present = present & self.available
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        # training's random frames and crops: this sample's own stream (set_epoch), not the worker's RNG
-        g = torch.Generator().manual_seed(stream_seed(self.seed, "sample", self.epoch, i)) if self.train else None
-        wanted = [m for col, m in enumerate(self.info.modalities) if self.present[i, col]]
-        item = {m: self.read(m, self.sources[m][i], g) if m in wanted else None for m in self.info.modalities}
-        if all(item[m] is None for m in self.info.modalities):  # skip mode only: raise mode raised in read
-            return None
-        label = self.labels[i]
-        return {**item, "label": label if self.info.multilabel else int(label), "index": i,
-                "unreadable": sum(item[m] is None for m in wanted)}
-
-    def read(self, modality, source, generator=None):
-        """One modality of one sample from disk -> its model input; None when it does not decode in
-        skip mode. generator: training's random frames and crops."""
-        try:
-            if modality == "text":
-                return source
-            if modality == "image":
-                with Image.open(source) as pil:
-                    return clip_image(pil)
-            if modality == "audio":
-                return fbank(*read_audio(source))
-            return read_frames(source, generator)
-        except (OSError, RuntimeError, ValueError) as err:  # PIL, libsndfile, too-short or NaN audio
-            if self.on_error == "raise":
-                raise RuntimeError(f"{self.info.name}: cannot read {modality} {source}: {err} "
-                                   f"(on_error='skip' marks it absent instead)") from err
-            return None  # counted in the batch's "unreadable"; on_error='raise' names the file
-
-    def __repr__(self):
-        m1, m2 = self.info.modalities
-        p = self.present.float().mean(0) * 100 if len(self) else torch.zeros(2)
-        return (f"{self.info.name}/{self.split}: {len(self)} samples, "
-                f"{m1} {p[0]:.0f}% + {m2} {p[1]:.0f}% present")
-
-
-# Synthetic bimodal data. Every sample shows an image cue a (a blob in one of 4 QUADRANTS) and a text cue b
-# (a keyword of one of 4 KEYWORDS groups, both in chapter 1), drawn with its class c from a joint table
-# P[a, b, c]. Two designs of that table, each teaching one side of the lesson:
-#
-# - "synthetic" (the default): the cues are NOT independent given the class. Two classes, A and B; a0 alone
-#   and b0 alone each point to A, but the picture a0 with the caption b0 means B (as in hateful memes, where a
-#   harmless picture and a harmless caption mean something else together); the mirror holds for a1, b1.
-#   Under sum fusion with one linear head, logits = W.CLS_img + W.stand_in + bias: the head must map
-#   (a0, b0) to B, so W.CLS_img(a0) leans to B, and with the text missing the stand-in must pull a0 back to
-#   A but a1 to B. No constant stand-in (a placeholder's CLS) can do both; one that reads the present
-#   modality (the MT) can. Exact optima under sum fusion, both / image only / text only (toy-design
-#   measurements, expected cross-entropy minimised on this table): a constant stand-in 99.0 / 60.7 / 60.7,
-#   an input-dependent one 99.0 / 77.7 / 77.7 = the Bayes ceiling (bayes_ceiling below).
-# - "synthetic-independent": 8 classes, c shows a = c // 2 and b = c % 4, each cue replaced by another
-#   with probability 5%, and within each pair a modality narrows c to, one class 3x as common as the other.
-#   The cues are independent given the class, so a constant stand-in plus the head's bias already gives the
-#   Bayes rule of each modality alone: modality dropout is all a method needs there, and an MT cannot add.
-FLIP_CELLS = {(0, 0, 1): "R", (0, 2, 0): "S", (2, 0, 0): "S",    # (a, b, class): a0 + b0 -> B; alone -> A
-              (1, 1, 0): "R", (1, 3, 1): "S", (3, 1, 1): "S"}    # the mirror: a1 + b1 -> A; alone -> B
-FLIP_WEIGHTS, FLIP_FLOOR = {"R": 0.1, "S": 0.18}, 0.02           # FLIP_FLOOR of the mass spread on every cell
-INDEPENDENT_CLASS_WEIGHTS = (3, 1, 1, 3, 1, 3, 3, 1)  # pairs (2a, 2a+1) and (b, b+4): one common, one rare
-INDEPENDENT_NOISE = 0.05                              # a cue shows another value of its kind
-
-
-def synthetic_joint(name):
-    """P[a, b, c]: the joint distribution of image cue, text cue and class of a synthetic design (4, 4, C)."""
-    if name == "synthetic":
-        joint = torch.zeros(len(QUADRANTS), len(KEYWORDS), 2, dtype=torch.float64)
-        for (a, b, c), kind in FLIP_CELLS.items():
-            joint[a, b, c] = FLIP_WEIGHTS[kind]
-        return (1 - FLIP_FLOOR) * joint / joint.sum() + FLIP_FLOOR / joint.numel()
-    if name == "synthetic-independent":
-        prior = torch.tensor(INDEPENDENT_CLASS_WEIGHTS, dtype=torch.float64)
-        prior = prior / prior.sum()                                                  # (8,)
-        classes = torch.arange(len(prior))
-        shown = lambda attr: torch.where(torch.arange(4)[:, None] == attr[None, :],  # (4, 8): P(cue | c)
-                                         1 - INDEPENDENT_NOISE, INDEPENDENT_NOISE / 3)
-        return shown(classes // 2)[:, None, :] * shown(classes % 4)[None, :, :] * prior  # (4, 4, 8)
-    raise ValueError(f"{name!r} is not a synthetic dataset: expected one of {', '.join(SYNTHETIC)}")
-
-
-def bayes_ceiling(name):
-    """The best accuracy (%) any model can reach on a synthetic design, exactly, from its joint table:
-    {"both": ..., m1: ..., m2: ...}, the key naming the modalities present. Each cue is read off its input
-    without error by construction (a blob's quadrant, a keyword's group), so the Bayes rule sees (a, b)."""
-    joint = synthetic_joint(name)                              # (4, 4, C) float64
-    return {"both": 100 * joint.amax(2).sum().item(),          # argmax_c P(a, b, c) for every (a, b)
-            "image": 100 * joint.sum(1).amax(1).sum().item(),  # the text missing: argmax_c P(a, c)
-            "text": 100 * joint.sum(0).amax(1).sum().item()}   # the image missing: argmax_c P(b, c)
-
-
-SYNTHETIC_SIZES = {"train": 2000, "val": 500, "test": 1000}
-BLOB_SIGMA, BLOB_JITTER, PIXEL_NOISE = 3.0, 3.0, 0.5  # pixels, pixels, std of the normalised image
-FILLERS = ["a", "the", "photo", "of", "this", "shows", "some", "very", "with", "and", "near", "look", "at",
-           "my", "old", "new", "small", "big", "one", "scene"]
-SYNTHETIC_WORDS = FILLERS + [w for group in KEYWORDS for w in group]
-SENTENCE_WORDS = (6, 12)  # min, max words
-SEED_STREAMS = {"train": 0, "val": 1, "test": 2, "image": 3, "text": 4}  # disjoint generator seeds
-SEED_STRIDE = len(SEED_STREAMS)
-
-
-def synthetic_vocab():
-    """BERT vocab.txt order: the specials, then SYNTHETIC_WORDS."""
-    return SPECIAL_TOKENS + SYNTHETIC_WORDS
-
-
-@functools.lru_cache(maxsize=None)
-def synthetic_tokenizer(max_len=TEXT_MAX_LEN["synthetic"]):
-    """The toy BERT's tokenizer, built in memory (weights/toy/bert/vocab.txt holds the same vocab)."""
-    vocab = {w: i for i, w in enumerate(synthetic_vocab())}
-    return _bert_template(wordpiece_tokenizer(vocab), max_len, source="synthetic_vocab()")
-
-
-def _generator(seed, stream):
-    return torch.Generator().manual_seed(seed * SEED_STRIDE + SEED_STREAMS[stream])
-
-
-def _draw_blobs(quadrant, g):
-    """(n,) quadrant ids -> (n, 3, 32, 32) images: a blob of random colour in that quadrant + noise."""
-    n, size = len(quadrant), SYNTHETIC_IMAGE_SIZE
-    centre = size / 4 + size / 2 * torch.stack([quadrant // 2, quadrant % 2], 1).float()  # (n, 2) row, col
-    centre = centre + (torch.rand(n, 2, generator=g) * 2 - 1) * BLOB_JITTER
-    grid = torch.arange(size, dtype=torch.float32)
-    dy = grid[None, :, None] - centre[:, 0, None, None]                       # (n, 32, 1)
-    dx = grid[None, None, :] - centre[:, 1, None, None]                       # (n, 1, 32)
-    blob = torch.exp(-(dy ** 2 + dx ** 2) / (2 * BLOB_SIGMA ** 2))            # (n, 32, 32)
-    colour = torch.rand(n, 3, generator=g) * 2 + 1                            # (n, 3) in [1, 3]
-    noise = torch.randn(n, 3, size, size, generator=g) * PIXEL_NOISE
-    return colour[:, :, None, None] * blob[:, None] + noise                   # (n, 3, 32, 32)
-
-
-def _write_sentences(group, g):
-    """(n,) keyword-group ids -> n strings of 6-12 words: filler words and one keyword of the group."""
-    n, longest = len(group), SENTENCE_WORDS[1]
-    lengths = torch.randint(SENTENCE_WORDS[0], longest + 1, (n,), generator=g)
-    fillers = torch.randint(len(FILLERS), (n, longest), generator=g)
-    where = (torch.rand(n, generator=g) * lengths).long()                     # keyword position
-    which = torch.randint(len(KEYWORDS[0]), (n,), generator=g)
-    sentences = []
-    for row, length, at, grp, k in zip(fillers.tolist(), lengths.tolist(), where.tolist(), group.tolist(),
-                                       which.tolist()):
-        words = [FILLERS[j] for j in row[:length]]
-        words[at] = KEYWORDS[grp][k]
-        sentences.append(" ".join(words))
-    return sentences
-
-
-def synthetic_unimodal(modality, n, seed=0):
-    """Unimodal pre-training data for the toy encoders, from its own seed stream: ("image", n) ->
-    ((n,3,32,32) images, (n,) quadrant labels); ("text", n) -> (n strings, (n,) keyword-group labels)."""
-    if modality not in ("image", "text"):
-        raise ValueError(f"synthetic modalities are 'image' and 'text', got {modality!r}")
-    g = _generator(seed, modality)
-    labels = torch.randint(len(QUADRANTS), (n,), generator=g)
-    return (_draw_blobs(labels, g) if modality == "image" else _write_sentences(labels, g)), labels
-
-
-class SyntheticDataset(MultimodalDataset):
-    """Image + text of a synthetic design, generated in memory from the data's `seed` (milliseconds, no
-    download): each sample's (a, b, c) drawn from the design's joint table, then a blob and a sentence."""
-
-    def __init__(self, name, split, n=None, present=None, limit=None, seed=0):
-        n = SYNTHETIC_SIZES[split] if n is None else n
-        g = _generator(seed, split)
-        joint = synthetic_joint(name)                                          # (4, 4, C)
-        cell = torch.multinomial(joint.flatten(), n, replacement=True, generator=g)  # (n,)
-        C = joint.shape[2]
-        quadrant, group, labels = cell // (len(KEYWORDS) * C), (cell // C) % len(KEYWORDS), cell % C
-        images, texts = _draw_blobs(quadrant, g), _write_sentences(group, g)
-        n = n if limit is None else min(limit, n)
-        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n],
-                         present=present)
-
-    def read(self, modality, source, generator=None):
-        return source  # already the model input
-
-
-def _carve_val(n, split, seed):
-    """Sorted indices of train's `split` part: a seeded VAL_SHARE goes to val, the rest to train."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = _round_half_up(VAL_SHARE * n)
-    return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
-
-
-def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
-    """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
-    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
-    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
-    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
-    _check_name(name)
-    _check_on_error(on_error)
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if name in SYNTHETIC:
-        return SyntheticDataset(name, split, present=present, limit=limit, seed=seed, **kw)
-    if kw:
-        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
-    if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {EXPECTED_LAYOUT[name]}")
-    root, info = Path(root), dataset_info(name, root)
-    if info.has_val or split == "test":
-        sources, labels = READERS[name](root, split, info, on_error)
-    else:
-        sources, labels = READERS[name](root, "train", info, on_error)
-        keep = _carve_val(len(labels), split, seed)
-        sources, labels = {m: [s[i] for i in keep] for m, s in sources.items()}, [labels[i] for i in keep]
-    if limit is not None:
-        sources, labels = {m: s[:limit] for m, s in sources.items()}, labels[:limit]
-    sources, labels, available = _check_files(info, split, sources, labels, on_error)
-    if info.multilabel:  # genre index lists -> (n, C) multi-hot
-        targets = torch.zeros(len(labels), info.num_classes)
-        for i, genres in enumerate(labels):
-            targets[i, genres] = 1.0
-        labels = targets
-    else:
-        labels = torch.tensor(labels, dtype=torch.long)
-    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
-
-
-# -----------------------------------------------------------------------------
-# 6. Batches: samples -> the batch dict of the header docstring
-
-def input_shape(info, modality):
-    s = info.image_size
-    return {"image": (3, s, s), "video": (NUM_FRAMES, 3, s, s), "audio": (MAX_FRAMES, NUM_MEL_BINS)}[modality]
-
-
-def _default_tokenizer(info):
-    if "text" not in info.modalities:
-        return None
-    if info.name not in SYNTHETIC:
-        raise ValueError(f"{info.name} has text: pass tokenizer=load_tokenizer(<bert folder>, {info.text_max_len})")
-    return synthetic_tokenizer(info.text_max_len)
-
-
-def collate(samples, info, tokenizer=None):
-    """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
-    text, i.e. [CLS][SEP]; a blank text is absent, is_missing_text); "present" records which is which.
-    Text is tokenised once per batch.
-    The synthetic dataset brings its own tokenizer when none is given. Skip mode: None items (nothing
-    readable) are dropped, so B can be smaller than len(samples), even 0; the batch counts them in
-    "skipped" and the kept items' undecodable files in "unreadable" (0-dim long tensors)."""
-    tokenizer = tokenizer or _default_tokenizer(info)
-    kept = [s for s in samples if s is not None]
-    B = len(kept)
-    present = torch.tensor([[not is_missing_text(s[m]) if m == "text" else s[m] is not None
-                             for m in info.modalities] for s in kept], dtype=torch.bool).view(B, 2)  # (B, 2)
-    labels = [s["label"] for s in kept]
-    if info.multilabel:  # (B, C); torch.stack needs at least one tensor
-        label = torch.stack(labels).float() if kept else torch.zeros(0, info.num_classes)
-    else:
-        label = torch.tensor(labels, dtype=torch.long)                                 # (B,)
-    # skip mode's counts, () long: samples dropped, and the kept samples' files that failed to decode
-    # (a hand-built item, such as train.py's placeholder batch, has no "unreadable")
-    batch = {"present": present, "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-             "label": label, "skipped": torch.tensor(len(samples) - B),
-             "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept))}
-    for m in info.modalities:
-        if m == "text":
-            enc = tokenizer.encode_batch(["" if is_missing_text(s["text"]) else s["text"] for s in kept])
-            L = len(enc[0].ids) if enc else 0  # all padded to the longest text
-            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
-            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)
-        else:
-            placeholder = torch.zeros(input_shape(info, m))
-            rows = [placeholder if s[m] is None else s[m] for s in kept]
-            batch[m] = torch.stack(rows) if kept else torch.zeros(0, *placeholder.shape)  # (B, ...)
-    return batch
-
-
-def placeholder_sample(info):
-    """One sample with every modality missing: collate turns it into the paper's placeholders."""
-    label = torch.zeros(info.num_classes) if info.multilabel else 0
-    return {**{m: None for m in info.modalities}, "label": label, "index": 0}
-
-
-def drop_modalities(batch, present, info, tokenizer=None):
-    """The batch as if only `present` (B, 2) were there (section 3's modality dropout): an input that is no
-    longer present holds the paper's placeholder, exactly as collate gives a missing one, so a method that
-    encodes placeholders sees a dropped modality as it sees a missing one."""
-    gone = batch["present"] & ~present                                  # (B, 2)
-    out = dict(batch, present=present)
-    if not gone.any():
-        return out
-    blank = collate([placeholder_sample(info)], info, tokenizer)      # every input of batch size 1
-    for i, m in enumerate(info.modalities):
-        rows = gone[:, i]
-        for key in ("input_ids", "attention_mask") if m == "text" else (m,):
-            filler = blank[key][0].to(batch[key].device)
-            if m == "text":  # [CLS][SEP], padded to the batch's length (padding changes no output)
-                filler = torch.nn.functional.pad(filler, (0, batch[key].shape[1] - len(filler)))
-            out[key] = batch[key].clone()
-            out[key][rows] = filler
-    return out
-
-
-def seed_worker(worker_id):
-    """DataLoader seeds torch in each worker from its generator; seed python and numpy from that, for
-    any randomness besides the samples' own streams (a transform of your own, say)."""
-    seed = torch.initial_seed() % 2 ** 32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
-                drop_last=False, sampler=None):
-    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs follow `seed`; training's random
-    frames and crops follow the dataset's set_epoch, whatever the workers. pin_memory defaults to CUDA
-    being available. The synthetic dataset brings its own tokenizer when none is given."""
-    info = dataset.info
-    tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
-    if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-        collate_fn=functools.partial(collate, info=info, tokenizer=tokenizer), num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0)
-
-
-# -----------------------------------------------------------------------------
-# 7. Preparation: a video release -> the layout above, in one command
+# =============================================================================
+# Appendix B. Preparation: a video release -> the layout above, in one command
 #
 #     python data.py prepare {cremad,ks,ave} --source RAW --root OUT [--workers N]
 #

@@ -25,9 +25,10 @@ import os
 import random
 import socket
 import statistics
+import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import encoders
 import u2a
 from u2a import U2AConfig, modality_dropout, u2a_loss
 from weights.download import CHECKPOINTS
@@ -62,17 +64,28 @@ RECIPES = {  # per dataset group: learning rate, epochs, batch size, the methods
 ENCODER_FOLDERS = {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
                    "text": CHECKPOINTS["bert"].folder, "audio": CHECKPOINTS["ast"].folder}
 TOY_FOLDERS = {"image": "toy/vit", "text": "toy/bert"}  # weights/make_toy.py: tiny encoders for the default
+ENCODER_CONFIGS = {"image": encoders.ViTConfig, "video": encoders.ViTConfig, "text": encoders.BERTConfig,
+                   "audio": encoders.ASTConfig}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 LOG_EVERY = 10  # steps between progress-bar/log updates: each one waits for the GPU (loss.item())
 
 # Settings that decide a run's result: --resume continues with the checkpoint's values and refuses others;
 # --eval-only takes them from the checkpoint. The rest (--out, --gpu, --workers, ...) may change freely.
-RUN_SETTINGS = ("data", "data_root", "limit", "seeds", "epochs", "batch_size", "lr", "warmup_epochs",
+RUN_SETTINGS = ("data", "limit", "seeds", "epochs", "batch_size", "lr", "warmup_epochs",
                 "weight_decay", "rank", "alpha", "lora_dropout", "lam", "train_missing_rate",
                 "train_missing_type", "modality_dropout", "method", "mt_init", "align_stop_grad", "token_lr_scale",
                 "on_error", "precision")
 MODEL_SETTINGS = ("rank", "alpha", "lora_dropout", "lam", "mt_init", "align_stop_grad")  # a checkpoint's own
 FREE_SETTINGS = ("out", "eval_only", "resume", "gpu", "workers", "compile", "save_every")  # this invocation's
+# --data-root and --weights are neither: places, not settings. A resumed or evaluated run may be pointed at a
+# moved copy (its classes are checked against the checkpoint, the encoders' shapes by u2a.build_model).
+# A folder holding any of these holds a run: only --resume may write into it.
+RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", "metrics.json")
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (a flag, a path, the data): `python train.py` prints its message as one
+    `train.py: error: ...` line and exits with 2, as argparse does. Any other exception is a bug: a traceback."""
 
 
 def recipe_of(name):
@@ -150,22 +163,42 @@ def parse_args(argv=None):
     given = {k for k, v in vars(args).items() if v is not None}
     check_args(p, args)
     args = fill_defaults(args)
+    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
+        p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: the whole run would train at "
+                f"{args.warmup_factor}x the learning rate; give more epochs or --warmup-epochs 0")
     check_method_flags(p, args, given)
     return args, given
+
+
+# What each numeric option must be. NaN fails every comparison, so `--lr nan` is refused with the rest.
+RANGES = {
+    **{k: (lambda v: v >= 1, "at least 1") for k in ("epochs", "batch_size", "limit", "rank")},
+    **{k: (lambda v: v >= 0, "0 or more") for k in ("warmup_epochs", "save_every", "workers", "gpu")},
+    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+    "alpha": (lambda v: 0 < v < math.inf, "a finite number above 0 (alpha 0 switches LoRA off)"),
+    "lam": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more (a negative lambda pushes each mask token "
+                                         "away from the class token it stands in for)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train_missing_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "test_missing_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 
 
 def check_args(p, args):
     """Argument errors, before anything is read or written."""
     if args.data is not None and args.data not in data.DATASETS:
         p.error(f"unknown dataset {args.data!r}: expected one of {', '.join(data.DATASETS)}")
-    for key in ("epochs", "batch_size", "limit"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    for key in ("warmup_epochs", "save_every", "workers"):
-        if getattr(args, key) is not None and getattr(args, key) < 0:
-            p.error(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(args, key)}")
+    for key, (ok, expected) in RANGES.items():
+        if getattr(args, key) is not None and not ok(getattr(args, key)):
+            p.error(f"--{key.replace('_', '-')} must be {expected}, got {getattr(args, key)}")
     if args.resume and args.out is None:
         p.error("--resume needs --out: the run folder to continue")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file: give a folder for the run")
+    if args.out is not None and not args.resume and args.eval_only is None and holds_run(args.out):
+        p.error(f"--out {args.out} holds a run ({holds_run(args.out)}): `--resume --out {args.out}` continues it; "
+                f"to start a new run, choose another --out")
     if args.resume and args.eval_only:
         p.error("--resume and --eval-only exclude each other")
     if args.eval_only is not None and not args.eval_only.exists():
@@ -221,10 +254,6 @@ def fill_defaults(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.seed = args.seeds[0]  # the seed of one run: train_and_report gives each run its own
-    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
-        raise SystemExit(f"train.py: error: --epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: "
-                         f"the whole run would train at {args.warmup_factor}x the learning rate; give more "
-                         f"epochs or --warmup-epochs 0")
     return args
 
 
@@ -232,6 +261,22 @@ def as_flag(key, value):
     """A setting as the user writes it: --seed 0 1 (the list args.seeds), --method u2a naive, --lr 0.001."""
     return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} " + \
         (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def method_folders(out):
+    """Where a run folder keeps its runs' files (pair_folder's layout): itself (one seed, one method), one
+    sub-folder per method, per seed (seed<k>/), or per seed and method (seed<k>/<method>/)."""
+    seeds = sorted(p for p in Path(out).glob("seed*") if p.is_dir())
+    return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in u2a.METHODS]]
+
+
+def holds_run(out):
+    """The first file of a run in folder `out` (or in its methods' folders), else None."""
+    for folder in method_folders(out):
+        for name in RUN_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 def vars_json(args):
@@ -256,14 +301,16 @@ def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_facto
 
 @torch.no_grad()
 def encode_split(model, dataset, ctx, desc):
-    """-> dict of CPU tensors, in sample order: cls/mt per modality (n, D), labels, present, index.
-    Samples skipped in on_error="skip" mode are absent (their index is not in "index")."""
+    """-> dict of CPU tensors, in sample order: cls/mt per modality (n, D), labels, present, index, and
+    "unreadable" (an int): the files that failed to decode in on_error="skip" mode. Samples left with no
+    modality are absent (their index is not in "index")."""
     model.eval()
     shard = list(range(ctx.rank, len(dataset), ctx.world))
     loader = data.make_loader(dataset, ctx.eval_batch, False, ctx.tokenizer, ctx.workers,
                               data.stream_seed(ctx.seed, "eval_loader"), sampler=shard)
-    parts = {"labels": [], "present": [], "index": []}
+    parts = {"labels": [], "present": [], "index": [], "unreadable": []}
     for batch in progress(loader, ctx, desc):
+        parts["unreadable"].append(batch["unreadable"].reshape(1))
         if len(batch["index"]) == 0:  # every sample of the batch was skipped
             continue
         batch = to_device(batch, ctx.device)
@@ -279,11 +326,12 @@ def encode_split(model, dataset, ctx, desc):
         gathered = [None] * ctx.world
         dist.all_gather_object(gathered, parts)
         parts = {k: [t for p in gathered for t in p.get(k, [])] for k in parts}
+    unreadable = int(sum(t.sum() for t in parts.pop("unreadable")))
     if not parts["index"]:  # skip mode, and not one sample of the split could be read
         return None
     feats = {k: torch.cat(v) for k, v in parts.items()}
     order = feats["index"].argsort()
-    return {k: v[order] for k, v in feats.items()}
+    return {**{k: v[order] for k, v in feats.items()}, "unreadable": unreadable}
 
 
 def validate(model, val_set, info, ctx):
@@ -300,9 +348,13 @@ def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0
     """Test-set evaluation of a trained model over every scenario of the paper; rank 0 writes metrics.json."""
     feats = encode_split(model, test_set, ctx, "test")
     if feats is None:
-        raise RuntimeError(f"test: not one of the {len(test_set)} samples could be read")
+        raise UserError(f"test: not one of the {len(test_set)} samples could be read (--on-error skip)")
     if ctx.rank > 0:
         return None
+    unreadable, skipped = feats.pop("unreadable"), len(test_set) - len(feats["index"])
+    if unreadable or skipped:
+        print(f"test: {unreadable} unreadable files skipped (--on-error skip): {skipped} of {len(test_set)} "
+              f"samples had no modality left and are not scored; the others are scored without the file")
     placeholders = None
     if model.method.stand_in == "placeholder":  # the paper's placeholders (zeros / ""), through the encoders
         blank = data.collate([data.placeholder_sample(info)], info, ctx.tokenizer)
@@ -318,7 +370,7 @@ def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0
                                 scenario=sc.name, seed=seed)
     metrics = {"method": model.config.method, "data": info.name, "checkpoint": str(ckpt),
                "train_seconds": round(train_seconds, 1), "class_names": info.class_names,
-               "test_samples": len(test_set), "test_skipped": len(test_set) - len(feats["index"]),
+               "test_samples": len(test_set), "test_skipped": skipped, "test_unreadable": unreadable,
                "scenarios": results, **analysis}
     write_json(out / "metrics.json", metrics)
     if len(feats["labels"]) * model.head.in_features <= 50_000_000:  # tokens for the notebooks' plots
@@ -495,8 +547,13 @@ def slug(name):
 
 
 def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path, text):
+    """Whole or not at all: a kill mid-write leaves the old file."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # this process's own temporary name
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -513,8 +570,8 @@ def lock_run_folder(out):
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 lock.unlink(missing_ok=True)  # left by a run that died
                 continue
-            raise RuntimeError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
-                               f"give another --out, or delete {lock} if that run is gone") from None
+            raise UserError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
+                            f"give another --out, or delete {lock} if that run is gone") from None
         with os.fdopen(fd, "w") as f:
             f.write(me)
         return lock
@@ -639,21 +696,101 @@ def encoder_paths(args, info):
 
 
 def check_inputs(args):
-    """The data root and the pretrained weights, checked together so one start reports every fix."""
+    """The data root and the pretrained weights, checked together so one start reports every fix. A resumed
+    or evaluated run looks where its config says they were: if they moved, the fix is to say where they are."""
+    saved = args.resume or args.eval_only is not None
     problems = []
     if args.data not in data.SYNTHETIC and not Path(args.data_root).is_dir():
-        problems.append(f"no dataset at --data-root {args.data_root}: expected {data.EXPECTED_LAYOUT[args.data]} "
-                        f"(README.md, 'Datasets', says where to get it)")
+        problems.append(f"no dataset at --data-root {args.data_root}: " + (
+            "the run's data was there; if it moved, pass --data-root NEWDIR" if saved else
+            f"expected {data.EXPECTED_LAYOUT[args.data]} (README.md, 'Datasets', says where to get it)"))
     info = data.dataset_info(args.data) if problems else info_of(args)
     missing = {m: p / "model.safetensors" for m, p in encoder_paths(args, info).items()
                if not (p / "model.safetensors").is_file()}
     if missing:
         fetch = "python weights/make_toy.py" if args.data in data.SYNTHETIC else \
             f"python weights/download.py --dest {args.weights}"
+        folders = ", ".join(sorted({p.parent.relative_to(args.weights).as_posix() + "/" for p in missing.values()}))
         problems.append(f"no pretrained {' and '.join(missing)} encoder: {', '.join(map(str, missing.values()))} "
-                        f"missing; get it with `{fetch}`")
+                        + (f"missing; the run's encoders were there: if they moved, pass --weights NEWDIR, the "
+                           f"folder that now holds {folders}" if saved else f"missing; get it with `{fetch}`"))
     if problems:
-        raise FileNotFoundError("cannot start:\n  - " + "\n  - ".join(problems))
+        raise UserError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+@contextmanager
+def as_user_errors():
+    """data.py's FileNotFoundError and ValueError while a run is set up are about the files given (a missing
+    split file, a malformed row, a class without a folder): the user's to fix, so reported as a UserError."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+
+
+def check_missing_settings(args, given):
+    """The missing-modality flags together, before training (the test setting used to fail after it): a rate
+    needs a type, a type needs a rate, and each type is one of the dataset's modalities or 'both'. A test flag
+    left out takes the training one (--help). A type without a rate in a saved run (older versions took it)
+    is only refused when given now."""
+    modalities = data.dataset_info(args.data).modalities
+    types = f"{', '.join(modalities)} or 'both'"
+    problems = [f"--{k.replace('_', '-')} {getattr(args, k)!r}: expected {types} ({args.data}'s modalities)"
+                for k in ("train_missing_type", "test_missing_type")
+                if getattr(args, k) is not None and getattr(args, k) not in (*modalities, "both")]
+    test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
+    test_type = args.test_missing_type or args.train_missing_type
+    if args.train_missing_rate and args.train_missing_type is None:
+        problems.append(f"--train-missing-rate {args.train_missing_rate} needs --train-missing-type ({types})")
+    if test_rate and test_type is None:
+        problems.append(f"--test-missing-rate {test_rate} needs --test-missing-type ({types})")
+    if "train_missing_type" in given and not args.train_missing_rate:
+        problems.append(f"--train-missing-type {args.train_missing_type} without a --train-missing-rate: "
+                        f"give the rate too (the paper's is 0.7), or leave the type out")
+    if "test_missing_type" in given and not test_rate:
+        problems.append(f"--test-missing-type {args.test_missing_type} without a --test-missing-rate: give the "
+                        f"rate too (the paper's is 0.7), or leave the type out")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def check_encoders_fit(paths, info, tokenizer):
+    """The pretrained encoders ({modality: folder}) take what the dataset feeds them: the image side of
+    image/video frames, and every token id the tokenizer gives (below the text encoder's vocabulary size).
+    Read from their config.json, before anything is written: a misfit used to crash in the first step."""
+    problems = []
+    for m, folder in paths.items():
+        config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
+        if m in ("image", "video") and config.image_size != info.image_size:
+            problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
+                            f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
+        if m == "text":
+            tokens = (tokenizer or data.synthetic_tokenizer(info.text_max_len)).get_vocab_size()
+            if tokens > config.vocab_size:
+                problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
+                                f"{config_file}); {info.name}'s tokenizer gives {tokens}")
+    if problems:
+        toy = "" if info.name in data.SYNTHETIC else " (weights/make_toy.py's toy encoders fit only the synthetic data)"
+        raise UserError("the encoders do not fit the data: " + "; ".join(problems) + ". Point --weights at the "
+                        f"encoders made for {info.name}{toy}")
+
+
+def encoder_config(modality, folder):
+    """An encoder's config as encoders.load_pretrained will read it (its folder's config.json, or the class's
+    defaults without one), without loading the weights."""
+    config_file, config_class = Path(folder) / "config.json", ENCODER_CONFIGS[modality]
+    return config_class.from_json(config_file) if config_file.is_file() else config_class()
+
+
+def check_same_encoders(trained, paths, ckpt):
+    """A resumed run's encoders, maybe moved (--weights), are still those it was trained with: the configs
+    u2a.build_model recorded in the checkpoint (`trained`, its "model" metadata)."""
+    differ = [m for m, expected in trained.get("encoder_configs", {}).items()
+              if asdict(encoder_config(m, paths[m])) != expected]
+    if differ:
+        raise UserError(f"{ckpt} was trained with other {' and '.join(differ)} encoders than those at "
+                        f"{', '.join(str(paths[m]) for m in differ)} (their config.json differs); point --weights "
+                        f"at the encoders the run was trained with")
 
 
 def text_tokenizer(args, info):
@@ -673,8 +810,8 @@ def build_splits(args, info, splits=("train", "val", "test")):
         ds = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
                                on_error=args.on_error)
         if len(ds) == 0:
-            raise ValueError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
-                             f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
+            raise UserError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
+                            f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
         sets[split] = ds
     return set_missing_tables(sets, args, info)
 
@@ -853,7 +990,8 @@ def run(args, method, out, sets, info, ctx):
             if args.save_every and state.step % args.save_every == 0 and ctx.rank == 0:
                 save_resumable(out / "last.safetensors", model, optimizer, checkpoint_meta(state, args))
         end_epoch(model, optimizer, sets["val"], info, args, ctx, out, state, epoch, method)
-    model = u2a.from_checkpoint(out / "best.safetensors").to(ctx.device)  # the validation-selected model
+    # the validation-selected model, with the encoders where they are now (a resumed run may have moved them)
+    model = u2a.from_checkpoint(out / "best.safetensors", encoder_paths(args, info)).to(ctx.device)
     return evaluate_test(model, sets["test"], info, args, ctx, out, out / "best.safetensors", time.time() - t0)
 
 
@@ -925,13 +1063,20 @@ def resolve_resume(args, given):
     setting given now that contradicts it is an error."""
     saved_path = args.out / "config.json"
     if not saved_path.is_file():
-        raise FileNotFoundError(f"--resume: {args.out} holds no run to resume (no {saved_path})")
-    saved = json.loads(saved_path.read_text())
+        raise UserError(f"--resume: {args.out} holds no run to resume (no {saved_path})")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--resume: {saved_path} is not valid JSON ({err}); it holds the run's settings: restore "
+                        f"it (train.py wrote it as indented JSON), or start a new run with another --out") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {saved_path} holds a JSON {type(saved).__name__}, not the run's settings "
+                        f"(an object); restore it, or start a new run with another --out")
     clash = [k for k in RUN_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
     if clash:
-        raise ValueError("--resume continues the run as it was configured; these settings differ from "
-                         f"{saved_path}: " + ", ".join(f"{as_flag(k, getattr(args, k))} (run: "
-                                                       f"{as_flag(k, saved.get(k))})" for k in clash))
+        raise UserError("--resume continues the run as it was configured; these settings differ from "
+                        f"{saved_path}: " + ", ".join(f"{as_flag(k, getattr(args, k))} (run: "
+                                                      f"{as_flag(k, saved.get(k))})" for k in clash))
     return take_saved_settings(args, saved, given)
 
 
@@ -941,25 +1086,24 @@ def eval_checkpoints(path):
     path = Path(path)
     if path.is_file():
         return [path]
-    if (path / "best.safetensors").is_file():
-        return [path / "best.safetensors"]
-    found = sorted(path.glob("*/best.safetensors")) + sorted(path.glob("seed*/*/best.safetensors"))
+    found = [folder / "best.safetensors" for folder in method_folders(path) if (folder / "best.safetensors").is_file()]
     if not found:
-        raise FileNotFoundError(f"--eval-only {path}: no best.safetensors in it, nor in its sub-folders "
-                                f"(<method>/, seed<k>/, seed<k>/<method>/)")
-    return found
+        raise UserError(f"--eval-only {path}: no best.safetensors in it, nor in its sub-folders (<method>/, "
+                        f"seed<k>/, seed<k>/<method>/; methods: {', '.join(u2a.METHODS)})")
+    return found[:1] if found[0].parent == path else found
 
 
 def resolve_eval(args, given, ckpt):
     """--eval-only: the run's settings and the model come from the checkpoint; the user may point at
     other data (--data-root) or another test setting, never change the model."""
-    _, meta = u2a.open_checkpoint(ckpt)
+    with as_user_errors():  # not a checkpoint of this project
+        _, meta = u2a.open_checkpoint(ckpt)
     saved = meta["config"]
     clash = [k for k in MODEL_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
     if clash:
-        raise ValueError(f"{ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}"
-                                                                 for k in clash)
-                         + ": the model's settings come from the checkpoint; leave them out")
+        raise UserError(f"{ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}"
+                                                                for k in clash)
+                        + ": the model's settings come from the checkpoint; leave them out")
     evaluated = take_saved_settings(argparse.Namespace(**vars(args)), saved, given)
     evaluated.out = args.out if "out" in given else ckpt.parent
     return evaluated, meta
@@ -968,9 +1112,9 @@ def resolve_eval(args, given, ckpt):
 def check_classes(info, trained, ckpt):
     if list(info.class_names) != list(trained["class_names"]):
         differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], info.class_names)) if a != b]
-        raise ValueError(f"{ckpt} was trained on {len(trained['class_names'])} classes "
-                         f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
-                         f"{len(info.class_names)} classes (first differences: {differ[:3]})")
+        raise UserError(f"{ckpt} was trained on {len(trained['class_names'])} classes "
+                        f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
+                        f"{len(info.class_names)} classes (first differences: {differ[:3]})")
 
 
 def evaluate_only(args, given, rank, world, device):
@@ -983,22 +1127,27 @@ def evaluate_only(args, given, rank, world, device):
                 ("seeds" in given and ev.seed not in args.seeds):
             continue
         picked += 1
-        if "out" in given and root.is_dir():
+        if "out" in given and root.is_dir():  # the evaluated folder's layout, under --out
             ev.out = args.out / ckpt.parent.relative_to(root)
-        check_inputs(ev)
-        info = info_of(ev)
-        check_classes(info, meta["model"], ckpt)
-        ctx = Context(ev, rank, world, device, text_tokenizer(ev, info))
-        test_set = build_splits(ev, info, ("test",))["test"]
+        check_missing_settings(ev, given)
+        with as_user_errors():
+            check_inputs(ev)
+            info = info_of(ev)
+            check_classes(info, meta["model"], ckpt)
+            tokenizer = text_tokenizer(ev, info)
+            test_set = build_splits(ev, info, ("test",))["test"]
         paths = encoder_paths(ev, info) if "weights" in given else None
-        model = u2a.from_checkpoint(ckpt, paths).to(device)
+        check_encoders_fit(paths or meta["model"]["encoders"], info, tokenizer)
+        ctx = Context(ev, rank, world, device, tokenizer)
+        with as_user_errors():  # --weights holding other encoders than the model was trained on
+            model = u2a.from_checkpoint(ckpt, paths).to(device)
         metrics = evaluate_test(model, test_set, info, ev, ctx, ev.out, ckpt)
         if rank == 0:
             print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, seed {ev.seed}, {ckpt}")
             runs[(ev.seed, metrics["method"])] = metrics
     if not picked:
-        raise ValueError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, eval_checkpoints(root)))}) "
-                         f"is of the --seed / --method given; leave them out to evaluate every one")
+        raise UserError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, eval_checkpoints(root)))}) "
+                        f"is of the --seed / --method given; leave them out to evaluate every one")
     if runs:
         folder = args.out if "out" in given else root if root.is_dir() else root.parent
         print(f"\n== Summary: {info.name}, test {u2a.headline(info.multilabel)} (%), evaluated {root} ==")
@@ -1007,7 +1156,10 @@ def evaluate_only(args, given, rank, world, device):
 
 
 def main(argv=None):
+    """Train (or resume, or evaluate) as the command line says. A mistake in what the user gave raises
+    UserError (the script prints it as one line and exits with 2); anything else is a bug."""
     args, given = parse_args(argv)
+    absolute_places(args)
     threads = torch.get_num_threads()
     if threads_for(args):
         torch.set_num_threads(threads_for(args))
@@ -1017,6 +1169,7 @@ def main(argv=None):
             return evaluate_only(args, given, rank, world, device)
         if args.resume:
             args = resolve_resume(args, given)
+        check_missing_settings(args, given)
         return train_and_report(args, rank, world, device)
     finally:
         torch.set_num_threads(threads)
@@ -1024,17 +1177,55 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def absolute_places(args):
+    """--data-root and --weights are kept absolute (in config.json too): a resumed or evaluated run finds them
+    from any directory. Those a resumed or evaluated run does not give are replaced by its saved ones."""
+    if args.data_root is not None:
+        args.data_root = str(Path(args.data_root).resolve())
+    args.weights = Path(args.weights).resolve()
+
+
+def resumed_checkpoints(out):
+    """The last.safetensors of a run folder: its own, or its methods' folders'."""
+    return [folder / "last.safetensors" for folder in method_folders(out) if (folder / "last.safetensors").is_file()]
+
+
+def cut_log_at_checkpoint(folder):
+    """A resumed run continues from its last.safetensors' step (from 0 without one): the log lines written
+    after that checkpoint by the killed run are dropped, or the resumed run would log those steps twice.
+    A line the kill cut short is dropped too. Rewritten whole (write_text): a second kill loses nothing."""
+    log, last = folder / "log.jsonl", folder / "last.safetensors"
+    if not log.is_file():
+        return
+    step = u2a.open_checkpoint(last)[1]["step"] if last.is_file() else 0
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, TypeError, KeyError):  # cut short: not one of the run's records
+            continue
+    write_text(log, "".join(kept))
+
+
 def train_and_report(args, rank, world, device):
     is_main = rank == 0
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide by the {world} processes")
-    check_inputs(args)
-    info = info_of(args)
-    sets = build_splits(args, info)
+        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
+    with as_user_errors():
+        check_inputs(args)
+        info = info_of(args)
+        sets = build_splits(args, info)
+        tokenizer = text_tokenizer(args, info)
+        for ckpt in resumed_checkpoints(args.out) if args.resume else []:  # the same data and encoders, maybe moved
+            trained = u2a.open_checkpoint(ckpt)[1]["model"]
+            check_classes(info, trained, ckpt)
+            check_same_encoders(trained, encoder_paths(args, info), ckpt)
     if len(sets["train"]) < args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(sets['train'])} samples)")
-    ctx = Context(args, rank, world, device, text_tokenizer(args, info))
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
+                        f"({len(sets['train'])} samples)")
+    check_encoders_fit(encoder_paths(args, info), info, tokenizer)
+    ctx = Context(args, rank, world, device, tokenizer)
     if args.out is None:  # one folder for the run, named on rank 0 and shared with the other processes
         name = [Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if world > 1:
@@ -1044,6 +1235,9 @@ def train_and_report(args, rank, world, device):
     if is_main:  # only now, every check passed: a failed start leaves no empty run folder behind
         args.out.mkdir(parents=True, exist_ok=True)
         lock = lock_run_folder(args.out)
+        if args.resume:
+            for folder in method_folders(args.out):
+                cut_log_at_checkpoint(folder)
         write_json(args.out / "config.json", vars_json(args))
         print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
               f"samples; {args.precision} on {device}" + (f" x {world} processes" if world > 1 else ""))
@@ -1086,8 +1280,6 @@ def run_pairs(args, sets, info, ctx):
         if finished:
             runs[(seed, method)] = json.loads((out / "metrics.json").read_text())
             continue
-        if ctx.rank == 0:  # a metrics.json left by an earlier run would mark this unfinished one finished
-            (out / "metrics.json").unlink(missing_ok=True)
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
         run_ctx = Context(run_args, ctx.rank, ctx.world, ctx.device, ctx.tokenizer)
         runs[(seed, method)] = run(run_args, method, out, set_missing_tables(sets, run_args, info), info, run_ctx)
@@ -1118,4 +1310,8 @@ def by_layout(runs):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # the user's to fix: one line, as argparse reports a bad flag; bugs keep a traceback
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -7,14 +7,26 @@ When both modalities are there, the two CLS outputs are summed and classified (e
 its CLS is replaced by the MT output of the modality that is there (eq. 4), and an alignment loss teaches
 each MT to imitate the other modality's CLS on complete samples (eq. 6-7).
 
-Read top to bottom: one modality branch -> the two-branch model (token selection, fusion, head) -> the loss
--> random modality dropout -> loading the pretrained encoders for a modality.
+Four methods (METHODS) differ in what stands in for a missing modality and how they train for it: naive
+(the paper's placeholder inputs, trained on the data as it is), placeholder-dropout (the same with section
+3's modality dropout), u2a-no-align (mask tokens and dropout, lambda = 0) and u2a (the paper's method). What
+each adds is measured, not assumed: the default run (README, "The default run") prints them side by side.
+
+Read top to bottom: the methods and the config -> loading the pretrained encoders -> one modality branch ->
+the two-branch model (token selection, fusion, head) -> the loss -> random modality dropout -> checkpoints ->
+scoring the paper's scenarios -> predict.
 
 Choices the paper leaves open, made here:
-- CLS and MT both start as the encoder's own pretrained class token (as it enters the encoder, position
-  included), so an untrained U2A reads every input as the pretrained model does. They part ways through
-  their gradients: CLS is trained by the task loss on complete inputs, MT by the alignment loss and the task
-  loss on inputs whose other modality is missing.
+- CLS starts as the encoder's own pretrained class token (as it enters the encoder, position included), so
+  an untrained model reads every input as the pretrained one does. The MT starts either as a copy of it
+  (mt_init="cls", the real datasets' default) or as a random vector of its norm (mt_init="random", the
+  toy's). A copy starts where the MT's target is not: measured on the toy, the copy's MT stayed a copy of
+  its own modality's CLS (MSE 1.6e-5) and was no better than zeroing it.
+- Eq. 6 may treat its CLS targets as constants (align_stop_grad, the toy's default): the alignment then
+  moves the MTs only, and never pulls a CLS towards what its MT can guess. On the toy, without it, the
+  complete case lost accuracy as lambda grew.
+- Eq. 6 averages over the samples whose two modalities are both present *at that step*, after dropout: it
+  is live on the steps where dropout keeps both (about 1 in 3 on a complete set), zero on the others.
 - Our CLS takes the place of the pretrained class token (position 0, with position 0's embedding folded in);
   the MT goes at the end of the sequence with no position embedding of its own: it is a learned vector, so
   any position embedding would only be folded into it. For BERT, the padding mask never hides CLS or MT.

@@ -54,9 +54,10 @@ def where(obj, *needles):
 # The toy model: the tiny pretrained encoders of weights/toy/ and a fresh U2A for the synthetic classes
 
 def toy_model(method="u2a"):
-    """A fresh U2A (LoRA B = 0, CLS = MT = pretrained class token) on the toy ViT and BERT, in eval mode."""
+    """A fresh U2A (LoRA B = 0, CLS = MT = pretrained class token) on the toy ViT and BERT for the default
+    synthetic classes, in eval mode."""
     config = u2a.U2AConfig(encoders={m: str(path) for m, path in TOY_ENCODERS.items()},
-                           class_names=data.synthetic_class_names(), method=method)
+                           class_names=data.synthetic_class_names("synthetic"), method=method)
     return u2a.U2A(config).eval()
 
 
@@ -65,18 +66,18 @@ def toy_model(method="u2a"):
 
 def method_folders(run):
     """{method: folder}, U2A first. `train.py --out RUN` writes one method's files into RUN itself, or into
-    RUN/u2a and RUN/naive when it also trains the naive baseline (the synthetic default, or --compare-naive)."""
+    RUN/<method> for each of several methods (the synthetic default trains all four of u2a.METHODS)."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist (expected the --out folder of train.py)")
     folders = {}
     if (run / "metrics.json").is_file():
         folders[json.loads((run / "metrics.json").read_text())["method"]] = run
-    for method in ("u2a", "naive"):
+    for method in u2a.METHODS:
         if (run / method / "metrics.json").is_file():
             folders[method] = run / method
     if not folders:
-        raise FileNotFoundError(f"{run}: no metrics.json in it nor in {run / 'u2a'} or {run / 'naive'}: "
+        raise FileNotFoundError(f"{run}: no metrics.json in it nor in a method's sub-folder ({', '.join(u2a.METHODS)}): "
                                 "not a finished train.py run folder")
     return dict(sorted(folders.items(), key=lambda kv: kv[0] != "u2a"))
 
@@ -95,10 +96,9 @@ def run_tokenizer(model, info):
 
 
 def placeholder_batch(info, tokenizer):
-    """One sample whose every modality is the paper's placeholder (zeros / ""): the naive baseline's input
-    for a missing modality, batched by data.collate as in training."""
-    label = torch.zeros(info.num_classes) if info.multilabel else 0
-    return data.collate([{**{m: None for m in info.modalities}, "label": label, "index": 0}], info, tokenizer)
+    """One sample whose every modality is the paper's placeholder (zeros / ""): the placeholder methods'
+    input for a missing modality, batched by data.collate as in training."""
+    return data.collate([data.placeholder_sample(info)], info, tokenizer)
 
 
 def run_scenarios(settings, info):
@@ -125,7 +125,7 @@ def load_run(folder):
     model = u2a.from_checkpoint(folder / "best.safetensors")  # its encoders where training found them
     info = data.dataset_info(settings["data"])  # no data root: Food-101's class names come from the model
     placeholders = None
-    if model.config.method == "naive":
+    if model.method.stand_in == "placeholder":
         placeholders = u2a.placeholder_tokens(model, placeholder_batch(info, run_tokenizer(model, info)))
     scenarios, seed = run_scenarios(settings, info)
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]

@@ -443,23 +443,29 @@ def keyword_group_of(texts):
                          for t in texts])
 
 
-def test_synthetic_classes_need_both_modalities():
-    sets = {s: data.make_dataset("synthetic", None, s) for s in ("train", "val", "test")}
-    assert {s: len(d) for s, d in sets.items()} == data.SYNTHETIC_SIZES
-    test = sets["test"]
-    again = data.make_dataset("synthetic", None, "test")
-    assert torch.equal(test.sources["image"], again.sources["image"]) and test.sources["text"] == again.sources["text"]
-    assert not torch.equal(test.sources["image"], data.make_dataset("synthetic", None, "test", seed=1).sources["image"])
-    y, a, b = test.labels, quadrant_of(test.sources["image"]), keyword_group_of(test.sources["text"])
-    assert (a == y // 2).float().mean() > 0.9 and (b == y % 4).float().mean() > 0.9  # each modality shows its attribute
-    # decoding c from one attribute is right for at most one class of two; from both, nearly always
-    joint = {(ai, bi): c for c in range(8) for ai, bi in [(c // 2, c % 4)]}
-    both = torch.tensor([joint.get((ai, bi), -1) for ai, bi in zip(a.tolist(), b.tolist())])
-    assert (both == y).float().mean() > 0.85
-    for attribute, classes_of in ((a, lambda v: {2 * v, 2 * v + 1}), (b, lambda v: {v, v + 4})):
-        best = max(((y == torch.tensor([min(classes_of(v)) for v in attribute.tolist()])).float().mean(),
-                    (y == torch.tensor([max(classes_of(v)) for v in attribute.tolist()])).float().mean()))
-        assert best < 0.55
+def test_synthetic_samples_follow_their_design_and_the_bayes_ceiling_is_exact():
+    # the default design, by hand: P = 0.98 w / 0.92 + 0.02 / 32 on every cell (w: R = 0.1, S = 0.18)
+    floor, s_cell = 0.02 / 32, 0.98 * 0.18 / 0.92
+    ceiling = data.bayes_ceiling("synthetic")
+    assert ceiling["both"] == pytest.approx(100 * (0.98 + 16 * floor))        # each main cell names its class
+    assert ceiling["image"] == ceiling["text"] == pytest.approx(100 * 4 * (s_cell + 4 * floor))  # 77.70
+    joint = data.synthetic_joint("synthetic")
+    assert joint[0, 0].argmax() == 1 and joint[0].sum(0).argmax() == 0 and joint[:, 0].sum(0).argmax() == 0  # the flip
+    for name in data.SYNTHETIC:
+        sets = {s: data.make_dataset(name, None, s) for s in ("train", "val", "test")}
+        assert {s: len(d) for s, d in sets.items()} == data.SYNTHETIC_SIZES
+        test = sets["test"]
+        again = data.make_dataset(name, None, "test")
+        assert torch.equal(test.sources["image"], again.sources["image"]) and test.sources["text"] == again.sources["text"]
+        assert not torch.equal(test.sources["image"], data.make_dataset(name, None, "test", seed=1).sources["image"])
+        # the cues are read off the inputs, and the Bayes rule on them scores the exact ceiling up to sampling
+        y, a, b = test.labels, quadrant_of(test.sources["image"]), keyword_group_of(test.sources["text"])
+        joint = data.synthetic_joint(name)
+        rules = {"both": joint.argmax(2)[a, b], "image": joint.sum(1).argmax(1)[a], "text": joint.sum(0).argmax(1)[b]}
+        for key, predicted in rules.items():
+            accuracy = 100 * (predicted == y).double().mean().item()
+            assert abs(accuracy - data.bayes_ceiling(name)[key]) < 3.5, (name, key, accuracy)  # ~2.5 SD at n = 1000
+    assert data.bayes_ceiling("synthetic-independent") == pytest.approx({"both": 92.625, "image": 71.25, "text": 71.25})
     tok = data.synthetic_tokenizer()
     encoded = tok.encode_batch(test.sources["text"])
     assert all(data.synthetic_vocab().index("[UNK]") not in e.ids for e in encoded)
@@ -696,3 +702,19 @@ def test_ave_audio_is_cut_to_the_event_window(roots, capsys):
     torch.testing.assert_close(ds[1]["audio"], data.fbank(whole[3 * SR:7 * SR], SR))
     test = data.make_dataset("ave", roots["ave"], "test")  # vid5 is in train too, under another event
     assert test.sources["audio"][0].start == 4 and test.labels[0] == data.AVE_CLASSES.index("Horse")
+
+
+def test_a_dropped_modality_holds_the_placeholder_as_a_missing_one_does():
+    info = data.dataset_info("synthetic")
+    items = [data.make_dataset("synthetic", None, "test")[i] for i in range(4)]
+    batch = data.collate(items, info)
+    present = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    dropped = data.drop_modalities(batch, present, info)
+    # what collate makes of the same samples with those modalities missing
+    missing = data.collate([{**item, **({} if p[0] else {"image": None}), **({} if p[1] else {"text": None})}
+                            for item, p in zip(items, present.tolist())], info)
+    L = missing["input_ids"].shape[1]
+    assert torch.equal(dropped["present"], present) and torch.equal(dropped["image"], missing["image"])
+    assert torch.equal(dropped["input_ids"][:, :L], missing["input_ids"]) and not dropped["input_ids"][:, L:].any()
+    assert torch.equal(dropped["attention_mask"][:, :L], missing["attention_mask"])
+    assert torch.equal(batch["present"], torch.ones(4, 2, dtype=torch.bool))  # the batch given is unchanged

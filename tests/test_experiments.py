@@ -88,7 +88,7 @@ def test_resume_finishes_only_the_unfinished_pair(grid, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(grid[0], out)
     unfinished = out / "seed1" / "u2a"
-    for name in ("metrics.json", "best.safetensors", "last.safetensors", "log.jsonl"):
+    for name in ("metrics.json", "best.safetensors", "last.safetensors"):  # as if killed before its checkpoint
         (unfinished / name).unlink()
     kept = {pair: (out / f"seed{pair[0]}" / pair[1] / "metrics.json").stat().st_mtime_ns for pair in PAIRS
             if pair != (1, "u2a")}
@@ -102,21 +102,21 @@ def test_resume_finishes_only_the_unfinished_pair(grid, tmp_path, capsys):
     # retrained from scratch with its own seed, it gives the numbers of the uninterrupted run
     assert resumed[1]["u2a"]["scenarios"] == metrics_of(grid[0], 1, "u2a")["scenarios"]
     assert json.loads((out / "summary.json").read_text()) == json.loads((grid[0] / "summary.json").read_text())
+    # the killed run's log lines after its (absent) checkpoint are dropped, not kept beside the new ones
+    logged = lambda folder: [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+                             for line in (folder / "seed1" / "u2a" / "log.jsonl").read_text().splitlines()]
+    assert logged(out) == logged(grid[0])
 
 
-def test_a_fresh_run_into_an_old_folder_does_not_leave_its_metrics_as_finished(tmp_path, monkeypatch):
+def test_a_new_run_into_a_multi_run_folder_is_refused(grid, tmp_path):
+    # a run's files in seed<k>/<method>/ make the folder a run's, even without its config.json: only --resume
+    # may write into it
     out = tmp_path / "run"
-    args = TINY[:-6] + ["--method", "u2a", "--seed", "0", "--out", str(out)]
-    train.main(args)
-    real_run = train.run
-
-    def crash(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "run", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)  # a new run into the same folder dies before it has a result
-    assert not (out / "metrics.json").exists()  # so --resume trains it instead of reading the old one back
-    monkeypatch.setattr(train, "run", real_run)
+    shutil.copytree(grid[0], out)
+    (out / "config.json").unlink()
+    assert train.holds_run(out).parent.parent.name == "seed0"
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--out", str(out)])
 
 
 def test_eval_only_on_the_folder_evaluates_every_checkpoint(grid, tmp_path, capsys):
@@ -130,7 +130,7 @@ def test_eval_only_on_the_folder_evaluates_every_checkpoint(grid, tmp_path, caps
         json.loads((out / "summary.json").read_text())
     picked = train.main(["--eval-only", str(out), "--out", str(tmp_path / "one"), "--seed", "1", "--method", "naive"])
     assert set(picked) == {"naive"} and picked["naive"]["scenarios"] == returned[1]["naive"]["scenarios"]
-    with pytest.raises(ValueError, match="none of its checkpoints"):
+    with pytest.raises(train.UserError, match="none of its checkpoints"):
         train.main(["--eval-only", str(out), "--out", str(tmp_path / "none"), "--seed", "7"])
 
 

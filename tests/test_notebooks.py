@@ -132,7 +132,7 @@ def mmimdb_run(tmp_path_factory):
     run = tmp / "run"
     train.main(["--data", "mmimdb", "--data-root", str(make_mmimdb(tmp / "data")), "--weights", str(tmp / "weights"),
                 "--out", str(run), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "2", "--workers", "0",
-                "--compare-naive"])
+                "--method", "naive", "u2a"])
     return run
 
 

@@ -54,7 +54,7 @@ def test_paper_defaults_per_dataset():
 
 def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    metrics = train.main(SMALL + ["--epochs", "1", "--out", str(out), "--no-compare-naive",
+    metrics = train.main(SMALL + ["--epochs", "1", "--out", str(out), "--method", "u2a",
                                   "--train-missing-rate", "0.5", "--train-missing-type", "both"])
     for name in ("config.json", "metrics.json", "best.safetensors", "last.safetensors", "missing_train.json",
                  "missing_val.json", "test_tokens.safetensors"):
@@ -63,7 +63,7 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert saved["scenarios"].keys() == metrics["u2a"]["scenarios"].keys()
     groups = {g for r in saved["scenarios"].values() for g in r["groups"]}
     assert groups == {"complete", "table3", "table4", "table6", "figure2"}
-    assert len(saved["mt_cls_mse_per_class"]["image->text"]) == 8
+    assert len(saved["mt_cls_mse_per_class"]["image->text"]) == len(data.synthetic_class_names("synthetic"))
     table = data.load_missing_table(out / "missing_train.json")
     assert int((~table).sum()) == 32 and table.any(1).all()  # 50% of 64, none loses both
     printed = capsys.readouterr().out
@@ -78,22 +78,26 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert again["u2a"]["scenarios"] == saved["scenarios"]
 
 
-def test_default_summary_table_compares_u2a_with_the_naive_baseline(tmp_path, capsys):
-    metrics = train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path)])  # synthetic: naive on by default
-    assert set(metrics) == {"u2a", "naive"}
+def test_default_summary_table_prints_the_four_methods_and_the_bayes_ceiling(tmp_path, capsys):
+    metrics = train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path)])  # synthetic: all four by default
+    assert list(metrics) == list(u2a.METHODS)
     lines = capsys.readouterr().out.split("== Summary")[1].splitlines()
     header = next(line for line in lines if "image only" in line)
     assert header.split() == ["image", "+", "text", "image", "only", "text", "only"]
-    rows = [line for line in lines if line.startswith(("U2A", "naive"))]
-    assert len(rows) == 2
-    for row in rows:
-        numbers = [float(x) for x in row.split()[-3:]]
-        assert all(0 <= x <= 100 for x in numbers)
-    assert (tmp_path / "u2a" / "metrics.json").is_file() and (tmp_path / "naive" / "metrics.json").is_file()
+    rows = {line.split()[0]: [float(x) for x in line.split()[-3:]] for line in lines
+            if line.startswith((*u2a.METHODS, "Bayes"))}
+    assert list(rows) == [*u2a.METHODS, "Bayes"]  # naive first, u2a last, then the ceiling
+    assert rows["Bayes"] == [round(v, 1) for v in data.bayes_ceiling("synthetic").values()]
+    for method, row in rows.items():
+        if method != "Bayes":
+            assert row == [round(metrics[method]["scenarios"][name]["accuracy"], 1)
+                           for name in ("image 100% + text 100%", "image 100% + text 0%", "image 0% + text 100%")]
+            assert (tmp_path / method / "metrics.json").is_file()
+            assert json.loads((tmp_path / method / "metrics.json").read_text())["method"] == method
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*make_toy"):
+    with pytest.raises(train.UserError, match=r"model\.safetensors.*make_toy"):
         train.main(SMALL + ["--epochs", "1", "--out", str(tmp_path), "--weights", str(tmp_path / "nope")])
 
 
@@ -137,7 +141,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    run = SMALL + ["--epochs", "2", "--no-compare-naive", "--save-every", "1"]
+    run = SMALL + ["--epochs", "2", "--method", "u2a", "--save-every", "1"]
     train.main(run + ["--out", str(tmp_path / "whole")])
 
     real_loss, calls = train.u2a_loss, {"n": 0}
@@ -177,7 +181,7 @@ def _free_port():
 
 def test_ddp_on_cpu_matches_a_single_process(tmp_path):
     # LoRA dropout off: each process has its own RNG stream, so dropout masks could not match.
-    run = SMALL + ["--epochs", "1", "--no-compare-naive", "--lora-dropout", "0"]
+    run = SMALL + ["--epochs", "1", "--method", "u2a", "--lora-dropout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *run, "--out", str(tmp_path / "single")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
@@ -223,3 +227,45 @@ def test_every_dataset_trains_and_reports_the_paper_scenarios(name, published_we
     assert config["data"] == name and config["lr"] == recipe["lr"] and config["weight_decay"] == 0.02
     printed = capsys.readouterr().out
     assert "Table 4" in printed and "toy" not in printed.lower()
+
+
+# -----------------------------------------------------------------------------
+# --method: flags that contradict every chosen method are refused by name, before anything is written
+
+@pytest.mark.parametrize("flags, named", [
+    (["--method", "naive", "--modality-dropout", "on"], "--modality-dropout on"),
+    (["--method", "u2a", "placeholder-dropout", "--modality-dropout", "off"], "--modality-dropout off"),
+    (["--method", "naive", "placeholder-dropout", "--lam", "0.5"], "--lam 0.5"),
+    (["--method", "u2a-no-align", "--lam", "1"], "--lam 1"),
+    (["--method", "u2a", "--lam", "0"], "u2a-no-align"),
+    (["--method", "naive", "--mt-init", "random"], "--mt-init"),
+    (["--method", "placeholder-dropout", "--align-stop-grad"], "--align-stop-grad"),
+    (["--method", "u2a", "u2a"], "named twice"),
+])
+def test_a_flag_that_contradicts_the_methods_is_refused(flags, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.main(SMALL + flags + ["--out", str(tmp_path / "run")])
+    assert exit.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_each_method_trains_as_its_table_row_says(tmp_path):
+    """Dropout on for every method but naive, lambda only for u2a, tokens at their own learning rate."""
+    args, _ = train.parse_args(SMALL)
+    seen = {}
+    real_step = train.train_step
+    def spy(model, batch, optimizer, scaler, ctx, config, multilabel, lr, may_be_empty=False):
+        losses = real_step(model, batch, optimizer, scaler, ctx, config, multilabel, lr, may_be_empty)
+        seen.setdefault(config.method, []).append((batch["present"].all().item(), config.align_weight,
+                                                   [g["lr"] / lr for g in optimizer.param_groups]))
+        return losses
+    train.train_step = spy
+    try:
+        train.main(SMALL + ["--epochs", "2", "--out", str(tmp_path)])
+    finally:
+        train.train_step = real_step
+    for method, steps in seen.items():
+        dropped_some = not all(complete for complete, _, _ in steps)
+        assert dropped_some == u2a.METHODS[method].dropout, method
+        assert {w for _, w, _ in steps} == {args.lam if u2a.METHODS[method].align else 0.0}
+        assert steps[0][2] == [1.0, 1.0, args.token_lr_scale]  # matrices, biases, CLS/MT tokens

@@ -78,7 +78,7 @@ def test_ddp_finishes_when_the_last_batch_is_smaller_than_the_processes(tmp_path
     # 33 % 32 = 1 < 2 processes: the run used to revalidate forever at the barrier. Also: no --out, so the
     # processes must agree on one timestamped run folder (chosen on rank 0).
     torchrun(["--data", "synthetic", "--limit", "33", "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0",
-              "--no-compare-naive", "--workers", "0"], cwd=tmp_path, timeout=180)
+              "--method", "u2a", "--workers", "0"], cwd=tmp_path, timeout=180)
     folders = list((tmp_path / "runs").iterdir())
     assert len(folders) == 1 and (folders[0] / "metrics.json").is_file()
     log = [json.loads(line) for line in (folders[0] / "log.jsonl").read_text().splitlines()]
@@ -91,7 +91,7 @@ def test_ddp_finishes_when_the_last_batch_is_smaller_than_the_processes(tmp_path
 def test_ddp_equals_one_process_with_missing_modalities(tmp_path):
     run = ["--data", "synthetic", "--limit", "64", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0",
            "--seed", "1", "--train-missing-rate", "0.6", "--train-missing-type", "both", "--lora-dropout", "0",
-           "--no-compare-naive", "--workers", "0"]
+           "--method", "u2a", "--workers", "0"]
     one_process(run + ["--out", str(tmp_path / "single")])
     torchrun(run + ["--out", str(tmp_path / "ddp")])
     # the setting is the one asked for: some process's half-batch holds no text at all, another's no image
@@ -144,25 +144,26 @@ def test_training_missing_table_and_first_epoch_order_are_uncorrelated():
 
 def test_eval_only_reproduces_a_run_from_its_folder_alone(tmp_path, capsys):
     out = tmp_path / "run"
-    trained = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--rank", "2", "--alpha", "8",
+    trained = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--rank", "2", "--alpha", "8",
                                   "--out", str(out)])["u2a"]
     capsys.readouterr()
     again = train.main(["--eval-only", str(out)])["u2a"]  # no other flag: rank, alpha, data come from the file
     assert again["scenarios"] == trained["scenarios"]
     assert "Offline default" not in capsys.readouterr().out  # no training banner
-    with pytest.raises(ValueError, match="trained with --rank 2"):
+    with pytest.raises(train.UserError, match="trained with --rank 2"):
         train.main(["--eval-only", str(out), "--rank", "4"])
 
 
-def test_eval_only_of_the_default_run_folder_evaluates_both_methods_in_place(tmp_path):
+def test_eval_only_of_the_default_run_folder_evaluates_every_method_in_place(tmp_path):
     out = tmp_path / "run"
-    trained = train.main(SMALL + ["--epochs", "1", "--out", str(out)])
+    trained = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "naive", "--out", str(out)])
     (out / "u2a" / "metrics.json").unlink()
     again = train.main(["--eval-only", str(out)])
     assert set(again) == {"u2a", "naive"}
     for method in ("u2a", "naive"):
         assert again[method]["scenarios"] == trained[method]["scenarios"]
     assert (out / "u2a" / "metrics.json").is_file()  # written into the run folder it evaluates
+    assert set(train.main(["--eval-only", str(out), "--method", "naive"])) == {"naive"}  # --method picks
 
 
 def test_eval_only_refuses_data_whose_classes_differ(tmp_path, published_weights):
@@ -176,10 +177,10 @@ def test_eval_only_refuses_data_whose_classes_differ(tmp_path, published_weights
         (renamed / "images" / split / old).rename(renamed / "images" / split / "zzz_renamed")
         csv = renamed / "texts" / f"{split}_titles.csv"
         csv.write_text(csv.read_text().replace(f",{old}\n", ",zzz_renamed\n").replace(f",{old}\r\n", ",zzz_renamed\r\n"))
-    with pytest.raises(ValueError, match=f"trained on 3 classes \\({old}"):
+    with pytest.raises(train.UserError, match=f"trained on 3 classes \\({old}"):
         train.main(["--eval-only", str(out), "--data-root", str(renamed)])
     mm = test_data.make_mmimdb(tmp_path / "mm")
-    with pytest.raises(ValueError, match="trained on 3 classes"):
+    with pytest.raises(train.UserError, match="trained on 3 classes"):
         train.main(["--eval-only", str(out), "--data", "mmimdb", "--data-root", str(mm)])
 
 
@@ -230,14 +231,14 @@ def test_help_shows_the_paper_defaults_per_dataset():
 
 
 def test_batch_larger_than_the_training_set_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="larger than the training set"):
+    with pytest.raises(train.UserError, match="larger than the training set"):
         train.main(["--data", "synthetic", "--limit", "8", "--batch-size", "16", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_data_and_weights_are_reported_together_and_leave_no_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(train.UserError) as err:
         train.main(["--data", "food101", "--data-root", str(tmp_path / "none"), "--weights", str(tmp_path / "nope")])
     assert "no dataset at --data-root" in str(err.value) and "python weights/download.py" in str(err.value)
     assert not (tmp_path / "runs").exists()
@@ -254,7 +255,7 @@ def test_a_broken_test_split_is_found_before_training(fault, tmp_path, published
         (root / "texts" / "test_titles.csv").write_text("")
     trained = []
     monkeypatch.setattr(train, "train_step", lambda *a, **k: trained.append(1))
-    with pytest.raises((FileNotFoundError, ValueError)):
+    with pytest.raises(train.UserError):
         train.main(["--data", "food101", "--data-root", str(root), "--weights", str(published_weights),
                     "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "--warmup-epochs", "0"])
     assert not trained and not (tmp_path / "run").exists()
@@ -284,7 +285,7 @@ def test_a_nan_loss_stops_the_run_without_saving_nan_weights(tmp_path, monkeypat
     nan_from_step_2.calls = 0
     monkeypatch.setattr(train, "u2a_loss", nan_from_step_2)
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
-        train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--out", str(tmp_path)])
+        train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(tmp_path)])
     assert not (tmp_path / "best.safetensors").exists() and not (tmp_path / "last.safetensors").exists()
 
 
@@ -297,25 +298,25 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_ov
     try:
         tmp_path.mkdir(exist_ok=True)
         (tmp_path / "lock").write_text(f"{socket.gethostname()} {holder.pid}")
-        with pytest.raises(RuntimeError, match=f"in use by process {holder.pid}"):
-            train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--out", str(tmp_path)])
+        with pytest.raises(train.UserError, match=f"in use by process {holder.pid}"):
+            train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(tmp_path)])
     finally:
         holder.kill()
         holder.wait()
-    train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--out", str(tmp_path)])  # its process is gone
+    train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(tmp_path)])  # its process is gone
     assert not (tmp_path / "lock").exists() and not list(tmp_path.glob("*.tmp"))
     assert (tmp_path / "metrics.json").is_file()
 
 
 def test_resume_refuses_changed_settings_and_an_empty_folder(tmp_path):
     out = tmp_path / "run"
-    train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--out", str(out)])
+    train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(out)])
     config = (out / "config.json").read_text()
     for flag, value in (("--batch-size", "8"), ("--seed", "3"), ("--lr", "0.1"), ("--epochs", "2")):
-        with pytest.raises(ValueError, match=f"{flag} {value} \\(run: "):
+        with pytest.raises(train.UserError, match=f"{flag} {value} \\(run: "):
             train.main(["--resume", "--out", str(out), flag, value])
     assert (out / "config.json").read_text() == config
-    with pytest.raises(FileNotFoundError, match="holds no run to resume"):
+    with pytest.raises(train.UserError, match="holds no run to resume"):
         train.main(["--resume", "--out", str(tmp_path / "empty")])
 
 
@@ -324,7 +325,7 @@ def test_resume_refuses_changed_settings_and_an_empty_folder(tmp_path):
 # torch.compile on the toy model
 
 def test_a_bf16_autocast_run_trains_and_evaluates_on_the_cpu(tmp_path):
-    metrics = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--precision", "bf16", "--out", str(tmp_path)])
+    metrics = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--precision", "bf16", "--out", str(tmp_path)])
     accuracy = [r["accuracy"] for r in metrics["u2a"]["scenarios"].values()]
     assert all(0 <= a <= 100 for a in accuracy)
     assert json.loads((tmp_path / "config.json").read_text())["precision"] == "bf16"
@@ -332,7 +333,7 @@ def test_a_bf16_autocast_run_trains_and_evaluates_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_compile_trains_the_toy_model(tmp_path):
-    metrics = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--compile", "--out", str(tmp_path)])
+    metrics = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--compile", "--out", str(tmp_path)])
     assert metrics["u2a"]["scenarios"]
 
 
@@ -422,13 +423,13 @@ def test_a_resumable_checkpoint_restores_every_field_of_numpy_s_rng(tmp_path):
 
 def test_eval_only_under_torchrun_splits_the_test_set_and_equals_one_process(tmp_path):
     out = tmp_path / "run"
-    trained = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--out", str(out)])["u2a"]
+    trained = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(out)])["u2a"]
     torchrun(["--eval-only", str(out), "--out", str(tmp_path / "ddp")])
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["scenarios"] == trained["scenarios"]
 
 
 def test_an_fp16_run_with_its_grad_scaler_trains_on_the_cpu(tmp_path):
-    metrics = train.main(SMALL + ["--epochs", "1", "--no-compare-naive", "--precision", "fp16", "--out", str(tmp_path)])
+    metrics = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--precision", "fp16", "--out", str(tmp_path)])
     assert all(0 <= r["accuracy"] <= 100 for r in metrics["u2a"]["scenarios"].values())
     assert all(torch.isfinite(t).all() for t in trained_tensors(tmp_path / "best.safetensors").values())

@@ -10,6 +10,7 @@ from PIL import Image
 import data
 from encoders import AST, ASTConfig, BERT, BERTConfig, ViT, ViTConfig
 from lora import LoRALinear
+import u2a
 from u2a import U2A, U2AConfig, U2AOutput, alignment_loss, modality_dropout, predict, u2a_loss
 
 D = 32
@@ -334,3 +335,54 @@ def test_predict_refuses_no_input_and_an_image_of_the_wrong_size():
     photo = data.clip_image(Image.new("RGB", (50, 40), (200, 30, 30)))  # preprocessed for CLIP: 224 x 224
     with pytest.raises(ValueError, match=r"takes \(3, 32, 32\) images, got \(3, 224, 224\)"):
         predict(model, image=photo, text="a sunny scene")  # a path or PIL image is read at 32 px instead
+
+
+# -----------------------------------------------------------------------------
+# The four methods: one table says what each is; a model built directly carries its whole config
+
+def test_the_method_table_says_what_each_method_is():
+    M = u2a.METHODS
+    assert list(M) == ["naive", "placeholder-dropout", "u2a-no-align", "u2a"]
+    assert [(m.stand_in, m.dropout, m.align) for m in M.values()] == [
+        ("placeholder", False, False), ("placeholder", True, False), ("mask_token", True, False),
+        ("mask_token", True, True)]
+    for name in M:
+        model = tiny_model(method=name)
+        assert model.config.method == name and model.method is M[name]
+        assert model.config.encoder_configs["image"]["image_size"] == 32  # filled when built
+        assert model.config.align_weight == (model.config.lam if M[name].align else 0.0)
+    with pytest.raises(ValueError, match="method must be one of naive, placeholder-dropout"):
+        U2AConfig(encoders={}, class_names=[], method="mask_token")
+
+
+def test_a_placeholder_method_stands_in_the_placeholder_cls_and_a_mask_token_method_the_mt():
+    batch = tiny_batch()
+    for name in ("placeholder-dropout", "u2a-no-align"):
+        model = tiny_model(method=name)
+        out = model(batch)
+        t1, t2 = model.select_tokens(out.cls, out.mt, out.present)
+        text_missing = ~batch["present"][:, 1]
+        expected = out.cls["text"] if name == "placeholder-dropout" else out.mt["image"]
+        assert torch.equal(t2[text_missing], expected[text_missing])
+
+
+def test_stop_gradient_keeps_the_alignment_from_moving_the_cls_outputs():
+    """With align_stop_grad, eq. 6 pulls each MT output towards the other modality's CLS output and never
+    the CLS output towards the MT (the CLS token still gets gradient through what the MT attends to)."""
+    model = tiny_model().train()
+    out = model(tiny_batch(present=torch.ones(6, 2, dtype=torch.bool)))
+    for stop_grad in (False, True):
+        loss = alignment_loss(out, stop_grad=stop_grad)
+        d_cls, d_mt = torch.autograd.grad(loss, [out.cls["text"], out.mt["image"]], retain_graph=True,
+                                          allow_unused=True)
+        assert d_mt.abs().sum() > 0                       # MT_image imitates CLS_text either way
+        assert (d_cls is None) == stop_grad               # CLS_text is a constant target with stop_grad
+
+
+def test_a_random_mask_token_starts_apart_from_the_cls_at_its_norm():
+    torch.manual_seed(0)
+    model = in_memory({"image": tiny_vit(), "text": tiny_bert()}, 5, mt_init="random")
+    for branch in model.branches.values():
+        assert not torch.allclose(branch.mt, branch.cls)
+        assert torch.allclose(branch.mt.norm(), branch.cls.norm())
+    assert torch.equal(tiny_model().branches["text"].mt, tiny_model().branches["text"].cls)  # "cls": a copy
