@@ -1072,6 +1072,8 @@ def resolve_resume(args, given):
     if not isinstance(saved, dict):
         raise UserError(f"--resume: {saved_path} holds a JSON {type(saved).__name__}, not the run's settings "
                         f"(an object); restore it, or start a new run with another --out")
+    if "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
+        saved["seeds"] = [saved["seed"]]
     clash = [k for k in RUN_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
     if clash:
         raise UserError("--resume continues the run as it was configured; these settings differ from "

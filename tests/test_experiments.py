@@ -119,6 +119,18 @@ def test_a_new_run_into_a_multi_run_folder_is_refused(grid, tmp_path):
         train.main(TINY + ["--out", str(out)])
 
 
+def test_resume_of_a_folder_written_with_one_seed_per_command_keeps_its_seed(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY[:-6] + ["--method", "u2a", "--seed", "5", "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    del config["seeds"]  # as the previous version wrote it: "seed": 5 only
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("metrics.json", "best.safetensors", "last.safetensors"):
+        (out / name).unlink()
+    train.main(["--resume", "--out", str(out)])
+    assert u2a.open_checkpoint(out / "best.safetensors")[1]["config"]["seed"] == 5
+
+
 def test_eval_only_on_the_folder_evaluates_every_checkpoint(grid, tmp_path, capsys):
     out, returned = grid
     again = train.main(["--eval-only", str(out), "--out", str(tmp_path / "eval")])
