@@ -4,13 +4,15 @@ paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun 
 
     python train.py                                  # offline default: synthetic data, toy encoders, ~30 s on CPU
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
+    python train.py --data food101 --gpu 0 --seed 0 1 2 --method u2a naive   # 6 runs; summary.md: mean ± SD
     torchrun --nproc_per_node 2 train.py --data mmimdb
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
     python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
 Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> evaluation over the
-paper's scenarios -> the run folder and its checkpoints -> set-up (devices, DDP, precision, seeds, data,
-model) -> one training step -> one run (the loop and its named steps) -> main.
+paper's scenarios -> the summary over seeds, beside the paper's numbers -> the run folder and its
+checkpoints -> set-up (devices, DDP, precision, seeds, data, model) -> one training step -> one run (the loop
+and its named steps) -> main (every (seed, method) pair, then the summary).
 
 Every random draw of a run is keyed by the run's seed through data.stream_seed (the missing tables, each
 epoch's order, modality dropout and LoRA dropout per step, frames and crops per sample), so a run is the
@@ -22,6 +24,7 @@ import math
 import os
 import random
 import socket
+import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -68,7 +71,7 @@ LOG_EVERY = 10  # steps between progress-bar/log updates: each one waits for the
 
 # Settings that decide a run's result: --resume continues with the checkpoint's values and refuses others;
 # --eval-only takes them from the checkpoint. The rest (--out, --gpu, --workers, ...) may change freely.
-RUN_SETTINGS = ("data", "limit", "seed", "epochs", "batch_size", "lr", "warmup_epochs",
+RUN_SETTINGS = ("data", "limit", "seeds", "epochs", "batch_size", "lr", "warmup_epochs",
                 "weight_decay", "rank", "alpha", "lora_dropout", "lam", "train_missing_rate",
                 "train_missing_type", "modality_dropout", "method", "mt_init", "align_stop_grad", "token_lr_scale",
                 "on_error", "precision")
@@ -129,7 +132,9 @@ def make_parser():
     a("--alpha", type=float, help=f"LoRA alpha (default: {PAPER['alpha']:g})")
     a("--lora-dropout", type=float, help=f"(default: {PAPER['lora_dropout']})")
     a("--lam", type=float, help=f"lambda of eq. 7 (default: {PAPER['lam']})")
-    a("--seed", type=int, help="the run's one seed (default: 0)")
+    a("--seed", type=int, nargs="+", dest="seeds", metavar="SEED",
+      help="one or more run seeds; every (seed, method) pair trains in its own folder, and summary.json gives "
+           "the mean and SD over the seeds (default: 0)")
     a("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default: 0)")
     a("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
     a("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
@@ -215,6 +220,8 @@ def check_method_flags(p, args, given):
     methods = {name: u2a.METHODS[name] for name in args.method}
     if len(set(args.method)) != len(args.method):
         p.error(f"--method {' '.join(args.method)}: a method is named twice")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seed {' '.join(map(str, args.seeds))}: a seed is named twice")
     aligning = [name for name, m in methods.items() if m.align]
     if "lam" in given and not aligning:
         p.error(f"--lam {args.lam}: none of --method {' '.join(methods)} trains eq. 6 (lambda is theirs to be 0); "
@@ -242,7 +249,7 @@ def fill_defaults(args):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.warmup_factor, args.power, args.eps = PAPER["warmup_factor"], PAPER["power"], PAPER["eps"]
-    defaults = dict(weights=WEIGHTS_DIR, seed=0, train_missing_rate=0.0, modality_dropout="auto",
+    defaults = dict(weights=WEIGHTS_DIR, seeds=[0], train_missing_rate=0.0, modality_dropout="auto",
                     save_every=0, on_error="raise", resume=False, compile=False,
                     workers=0 if args.data in data.SYNTHETIC else min(4, os.cpu_count() or 1),
                     data_root=None if args.data in data.SYNTHETIC else f"data/{args.data}",
@@ -250,12 +257,21 @@ def fill_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.seed = args.seeds[0]  # the seed of one run: train_and_report gives each run its own
     return args
 
 
+def as_flag(key, value):
+    """A setting as the user writes it: --seed 0 1 (the list args.seeds), --method u2a naive, --lr 0.001."""
+    return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} " + \
+        (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
 def method_folders(out):
-    """Where a run folder keeps its methods' files: itself (one method), or one sub-folder per method."""
-    return [out] + [out / method for method in u2a.METHODS]
+    """Where a run folder keeps its runs' files (pair_folder's layout): itself (one seed, one method), one
+    sub-folder per method, per seed (seed<k>/), or per seed and method (seed<k>/<method>/)."""
+    seeds = sorted(p for p in Path(out).glob("seed*") if p.is_dir())
+    return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in u2a.METHODS]]
 
 
 def holds_run(out):
@@ -403,6 +419,127 @@ def lesson_table(metrics_by_method, info):
         ceiling = data.bayes_ceiling(info.name)
         lines.append(f"{'Bayes ceiling':22}" + "".join(f"{ceiling[k]:>16.1f}" for k in ("both", m1, m2)))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The summary: each method's test score in every scenario over the seeds (mean, sample SD, n), beside the
+# paper's U2A number where the paper reports one for that dataset, training setting and test scenario.
+
+# The paper's U2A results in its headline metric (% accuracy; MM-IMDb: F1-macro): (dataset, % of (m1, m2)
+# present in training, the same at test) -> (value, the paper's SD over its 3 seeds or None, table). The
+# modalities in data.py's order: (image, text), (audio, video). Tables 3 and 6 train and test at eta = 70%
+# (image/text 30/100, 65/65, 100/30); Table 3's numbers are Table 6's diagonal and carry its number.
+BOTH = (100, 100)
+PAPER_U2A = {
+    # Table 1 (MM-IMDb's F1-micro: 69.23) and Table 2: both modalities in training and test
+    ("food101", BOTH, BOTH): (94.47, None, 1), ("mmimdb", BOTH, BOTH): (63.58, None, 1),
+    ("ks", BOTH, BOTH): (91.21, None, 2), ("ave", BOTH, BOTH): (96.77, None, 2),
+    ("cremad", BOTH, BOTH): (88.84, None, 2),
+    # Table 4: trained on complete data, one modality entirely missing at test
+    ("food101", BOTH, (100, 0)): (75.66, None, 4), ("food101", BOTH, (0, 100)): (80.66, None, 4),
+    ("cremad", BOTH, (100, 0)): (67.20, None, 4), ("cremad", BOTH, (0, 100)): (76.21, None, 4),
+    ("ks", BOTH, (100, 0)): (68.27, None, 4), ("ks", BOTH, (0, 100)): (85.77, None, 4),
+    # Tables 3 and 6: MM-IMDb, training image 30% / 65% / 100%, test each of the three
+    ("mmimdb", (30, 100), (30, 100)): (60.21, 0.40, 3), ("mmimdb", (30, 100), (65, 65)): (50.05, 0.53, 6),
+    ("mmimdb", (30, 100), (100, 30)): (36.10, 0.19, 6), ("mmimdb", (65, 65), (30, 100)): (57.45, 0.21, 6),
+    ("mmimdb", (65, 65), (65, 65)): (54.04, 0.23, 3), ("mmimdb", (65, 65), (100, 30)): (50.05, 0.29, 6),
+    ("mmimdb", (100, 30), (30, 100)): (44.72, 0.46, 6), ("mmimdb", (100, 30), (65, 65)): (49.26, 0.42, 6),
+    ("mmimdb", (100, 30), (100, 30)): (52.61, 0.12, 3),
+    # Tables 3 and 6: UPMC Food-101, the same grid
+    ("food101", (30, 100), (30, 100)): (87.48, 0.13, 3), ("food101", (30, 100), (65, 65)): (77.52, 0.29, 6),
+    ("food101", (30, 100), (100, 30)): (67.60, 0.26, 6), ("food101", (65, 65), (30, 100)): (87.36, 0.20, 6),
+    ("food101", (65, 65), (65, 65)): (82.83, 0.25, 3), ("food101", (65, 65), (100, 30)): (78.40, 0.09, 6),
+    ("food101", (100, 30), (30, 100)): (85.34, 0.15, 6), ("food101", (100, 30), (65, 65)): (82.78, 0.22, 6),
+    ("food101", (100, 30), (100, 30)): (80.37, 0.18, 3),
+}
+PAPER_SAMPLES = {"food101": "67,988 / - / 22,716", "mmimdb": "15,552 / 2,608 / 7,799", "cremad": "6,698 / - / 744",
+                 "ks": "14,739 / - / 2,594", "ave": "3,339 / 402 / 402"}  # train / val / test (supplement, sec. 1)
+TABLE5_KEYS = ("lr", "epochs", "batch_size", "warmup_epochs", "weight_decay", "rank", "alpha", "lora_dropout", "lam")
+
+
+def paper_result(info, args, test_shares):
+    """(value, SD, table) of the paper's U2A in this run's training setting and a test scenario, or None."""
+    trained = data.present_shares(info.modalities, args.train_missing_rate or 0.0, args.train_missing_type)
+    as_pair = lambda shares: tuple(shares[m] for m in info.modalities)
+    return PAPER_U2A.get((info.name, as_pair(trained), as_pair(test_shares)))
+
+
+def summarize(runs, info, args):
+    """{method: {scenario: {"mean", "sd", "n", "paper"}}} of the headline metric over the runs' seeds (runs:
+    {(seed, method): metrics}). sd is the sample SD (n - 1) and None for one run: one run measures no spread."""
+    key, summary = u2a.headline(info.multilabel), {}
+    for method in [m for m in u2a.METHODS if any(m == method for _, method in runs)]:
+        per_seed = [metrics["scenarios"] for (_, m), metrics in runs.items() if m == method]
+        summary[method] = {}
+        for name, result in per_seed[0].items():
+            values = [scenarios[name][key] for scenarios in per_seed if name in scenarios]
+            paper = paper_result(info, args, result["shares"])
+            summary[method][name] = {"mean": statistics.mean(values),
+                                     "sd": statistics.stdev(values) if len(values) > 1 else None,
+                                     "n": len(values), "paper": paper and paper[0]}
+    return summary
+
+
+def mean_metrics(runs, summary, info):
+    """{method: metrics} whose headline score is the mean over the seeds: what lesson_table reads."""
+    key, first = u2a.headline(info.multilabel), {}
+    for (_, method), metrics in runs.items():
+        first.setdefault(method, metrics)
+    return {m: {"scenarios": {name: {**r, key: summary[m][name]["mean"]} for name, r in first[m]["scenarios"].items()}}
+            for m in summary}
+
+
+def summary_markdown(summary, shares, info, args, seeds, counts):
+    """summary.md: one row per test scenario (shares: {name: % of each modality present}), each method's
+    mean ± SD (n) beside the paper's U2A number (and, for a synthetic design, the Bayes ceiling), then where
+    this setting differs from the paper's."""
+    m1, m2 = info.modalities
+    ceiling = data.bayes_ceiling(info.name) if info.name in data.SYNTHETIC else None
+    cell = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f} (n={s['n']})" if s["sd"] is not None else f"{s['mean']:.2f} (n=1)"
+    trained = data.present_shares(info.modalities, args.train_missing_rate or 0.0, args.train_missing_type)
+    lines = [f"# {info.name}: test {u2a.headline(info.multilabel)} (%), mean ± sample SD (n) over seeds "
+             f"{' '.join(map(str, seeds))}", "",
+             "Trained on " + " + ".join(f"{m} {share:g}%" for m, share in trained.items()) + "; each row a test "
+             "scenario (the % of test samples that have each modality).", "",
+             "| test scenario | " + " | ".join(summary) + " | paper: U2A |" + (" Bayes ceiling |" if ceiling else ""),
+             "| --- |" + " ---: |" * (len(summary) + 1 + bool(ceiling))]
+    for name, share in shares.items():
+        paper = paper_result(info, args, share)
+        row = [name] + [cell(summary[m][name]) if name in summary[m] else "-" for m in summary]
+        row.append("-" if paper is None else
+                   f"{paper[0]:.2f}" + (f" ± {paper[1]:.2f}" if paper[1] else "") + f" (Table {paper[2]})")
+        if ceiling:  # the scenario's samples are complete, m1 only or m2 only in its shares' proportions
+            s1, s2 = share[m1] / 100, share[m2] / 100
+            row.append(f"{(s1 + s2 - 1) * ceiling['both'] + (1 - s2) * ceiling[m1] + (1 - s1) * ceiling[m2]:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    notes = setting_notes(info, args, counts)
+    return "\n".join(lines + ["", "Where this setting differs from the paper's:"] + [f"- {n}" for n in notes]) + "\n"
+
+
+def setting_notes(info, args, counts):
+    """What a reader must know before comparing a row with the paper (counts: {split: samples we loaded})."""
+    if info.name in data.SYNTHETIC:
+        return ["synthetic data and toy encoders: a demonstration of the paper's lesson, not one of its experiments "
+                "(no paper number applies); the Bayes ceiling is the best any model can reach on this design "
+                "(data.bayes_ceiling)"]
+    notes = ["the paper column is the paper's U2A, to compare with the u2a column (the other methods are this "
+             "code's ablations); the paper gives Tables 3 and 6 as mean ± SD of 3 seeds, Tables 1, 2 and 4 as single "
+             "numbers, and does not say how its model was picked; ours is the best validation epoch, never test"]
+    if info.multilabel:
+        notes.append("the headline is F1-macro, as Tables 3 and 6; metrics.json also has F1-micro (Table 1: 69.23)")
+    if not info.has_val:
+        notes.append(f"validation is a fixed, seeded {data.VAL_SHARE:.0%} carved from train (the paper names no "
+                     f"validation split for {info.name}): the model trains on {100 - 100 * data.VAL_SHARE:.0f}% of "
+                     f"the paper's training set")
+    loaded = " / ".join(f"{counts[s]:,}" if s in counts else "?" for s in ("train", "val", "test"))
+    notes.append(f"samples loaded (train / val / test): {loaded}; the paper's: {PAPER_SAMPLES[info.name]}"
+                 + (f" (--limit {args.limit})" if args.limit else ""))
+    table5 = {**PAPER, **RECIPES[recipe_of(info.name)]}
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (paper: {table5[k]})" for k in TABLE5_KEYS
+               if getattr(args, k) != table5[k]]
+    if changed:
+        notes.append("settings other than the paper's Table 5: " + ", ".join(changed))
+    return notes
 
 
 # -----------------------------------------------------------------------------
@@ -679,10 +816,18 @@ def build_splits(args, info, splits=("train", "val", "test")):
         if len(ds) == 0:
             raise UserError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
                             f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
-        if split != "test" and args.train_missing_rate:
-            ds.set_present(data.missing_table(len(ds), args.train_missing_rate, args.train_missing_type,
-                                              data.stream_seed(args.seed, f"missing/{split}"), info.modalities))
         sets[split] = ds
+    return set_missing_tables(sets, args, info)
+
+
+def set_missing_tables(sets, args, info):
+    """The train/val missing tables of the run's seed: each seed of a multi-seed run draws its own on the
+    same data (set_present keeps what was read and redraws only what is missing)."""
+    for split in ("train", "val"):
+        if split in sets and args.train_missing_rate:
+            sets[split].set_present(data.missing_table(len(sets[split]), args.train_missing_rate,
+                                                       args.train_missing_type,
+                                                       data.stream_seed(args.seed, f"missing/{split}"), info.modalities))
     return sets
 
 
@@ -931,23 +1076,26 @@ def resolve_resume(args, given):
     if not isinstance(saved, dict):
         raise UserError(f"--resume: {saved_path} holds a JSON {type(saved).__name__}, not the run's settings "
                         f"(an object); restore it, or start a new run with another --out")
+    if "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
+        saved["seeds"] = [saved["seed"]]
     clash = [k for k in RUN_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
     if clash:
         raise UserError("--resume continues the run as it was configured; these settings differ from "
-                        f"{saved_path}: " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run: "
-                                                      f"{saved.get(k)})" for k in clash))
+                        f"{saved_path}: " + ", ".join(f"{as_flag(k, getattr(args, k))} (run: "
+                                                      f"{as_flag(k, saved.get(k))})" for k in clash))
     return take_saved_settings(args, saved, given)
 
 
 def eval_checkpoints(path):
-    """--eval-only takes a checkpoint, a run folder, or the default run's folder (u2a/ and naive/)."""
+    """--eval-only takes a checkpoint, or a run folder: its best.safetensors, or else every run's in its
+    sub-folders (pair_folder's layout: <method>/, seed<k>/, seed<k>/<method>/)."""
     path = Path(path)
     if path.is_file():
         return [path]
     found = [folder / "best.safetensors" for folder in method_folders(path) if (folder / "best.safetensors").is_file()]
     if not found:
-        raise UserError(f"--eval-only {path}: no best.safetensors in it, nor in a method's sub-folder "
-                        f"({', '.join(u2a.METHODS)})")
+        raise UserError(f"--eval-only {path}: no best.safetensors in it, nor in its sub-folders (<method>/, "
+                        f"seed<k>/, seed<k>/<method>/; methods: {', '.join(u2a.METHODS)})")
     return found[:1] if found[0].parent == path else found
 
 
@@ -976,11 +1124,17 @@ def check_classes(info, trained, ckpt):
 
 
 def evaluate_only(args, given, rank, world, device):
-    all_metrics = {}
-    for ckpt in eval_checkpoints(args.eval_only):
-        ev, meta = resolve_eval(args, given, ckpt)
-        if "method" in given and meta["model"]["method"] not in args.method:  # --method picks among a run's
+    """Every checkpoint of --eval-only (--method and --seed pick among them), each written where it lies or
+    under --out in the same layout, then the summary over them."""
+    root, runs, picked = Path(args.eval_only), {}, 0
+    for ckpt in eval_checkpoints(root):
+        ev, meta = resolve_eval(args, given, ckpt)  # ev.seed: the checkpoint's own run seed
+        if ("method" in given and meta["model"]["method"] not in args.method) or \
+                ("seeds" in given and ev.seed not in args.seeds):
             continue
+        picked += 1
+        if "out" in given and root.is_dir():  # the evaluated folder's layout, under --out
+            ev.out = args.out / ckpt.parent.relative_to(root)
         check_missing_settings(ev, given)
         with as_user_errors():
             check_inputs(ev)
@@ -995,9 +1149,16 @@ def evaluate_only(args, given, rank, world, device):
             model = u2a.from_checkpoint(ckpt, paths).to(device)
         metrics = evaluate_test(model, test_set, info, ev, ctx, ev.out, ckpt)
         if rank == 0:
-            print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, {ckpt}")
-            all_metrics[metrics["method"]] = metrics
-    return all_metrics
+            print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, seed {ev.seed}, {ckpt}")
+            runs[(ev.seed, metrics["method"])] = metrics
+    if not picked:
+        raise UserError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, eval_checkpoints(root)))}) "
+                        f"is of the --seed / --method given; leave them out to evaluate every one")
+    if runs:
+        folder = args.out if "out" in given else root if root.is_dir() else root.parent
+        print(f"\n== Summary: {info.name}, test {u2a.headline(info.multilabel)} (%), evaluated {root} ==")
+        report(runs, info, ev, folder, {"test": len(test_set)})
+    return by_layout(runs)
 
 
 def main(argv=None):
@@ -1091,24 +1252,67 @@ def train_and_report(args, rank, world, device):
                   "synthetic shapes and words, weights/toy/). The paper's results need the real encoders "
                   "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
     try:
-        methods = args.method
-        all_metrics, t0 = {}, time.time()
-        for method in methods:
-            out = args.out if len(methods) == 1 else args.out / method
-            metrics = run(args, method, out, sets, info, ctx)
-            if is_main:
-                all_metrics[method] = metrics
-                print_tables(metrics["scenarios"], info, args, method)
+        t0 = time.time()
+        runs = run_pairs(args, sets, info, ctx)
         if is_main:
             print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
                   f"run folder {args.out} ==")
-            print(lesson_table(all_metrics, info))
-            if args.data in data.SYNTHETIC:
-                print("(toy encoders on synthetic data: a demonstration of the paper's lesson, not its numbers)")
-        return all_metrics
+            report(runs, info, args, args.out, {split: len(ds) for split, ds in sets.items()})
+        return by_layout(runs)
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
+
+
+def pair_folder(out, seed, method, seeds, methods):
+    """Where the run of one (seed, method) pair lives: the run folder itself for one seed and one method,
+    <out>/<method>/ for several methods, <out>/seed<k>/ and <out>/seed<k>/<method>/ for several seeds."""
+    folder = out / f"seed{seed}" if len(seeds) > 1 else out
+    return folder / method if len(methods) > 1 else folder
+
+
+def run_pairs(args, sets, info, ctx):
+    """Every (seed, method) pair, one after the other, each with its own seed's missing tables and streams.
+    With --resume a pair whose metrics.json exists is finished: read back, not trained again; an unfinished
+    one continues from its last.safetensors. -> {(seed, method): metrics} (None on ranks other than 0)."""
+    pairs = [(seed, method) for seed in args.seeds for method in args.method]
+    runs = {}
+    for i, (seed, method) in enumerate(pairs, 1):
+        out = pair_folder(args.out, seed, method, args.seeds, args.method)
+        finished = args.resume and (out / "metrics.json").is_file()
+        if ctx.rank == 0:
+            print(f"\n== run {i} of {len(pairs)}: {method}, seed {seed}, in {out}"
+                  + (": finished, read back ==" if finished else " =="))
+        if finished:
+            runs[(seed, method)] = json.loads((out / "metrics.json").read_text())
+            continue
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        run_ctx = Context(run_args, ctx.rank, ctx.world, ctx.device, ctx.tokenizer)
+        runs[(seed, method)] = run(run_args, method, out, set_missing_tables(sets, run_args, info), info, run_ctx)
+        if ctx.rank == 0:
+            print_tables(runs[(seed, method)]["scenarios"], info, run_args, f"{method}, seed {seed}")
+    return runs
+
+
+def report(runs, info, args, folder, counts):
+    """The summary over seeds ({(seed, method): metrics}), printed and written as summary.json and summary.md."""
+    summary = summarize(runs, info, args)
+    shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
+    text = summary_markdown(summary, shares, info, args, sorted({seed for seed, _ in runs}), counts)
+    print(lesson_table(mean_metrics(runs, summary, info), info))
+    print("\n" + text + f"(written to {folder / 'summary.json'} and {folder / 'summary.md'})")
+    write_json(folder / "summary.json", summary)
+    (folder / "summary.md").write_text(text)
+
+
+def by_layout(runs):
+    """{method: metrics} for one seed, {seed: {method: metrics}} for several: the run folder's shape."""
+    if len({seed for seed, _ in runs}) <= 1:
+        return {method: metrics for (_, method), metrics in runs.items()}
+    nested = {}
+    for (seed, method), metrics in runs.items():
+        nested.setdefault(seed, {})[method] = metrics
+    return nested
 
 
 if __name__ == "__main__":
