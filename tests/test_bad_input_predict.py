@@ -26,7 +26,7 @@ def toy_model():
     torch.manual_seed(0)
     config = u2a.U2AConfig(encoders={"image": str(TOY / "vit"), "text": str(TOY / "bert")},
                            class_names=data.synthetic_class_names())
-    model = u2a.build_model(config)
+    model = u2a.U2A(config)
     for mod in model.modules():
         if isinstance(mod, LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.1)
