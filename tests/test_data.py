@@ -616,15 +616,22 @@ def test_non_finite_audio_is_rejected_where_it_is_read(tmp_path, bad_value):
     assert item["audio"] is None and item["video"] is not None and item["unreadable"] == 1
 
 
+def assert_broken_first_wav_found_at_build(root, refused, skipped):
+    """make_cremad's test split with its first clip's WAV broken: refused when the dataset is built (message
+    `refused`), and in skip mode a warning (`skipped`) and that clip's audio marked missing."""
+    with pytest.raises(ValueError, match=refused):
+        data.make_dataset("cremad", root, "test")
+    with pytest.warns(UserWarning, match=skipped):
+        ds = data.make_dataset("cremad", root, "test", on_error="skip")
+    assert ds.present.tolist() == [[False, True], [True, True]]
+    return ds
+
+
 def test_audio_headers_are_checked_when_the_dataset_is_built(tmp_path):
     cremad = make_cremad(tmp_path / "cremad")
     (cremad / "AudioWAV" / "1088_IOM_NEU_XX.wav").write_bytes(b"RIFF....WAVE")
-    with pytest.raises(ValueError, match=r"cremad/test: 1 of 2 audio files have no readable WAV header "
-                                         r"\(e.g. .*1088_IOM_NEU_XX.wav"):
-        data.make_dataset("cremad", cremad, "test")
-    with pytest.warns(UserWarning, match="no readable WAV header"):
-        ds = data.make_dataset("cremad", cremad, "test", on_error="skip")
-    assert ds.present.tolist() == [[False, True], [True, True]]
+    assert_broken_first_wav_found_at_build(cremad, r"cremad/test: 1 of 2 audio files have no readable WAV header "
+                                                   r"\(e.g. .*1088_IOM_NEU_XX.wav", "no readable WAV header")
 
 
 def test_git_lfs_pointers_are_named_with_the_fix(tmp_path):
