@@ -9,29 +9,28 @@ paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun 
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
     python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
-Read top to bottom: defaults (Table 5) -> command line -> learning-rate schedule -> evaluation over the
-paper's scenarios -> the summary over seeds, beside the paper's numbers -> the run folder and its
-checkpoints -> set-up (devices, DDP, precision, seeds, data, model) -> one training step -> one run (the loop
-and its named steps) -> main (every (seed, method) pair, then the summary).
+Read top to bottom: defaults (Table 5, one recipe row per dataset group) -> the learning-rate schedule -> the
+run folder and its checkpoints -> set-up (devices, data, model, optimizer) -> evaluation over the paper's
+scenarios -> the summary over seeds, beside the paper's numbers -> one training step (eq. 7) -> train(), the
+loop with the epoch's end in it -> the command line -> main (every (seed, method) pair, then the summary).
 
 Every random draw of a run is keyed by the run's seed through data.stream_seed (the missing tables, each
 epoch's order, modality dropout and LoRA dropout per step, frames and crops per sample), so a run is the
-same whether it is resumed, split across processes or read by any number of DataLoader workers.
+same whether it is resumed, split across processes or read by any number of DataLoader workers: no RNG
+state has to be saved.
 """
 import argparse
 import json
 import math
 import os
-import random
 import socket
 import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
@@ -46,20 +45,22 @@ from weights.download import CHECKPOINTS
 # -----------------------------------------------------------------------------
 # Defaults: the paper's Table 5 (supplementary section 2) and section 4.2
 
-PAPER = dict(weight_decay=0.02, eps=1e-8, power=0.9, warmup_epochs=5, warmup_factor=0.1,  # the model's own
+PAPER = dict(weight_decay=0.02, warmup_epochs=5,  # the model's own defaults are the paper's too:
              rank=U2AConfig.rank, alpha=U2AConfig.alpha, lora_dropout=U2AConfig.lora_dropout, lam=U2AConfig.lam)
+ADAMW_EPS, WARMUP_FACTOR, POWER = 1e-8, 0.1, 0.9  # Table 5's values that no flag changes
 # How the mask tokens train, where the paper is silent: the MT starts as the pretrained class token, as
 # the CLS does; eq. 6 moves both tokens; the tokens learn at the run's learning rate.
 TOKENS_AS_WRITTEN = dict(mt_init="cls", align_stop_grad=False, token_lr_scale=1.0)
 RECIPES = {  # per dataset group: learning rate, epochs, batch size, the methods trained by default
     "image-text": dict(lr=1e-3, epochs=10, batch_size=8, method=["u2a"], **TOKENS_AS_WRITTEN),
     "audio-video": dict(lr=5e-5, epochs=100, batch_size=4, method=["u2a"], **TOKENS_AS_WRITTEN),
-    # Not the paper's: the toy default trains the four methods side by side in about a minute on a CPU. Its
-    # token settings are those under which the toy's MTs learn to estimate the other modality's CLS (README,
-    # "The default run"): with the settings above they stay copies of their own CLS within this budget.
-    "synthetic": dict(lr=2e-3, epochs=12, batch_size=32, warmup_epochs=1, lam=1.0, method=list(u2a.METHODS),
-                      mt_init="random", align_stop_grad=True, token_lr_scale=10.0),
+    # Not the paper's: the toy default (the synthetic designs) trains the four methods side by side in about
+    # a minute on a CPU. Its token settings are those under which the toy's MTs learn to estimate the other
+    # modality's CLS (README, "The default run"): with the settings above they stay copies of their own CLS.
+    "toy": dict(lr=2e-3, epochs=12, batch_size=32, warmup_epochs=1, lam=1.0, method=list(u2a.METHODS),
+                mt_init="random", align_stop_grad=True, token_lr_scale=10.0),
 }
+DEFAULT_DATA = "synthetic"
 # Where each modality's pretrained encoder lives under --weights: weights/download.py's folders.
 ENCODER_FOLDERS = {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
                    "text": CHECKPOINTS["bert"].folder, "audio": CHECKPOINTS["ast"].folder}
@@ -68,17 +69,6 @@ ENCODER_CONFIGS = {"image": encoders.ViTConfig, "video": encoders.ViTConfig, "te
                    "audio": encoders.ASTConfig}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 LOG_EVERY = 10  # steps between progress-bar/log updates: each one waits for the GPU (loss.item())
-
-# Settings that decide a run's result: --resume continues with the checkpoint's values and refuses others;
-# --eval-only takes them from the checkpoint. The rest (--out, --gpu, --workers, ...) may change freely.
-RUN_SETTINGS = ("data", "limit", "seeds", "epochs", "batch_size", "lr", "warmup_epochs",
-                "weight_decay", "rank", "alpha", "lora_dropout", "lam", "train_missing_rate",
-                "train_missing_type", "modality_dropout", "method", "mt_init", "align_stop_grad", "token_lr_scale",
-                "on_error", "precision")
-MODEL_SETTINGS = ("rank", "alpha", "lora_dropout", "lam", "mt_init", "align_stop_grad")  # a checkpoint's own
-FREE_SETTINGS = ("out", "eval_only", "resume", "gpu", "workers", "compile", "save_every")  # this invocation's
-# --data-root and --weights are neither: places, not settings. A resumed or evaluated run may be pointed at a
-# moved copy (its classes are checked against the checkpoint, the encoders' shapes by u2a.build_model).
 # A folder holding any of these holds a run: only --resume may write into it.
 RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", "metrics.json")
 
@@ -93,178 +83,81 @@ class NonFiniteLoss(UserError, FloatingPointError):
 
 
 def recipe_of(name):
-    return "synthetic" if name in data.SYNTHETIC else (
+    return "toy" if name in data.SYNTHETIC else (
         "image-text" if data.dataset_info(name).modalities == ("image", "text") else "audio-video")
 
 
-# -----------------------------------------------------------------------------
-# Command line. Every option defaults to None so that main() knows which ones the user gave (a resumed or
-# evaluated run takes the others from its checkpoint); fill_defaults() then applies the paper's values.
-
-DEFAULTS_HELP = "\n".join(
-    ["defaults per dataset (Table 5; synthetic is the offline toy):"]
-    + [f"  {group:<12} lr {r['lr']:g}, epochs {r['epochs']}, batch {r['batch_size']}, warm-up epochs "
-       f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}, lambda {r.get('lam', PAPER['lam'])}, methods "
-       f"{' '.join(r['method'])}; MT init {r['mt_init']}, alignment stop-gradient {r['align_stop_grad']}, "
-       f"tokens at {r['token_lr_scale']:g}x lr" for group, r in RECIPES.items()]
-    + [f"  all          AdamW (eps {PAPER['eps']:g}, weight decay {PAPER['weight_decay']}), warm-up at "
-       f"{PAPER['warmup_factor']}x lr, then polynomial decay (power {PAPER['power']}); LoRA rank "
-       f"{PAPER['rank']}, alpha {PAPER['alpha']:g}, dropout {PAPER['lora_dropout']}; lambda {PAPER['lam']}"])
-
-
-def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, epilog=DEFAULTS_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data", help=f"one of {', '.join(data.DATASETS)} (default: synthetic)")
-    a("--data-root", help="dataset folder (default: data/<name>/)")
-    a("--weights", type=Path, help=f"folder of pretrained checkpoints (default: {WEIGHTS_DIR})")
-    a("--out", type=Path, help="run folder (default: runs/<data>-<time>/)")
-    a("--gpu", type=int, help="CUDA device index (one process); without it the run uses the CPU")
-    a("--precision", choices=("bf16", "fp16", "fp32"),
-      help="autocast precision (default: bf16 on GPUs that support it natively, else fp32)")
-    a("--epochs", type=int, help="(default: per dataset, below)")
-    a("--batch-size", type=int, help="global batch, split across DDP processes (default: per dataset)")
-    a("--lr", type=float, help="(default: per dataset)")
-    a("--warmup-epochs", type=int, help="(default: per dataset)")
-    a("--weight-decay", type=float, help=f"(default: {PAPER['weight_decay']})")
-    a("--rank", type=int, help=f"LoRA rank (default: {PAPER['rank']})")
-    a("--alpha", type=float, help=f"LoRA alpha (default: {PAPER['alpha']:g})")
-    a("--lora-dropout", type=float, help=f"(default: {PAPER['lora_dropout']})")
-    a("--lam", type=float, help=f"lambda of eq. 7 (default: {PAPER['lam']})")
-    a("--seed", type=int, nargs="+", dest="seeds", metavar="SEED",
-      help="one or more run seeds; every (seed, method) pair trains in its own folder, and summary.json gives "
-           "the mean and SD over the seeds (default: 0)")
-    a("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default: 0)")
-    a("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
-    a("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
-    a("--test-missing-type")
-    a("--modality-dropout", choices=("auto", "on", "off"),
-      help="auto (default): a method with dropout drops on a complete training set (section 3); on: also on "
-           "an incomplete one; off: refused for such a method (naive is the method without)")
-    a("--method", nargs="+", choices=list(u2a.METHODS), metavar="METHOD",
-      help="one or more of " + ", ".join(f"{name} ({m.stand_in}, dropout {'on' if m.dropout else 'off'}, "
-                                          f"{'lambda' if m.align else 'lambda 0'})" for name, m in u2a.METHODS.items())
-           + " (default: per dataset, below)")
-    a("--mt-init", choices=("cls", "random"), help="how each MT starts (default: per dataset)")
-    a("--align-stop-grad", action=argparse.BooleanOptionalAction,
-      help="eq. 6's CLS targets as constants (default: per dataset)")
-    a("--token-lr-scale", type=float, help="the CLS/MT tokens' learning rate over --lr (default: per dataset)")
-    a("--limit", type=int, help="use the first N samples of each split")
-    a("--eval-only", type=Path, metavar="RUN", help="evaluate a checkpoint or run folder, no training")
-    a("--resume", action="store_true", default=None, help="continue the run in --out as it was configured")
-    a("--save-every", type=int, help="also checkpoint every N steps (default: 0, each epoch)")
-    a("--workers", type=int, help="DataLoader processes (default: 0 for synthetic, else up to 4)")
-    a("--compile", action="store_true", default=None, help="torch.compile the model")
-    a("--on-error", choices=("raise", "skip"), help="unreadable files: stop (default) or skip and count them")
-    return p
+def defaults(name, gpu=None):
+    """What a run on dataset `name` takes for every option left out, in three parts: the run's settings (the
+    paper's, then its recipe row: a resumed run keeps them and refuses others), the places and the extra test
+    setting (a resumed or evaluated run keeps them unless given again: its data or encoders may have moved),
+    and this invocation's own (never taken from a saved run)."""
+    toy = name in data.SYNTHETIC
+    run = {**PAPER, **RECIPES[recipe_of(name)], "data": name, "limit": None, "seeds": [0],
+           "train_missing_rate": 0.0, "train_missing_type": None, "modality_dropout": "auto", "on_error": "raise",
+           "precision": "bf16" if gpu is not None and torch.cuda.is_bf16_supported() else "fp32"}
+    places = {"data_root": None if toy else f"data/{name}", "weights": WEIGHTS_DIR,
+              "test_missing_rate": None, "test_missing_type": None}  # None: the training setting
+    invocation = {"out": None, "eval_only": None, "resume": False, "gpu": gpu, "compile": False, "save_every": 0,
+                  "workers": 0 if toy else min(4, os.cpu_count() or 1)}
+    return run, places, invocation
 
 
-def parse_args(argv=None):
-    """-> (args with every default filled in, the set of options the user gave)."""
-    p = make_parser()
-    args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None}
-    check_args(p, args)
-    args = fill_defaults(args)
-    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
-        p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: the whole run would train at "
-                f"{args.warmup_factor}x the learning rate; give more epochs or --warmup-epochs 0")
-    check_method_flags(p, args, given)
-    return args, given
-
-
-# What each numeric option must be. NaN fails every comparison, so `--lr nan` is refused with the rest.
-RANGES = {
-    **{k: (lambda v: v >= 1, "at least 1") for k in ("epochs", "batch_size", "limit", "rank")},
-    **{k: (lambda v: v >= 0, "0 or more") for k in ("warmup_epochs", "save_every", "workers", "gpu")},
-    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
-    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
-    "alpha": (lambda v: 0 < v < math.inf, "a finite number above 0 (alpha 0 switches LoRA off)"),
-    "lam": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more (a negative lambda pushes each mask token "
-                                         "away from the class token it stands in for)"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train_missing_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "test_missing_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-}
-
-
-def check_args(p, args):
-    """Argument errors, before anything is read or written."""
-    if args.data is not None and args.data not in data.DATASETS:
-        p.error(f"unknown dataset {args.data!r}: expected one of {', '.join(data.DATASETS)}")
-    for key, (ok, expected) in RANGES.items():
-        if getattr(args, key) is not None and not ok(getattr(args, key)):
-            p.error(f"--{key.replace('_', '-')} must be {expected}, got {getattr(args, key)}")
-    if args.resume and args.out is None:
-        p.error("--resume needs --out: the run folder to continue")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out} is a file: give a folder for the run")
-    if args.out is not None and not args.resume and args.eval_only is None and holds_run(args.out):
-        p.error(f"--out {args.out} holds a run ({holds_run(args.out)}): `--resume --out {args.out}` continues it; "
-                f"to start a new run, choose another --out")
-    if args.resume and args.eval_only:
-        p.error("--resume and --eval-only exclude each other")
-    if args.eval_only is not None and not args.eval_only.exists():
-        p.error(f"--eval-only {args.eval_only}: no such checkpoint or run folder")
-    if args.gpu is not None and "RANK" in os.environ:
-        p.error("--gpu is for one process: under torchrun each process uses cuda:LOCAL_RANK (choose the "
-                "GPUs with CUDA_VISIBLE_DEVICES)")
-    if args.gpu is not None and not torch.cuda.is_available():
-        p.error(f"--gpu {args.gpu}: CUDA is not available on this machine (torch {torch.__version__}); "
-                f"drop --gpu to run on the CPU")
-
-
-def check_method_flags(p, args, given):
-    """A flag that contradicts every chosen method (u2a.METHODS says what each is) is refused by name."""
-    methods = {name: u2a.METHODS[name] for name in args.method}
-    if len(set(args.method)) != len(args.method):
-        p.error(f"--method {' '.join(args.method)}: a method is named twice")
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seed {' '.join(map(str, args.seeds))}: a seed is named twice")
-    aligning = [name for name, m in methods.items() if m.align]
-    if "lam" in given and not aligning:
-        p.error(f"--lam {args.lam}: none of --method {' '.join(methods)} trains eq. 6 (lambda is theirs to be 0); "
-                f"u2a is the method that aligns")
-    if "lam" in given and args.lam == 0 and aligning:
-        p.error(f"--lam 0 with --method {' '.join(aligning)}: u2a with lambda 0 is --method u2a-no-align")
-    for key in ("mt_init", "align_stop_grad"):
-        if key in given and all(m.stand_in == "placeholder" for m in methods.values()):
-            p.error(f"--{key.replace('_', '-')}: none of --method {' '.join(methods)} has mask tokens")
-    dropping = [name for name, m in methods.items() if m.dropout]
-    if args.modality_dropout == "on" and len(dropping) < len(methods):
-        p.error(f"--modality-dropout on: --method {' '.join(n for n in methods if n not in dropping)} trains on the "
-                f"data as it is, without dropout; placeholder-dropout is the placeholder baseline with dropout")
-    if args.modality_dropout == "off" and dropping:
-        p.error(f"--modality-dropout off: --method {' '.join(dropping)} trains with modality dropout (section 3); "
-                f"naive is the method without it")
-
-
-def fill_defaults(args):
-    """The paper's values (Table 5) for every option the user left out."""
-    args.data = args.data or "synthetic"
-    recipe = {**PAPER, **RECIPES[recipe_of(args.data)]}
-    for key in ("epochs", "batch_size", "lr", "warmup_epochs", "weight_decay", "rank", "alpha",
-                "lora_dropout", "lam", "method", "mt_init", "align_stop_grad", "token_lr_scale"):
-        if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
-    args.warmup_factor, args.power, args.eps = PAPER["warmup_factor"], PAPER["power"], PAPER["eps"]
-    defaults = dict(weights=WEIGHTS_DIR, seeds=[0], train_missing_rate=0.0, modality_dropout="auto",
-                    save_every=0, on_error="raise", resume=False, compile=False,
-                    workers=0 if args.data in data.SYNTHETIC else min(4, os.cpu_count() or 1),
-                    data_root=None if args.data in data.SYNTHETIC else f"data/{args.data}",
-                    precision="bf16" if args.gpu is not None and torch.cuda.is_bf16_supported() else "fp32")
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.seed = args.seeds[0]  # the seed of one run: train_and_report gives each run its own
+def settings(given, saved=None):
+    """The settings of a run: what you give beats what was saved (a resumed run's config.json, an evaluated
+    checkpoint's) beats the dataset's defaults."""
+    saved = saved or {}
+    run, places, invocation = defaults(given.get("data", saved.get("data", DEFAULT_DATA)), given.get("gpu"))
+    kept = {k: Path(saved[k]) if k == "weights" else saved[k] for k in (*run, *places) if k in saved}
+    args = argparse.Namespace(**{**run, **places, **invocation, **kept, **given})
+    args.seed = saved.get("seed", args.seeds[0])  # the seed of one run: run_pairs gives each run its own
     return args
 
 
-def as_flag(key, value):
-    """A setting as the user writes it: --seed 0 1 (the list args.seeds), --method u2a naive, --lr 0.001."""
-    return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} " + \
-        (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+# -----------------------------------------------------------------------------
+# Learning rate (Table 5): 0.1x during the warm-up epochs, then polynomial decay with power 0.9. Our choice
+# where the paper is silent: after warm-up the factor starts at 1.0 and decays over the remaining steps.
+
+def lr_factor(step, total_steps, warmup_steps):
+    if step < warmup_steps:
+        return WARMUP_FACTOR
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return (1.0 - min(progress, 1.0)) ** POWER
+
+
+# -----------------------------------------------------------------------------
+# The run folder and its checkpoints. The model's part (trained tensors + U2AConfig) is u2a.save_checkpoint;
+# a resumable checkpoint adds the optimizer and the step. No pickle anywhere.
+
+def slug(name):
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path, text):
+    """Whole or not at all: a kill mid-write leaves the old file."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # this process's own temporary name
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def vars_json(args):
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def pair_folder(out, seed, method, seeds, methods):
+    """Where the run of one (seed, method) pair lives: the run folder itself for one seed and one method,
+    <out>/<method>/ for several methods, <out>/seed<k>/ and <out>/seed<k>/<method>/ for several seeds."""
+    folder = out / f"seed{seed}" if len(seeds) > 1 else out
+    return folder / method if len(methods) > 1 else folder
 
 
 def method_folders(out):
@@ -283,19 +176,314 @@ def holds_run(out):
     return None
 
 
-def vars_json(args):
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+def lock_run_folder(out):
+    """A run folder belongs to one live run: `lock` holds its host and pid. A lock whose process is gone
+    (a crash) is taken over; a live one is an error."""
+    lock = out / "lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a run that died
+                continue
+            raise UserError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
+                            f"give another --out, or delete {lock} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_resumable(path, model, optimizer, meta):
+    """u2a.save_checkpoint + the optimizer state, so --resume continues exactly (the random streams are keyed
+    by the step: no RNG state to save)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().reshape(-1).contiguous() \
+                    if value.dim() == 0 else value.detach().cpu().contiguous()
+    u2a.save_checkpoint(path, model, tensors, meta)
+
+
+def load_resumable(path, model, optimizer):
+    meta = u2a.load_trained(model, path)
+    f, _ = u2a.open_checkpoint(path)
+    for n, p in model.named_parameters():
+        state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
+                 if k.startswith(f"optim.{n}.") and k[len(f"optim.{n}."):].count(".") == 0}
+        if state:
+            optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in state.items()}
+    return meta
 
 
 # -----------------------------------------------------------------------------
-# Learning rate (Table 5): 0.1x during the warm-up epochs, then polynomial decay with power 0.9. Our choice
-# where the paper is silent: after warm-up the factor starts at 1.0 and decays over the remaining steps.
+# Set-up: devices, DDP, precision, data, model, optimizer
 
-def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_factor"], power=PAPER["power"]):
-    if step < warmup_steps:
-        return warmup_factor
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return (1.0 - min(progress, 1.0)) ** power
+@dataclass
+class Context:
+    """Where this process runs and on what: fixed at start, passed to every step that needs it."""
+    rank: int
+    world: int
+    device: torch.device
+    info: data.DatasetInfo = None
+    tokenizer: object = None     # the text encoder's; None: the synthetic data's own
+    autocast: object = nullcontext()
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process. -> Context (rank, world, device)."""
+    if "RANK" not in os.environ:
+        if args.gpu is None:
+            return Context(0, 1, torch.device("cpu"))
+        torch.cuda.set_device(args.gpu)  # so every allocation is this GPU's
+        return Context(0, 1, torch.device(f"cuda:{args.gpu}"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Context(rank, world, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
+
+
+def autocast_for(device, precision):
+    """fp32: no autocast. bf16/fp16: torch.autocast on the run's device type (fp16 also needs the grad
+    scaler of make_scaler). The CPU tests run bf16 through this same context."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def progress(iterable, ctx, desc):
+    """A progress bar on rank 0 only (TQDM_DISABLE=1 silences it: `disable` is left to tqdm there)."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **({} if ctx.rank == 0 else {"disable": True}))
+
+
+def all_sum(t, ctx):
+    """Sum a tensor over the DDP processes (in place); the identity for one process."""
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def seed_step(seed, rank, step):
+    """Step `step` of process `rank` draws its LoRA dropout masks from its own stream: independent across
+    processes, and the same after a resume (no RNG state has to survive a crash)."""
+    torch.manual_seed(data.stream_seed(seed, "lora_dropout", rank, step))
+
+
+def threads_for(args):
+    """The toy encoders' matrices are tiny: a second thread only spin-waits (on a busy 2-core machine two
+    threads ran the default several times slower than one). Real encoders keep torch's default."""
+    return 1 if args.data in data.SYNTHETIC else None
+
+
+def info_of(args):
+    return data.dataset_info(args.data, None if args.data in data.SYNTHETIC else args.data_root)
+
+
+def encoder_paths(args, info):
+    """{modality: folder} of the pretrained encoders under --weights (weights/download.py's folders, or the
+    toy encoders' for the synthetic default)."""
+    folders = TOY_FOLDERS if args.data in data.SYNTHETIC else ENCODER_FOLDERS
+    return {m: Path(args.weights) / folders[m] for m in info.modalities}
+
+
+@contextmanager
+def as_user_errors():
+    """data.py's FileNotFoundError and ValueError while a run is set up are about the files given (a missing
+    split file, a malformed row, a class without a folder): the user's to fix, so reported as a UserError."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+
+
+def check_inputs(args):
+    """The data root and the pretrained weights, checked together so one start reports every fix. A resumed
+    or evaluated run looks where its config says they were: if they moved, the fix is to say where they are."""
+    saved = args.resume or args.eval_only is not None
+    problems = []
+    if args.data not in data.SYNTHETIC and not Path(args.data_root).is_dir():
+        problems.append(f"no dataset at --data-root {args.data_root}: " + (
+            "the run's data was there; if it moved, pass --data-root NEWDIR" if saved else
+            f"expected {data.EXPECTED_LAYOUT[args.data]} (README.md, 'Datasets', says where to get it)"))
+    info = data.dataset_info(args.data) if problems else info_of(args)
+    missing = {m: p / "model.safetensors" for m, p in encoder_paths(args, info).items()
+               if not (p / "model.safetensors").is_file()}
+    if missing:
+        fetch = "python weights/make_toy.py" if args.data in data.SYNTHETIC else \
+            f"python weights/download.py --dest {args.weights}"
+        folders = ", ".join(sorted({p.parent.relative_to(args.weights).as_posix() + "/" for p in missing.values()}))
+        problems.append(f"no pretrained {' and '.join(missing)} encoder: {', '.join(map(str, missing.values()))} "
+                        + (f"missing; the run's encoders were there: if they moved, pass --weights NEWDIR, the "
+                           f"folder that now holds {folders}" if saved else f"missing; get it with `{fetch}`"))
+    if problems:
+        raise UserError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def check_missing_settings(args, given):
+    """The missing-modality flags together, before training (the test setting used to fail after it): a rate
+    needs a type, a type needs a rate, and each type is one of the dataset's modalities or 'both'. A test flag
+    left out takes the training one (--help). A type without a rate in a saved run (older versions took it)
+    is only refused when given now."""
+    modalities = data.dataset_info(args.data).modalities
+    types = f"{', '.join(modalities)} or 'both'"
+    problems = [f"--{k.replace('_', '-')} {getattr(args, k)!r}: expected {types} ({args.data}'s modalities)"
+                for k in ("train_missing_type", "test_missing_type")
+                if getattr(args, k) is not None and getattr(args, k) not in (*modalities, "both")]
+    test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
+    test_type = args.test_missing_type or args.train_missing_type
+    if args.train_missing_rate and args.train_missing_type is None:
+        problems.append(f"--train-missing-rate {args.train_missing_rate} needs --train-missing-type ({types})")
+    if test_rate and test_type is None:
+        problems.append(f"--test-missing-rate {test_rate} needs --test-missing-type ({types})")
+    if "train_missing_type" in given and not args.train_missing_rate:
+        problems.append(f"--train-missing-type {args.train_missing_type} without a --train-missing-rate: "
+                        f"give the rate too (the paper's is 0.7), or leave the type out")
+    if "test_missing_type" in given and not test_rate:
+        problems.append(f"--test-missing-type {args.test_missing_type} without a --test-missing-rate: give the "
+                        f"rate too (the paper's is 0.7), or leave the type out")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def encoder_config(modality, folder):
+    """An encoder's config as encoders.load_pretrained will read it (its folder's config.json, or the class's
+    defaults without one), without loading the weights."""
+    config_file, config_class = Path(folder) / "config.json", ENCODER_CONFIGS[modality]
+    return config_class.from_json(config_file) if config_file.is_file() else config_class()
+
+
+def check_encoders_fit(paths, info, tokenizer):
+    """The pretrained encoders ({modality: folder}) take what the dataset feeds them: the image side of
+    image/video frames, and every token id the tokenizer gives (below the text encoder's vocabulary size).
+    Read from their config.json, before anything is written: a misfit used to crash in the first step."""
+    problems = []
+    for m, folder in paths.items():
+        config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
+        if m in ("image", "video") and config.image_size != info.image_size:
+            problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
+                            f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
+        if m == "text":
+            tokens = (tokenizer or data.synthetic_tokenizer(info.text_max_len)).get_vocab_size()
+            if tokens > config.vocab_size:
+                problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
+                                f"{config_file}); {info.name}'s tokenizer gives {tokens}")
+    if problems:
+        toy = "" if info.name in data.SYNTHETIC else " (weights/make_toy.py's toy encoders fit only the synthetic data)"
+        raise UserError("the encoders do not fit the data: " + "; ".join(problems) + ". Point --weights at the "
+                        f"encoders made for {info.name}{toy}")
+
+
+def check_same_encoders(trained, paths, ckpt):
+    """A resumed run's encoders, maybe moved (--weights), are still those it was trained with: the configs
+    u2a.build_model recorded in the checkpoint (`trained`, its "model" metadata)."""
+    differ = [m for m, expected in trained.get("encoder_configs", {}).items()
+              if asdict(encoder_config(m, paths[m])) != expected]
+    if differ:
+        raise UserError(f"{ckpt} was trained with other {' and '.join(differ)} encoders than those at "
+                        f"{', '.join(str(paths[m]) for m in differ)} (their config.json differs); point --weights "
+                        f"at the encoders the run was trained with")
+
+
+def check_classes(info, trained, ckpt):
+    if list(info.class_names) != list(trained["class_names"]):
+        differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], info.class_names)) if a != b]
+        raise UserError(f"{ckpt} was trained on {len(trained['class_names'])} classes "
+                        f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
+                        f"{len(info.class_names)} classes (first differences: {differ[:3]})")
+
+
+def text_tokenizer(args, info):
+    """The text encoder's own WordPiece tokenizer (the synthetic set brings its toy one)."""
+    if "text" not in info.modalities or args.data in data.SYNTHETIC:
+        return None
+    return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
+
+
+def set_missing_tables(sets, args, info):
+    """The train/val missing tables of the run's seed: each seed of a multi-seed run draws its own on the
+    same data (set_present keeps what was read and redraws only what is missing)."""
+    for split in ("train", "val"):
+        if split in sets and args.train_missing_rate:
+            sets[split].set_present(data.missing_table(len(sets[split]), args.train_missing_rate,
+                                                       args.train_missing_type,
+                                                       data.stream_seed(args.seed, f"missing/{split}"), info.modalities))
+    return sets
+
+
+def build_splits(args, info, splits=("train", "val", "test")):
+    """Every split, built and checked before the first step: a broken test split is found now, not after
+    hours of training. The data itself (synthetic samples, the validation carve) is the same for every run
+    seed (make_dataset's own data seed); the train/val missing tables are drawn from the run's seed
+    (section 4.4.1), as is everything else random about training."""
+    sets = {}
+    for split in splits:
+        ds = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
+                               on_error=args.on_error)
+        if len(ds) == 0:
+            raise UserError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
+                            f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
+        sets[split] = ds
+    return set_missing_tables(sets, args, info)
+
+
+def model_config(args, info, method):
+    paths = encoder_paths(args, info)
+    return U2AConfig(encoders={m: str(paths[m]) for m in info.modalities}, class_names=list(info.class_names),
+                     multilabel=info.multilabel, method=method, rank=args.rank, alpha=args.alpha,
+                     lora_dropout=args.lora_dropout, lam=args.lam, mt_init=args.mt_init,
+                     align_stop_grad=args.align_stop_grad)
+
+
+def make_optimizer(model, args):
+    """AdamW (Table 5) over trainable parameters only. Our choices where the paper is silent: decay on
+    matrices (LoRA factors, head weight), none on vectors (biases, and the CLS/MT tokens, which also learn at
+    --token-lr-scale times the learning rate), as nanoGPT does."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_token = lambda n: n.endswith((".cls", ".mt"))
+    groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_scale": 1.0},
+              {"params": [p for n, p in named if p.dim() < 2 and not is_token(n)], "weight_decay": 0.0,
+               "lr_scale": 1.0},
+              {"params": [p for n, p in named if is_token(n)], "weight_decay": 0.0, "lr_scale": args.token_lr_scale}]
+    return torch.optim.AdamW(groups, lr=args.lr, eps=ADAMW_EPS)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Epoch e visits a permutation drawn from (seed, e), cut into n // B global batches of B samples (the
+    n % B left over wait for another epoch, a different few each time). Process r of w (shard (r, w)) takes
+    every w-th sample of each global batch, so every process has the same n // B steps of B / w samples and
+    w processes see exactly the batches of one. `skip` batches are left out at the start: a resumed run
+    continues mid-epoch without reading what it already saw."""
+
+    def __init__(self, n, batch_size, seed, epoch, shard=(0, 1), skip=0):
+        (rank, world), steps = shard, n // batch_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(data.stream_seed(seed, "sampler", epoch)))
+        self.indices = order[:steps * batch_size].view(steps, batch_size)[skip:, rank::world].flatten().tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
 
 
 # -----------------------------------------------------------------------------
@@ -304,14 +492,14 @@ def lr_factor(step, total_steps, warmup_steps, warmup_factor=PAPER["warmup_facto
 # no process idles at a barrier through a long validation (NCCL's watchdog).
 
 @torch.no_grad()
-def encode_split(model, dataset, ctx, desc):
+def encode_split(model, dataset, args, ctx, desc):
     """-> dict of CPU tensors, in sample order: cls/mt per modality (n, D), labels, present, index, and
     "unreadable" (an int): the files that failed to decode in on_error="skip" mode. Samples left with no
     modality are absent (their index is not in "index")."""
     model.eval()
     shard = list(range(ctx.rank, len(dataset), ctx.world))
-    loader = data.make_loader(dataset, ctx.eval_batch, False, ctx.tokenizer, ctx.workers,
-                              data.stream_seed(ctx.seed, "eval_loader"), sampler=shard)
+    loader = data.make_loader(dataset, max(1, args.batch_size // ctx.world) * 4, False, ctx.tokenizer,
+                              args.workers, data.stream_seed(args.seed, "eval_loader"), sampler=shard)
     parts = {"labels": [], "present": [], "index": [], "unreadable": []}
     for batch in progress(loader, ctx, desc):
         parts["unreadable"].append(batch["unreadable"].reshape(1))
@@ -338,24 +526,24 @@ def encode_split(model, dataset, ctx, desc):
     return {**{k: v[order] for k, v in feats.items()}, "unreadable": unreadable}
 
 
-def validate(model, val_set, info, ctx):
+def validate(model, val_set, args, ctx):
     """The validation headline metric with the validation set's own missing table; -inf when no validation
     sample could be read (skip mode)."""
-    feats = encode_split(model, val_set, ctx, "val")
+    feats = encode_split(model, val_set, args, ctx, "val")
     if feats is None:
         return -math.inf
     logits = u2a.scenario_logits(model, feats, feats["present"])
-    return u2a.scores(logits, feats["labels"], info.multilabel)[u2a.headline(info.multilabel)]
+    return u2a.scores(logits, feats["labels"], ctx.info.multilabel)[u2a.headline(ctx.info.multilabel)]
 
 
-def evaluate_test(model, test_set, info, args, ctx, out, ckpt, train_seconds=0.0):
+def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
     """Test-set evaluation of a trained model over every scenario of the paper; rank 0 writes metrics.json."""
-    feats = encode_split(model, test_set, ctx, "test")
+    feats = encode_split(model, test_set, args, ctx, "test")
     if feats is None:
         raise UserError(f"test: not one of the {len(test_set)} samples could be read (--on-error skip)")
     if ctx.rank > 0:
         return None
-    unreadable, skipped = feats.pop("unreadable"), len(test_set) - len(feats["index"])
+    unreadable, skipped, info = feats.pop("unreadable"), len(test_set) - len(feats["index"]), ctx.info
     if unreadable or skipped:
         print(f"test: {unreadable} unreadable files skipped (--on-error skip): {skipped} of {len(test_set)} "
               f"samples had no modality left and are not scored; the others are scored without the file")
@@ -542,532 +730,301 @@ def setting_notes(info, args, counts):
     return notes
 
 
-# -----------------------------------------------------------------------------
-# The run folder and its checkpoints. The model's part (trained tensors + U2AConfig) is u2a.save_checkpoint;
-# a resumable checkpoint adds the optimizer, the step and the RNG states. No pickle anywhere.
-
-def slug(name):
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
-
-
-def write_text(path, text):
-    """Whole or not at all: a kill mid-write leaves the old file."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")  # this process's own temporary name
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def report(runs, info, args, folder, counts):
+    """The summary over seeds ({(seed, method): metrics}), printed and written as summary.json and summary.md."""
+    summary = summarize(runs, info, args)
+    shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
+    text = summary_markdown(summary, shares, info, args, sorted({seed for seed, _ in runs}), counts)
+    print(lesson_table(mean_metrics(runs, summary, info), info))
+    print("\n" + text + f"(written to {folder / 'summary.json'} and {folder / 'summary.md'})")
+    write_json(folder / "summary.json", summary)
+    (folder / "summary.md").write_text(text)
 
 
-def lock_run_folder(out):
-    """A run folder belongs to one live run: `lock` holds its host and pid. A lock whose process is gone
-    (a crash) is taken over; a live one is an error."""
-    lock = out / "lock"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)  # left by a run that died
-                continue
-            raise UserError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
-                            f"give another --out, or delete {lock} if that run is gone") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return lock
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def save_resumable(path, model, optimizer, meta):
-    """u2a.save_checkpoint + the optimizer state and the RNG states, so --resume continues exactly."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().reshape(-1).contiguous() \
-                    if value.dim() == 0 else value.detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # all five fields of numpy's state
-    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
-    meta = {**meta, "rng_numpy": [name, int(pos), int(has_gauss), float(gauss)], "rng_python": random.getstate()}
-    u2a.save_checkpoint(path, model, tensors, meta)
-
-
-def load_resumable(path, model, optimizer):
-    meta = u2a.load_trained(model, path)
-    f, _ = u2a.open_checkpoint(path)
-    params = dict(model.named_parameters())
-    for n, p in params.items():
-        state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
-                 if k.startswith(f"optim.{n}.") and k[len(f"optim.{n}."):].count(".") == 0}
-        if state:
-            optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.device)) for k, v in state.items()}
-    torch.set_rng_state(f.get_tensor("rng.torch"))
-    if torch.cuda.is_available() and "rng.cuda" in f.keys():
-        torch.cuda.set_rng_state(f.get_tensor("rng.cuda"))
-    name, pos, has_gauss, gauss = meta["rng_numpy"]
-    np.random.set_state((name, f.get_tensor("rng.numpy").numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss = meta["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    return meta
-
-
-# -----------------------------------------------------------------------------
-# Set-up: devices, DDP, precision, seeds, data, model, optimizer
-
-class Context:
-    """Where and how this process runs: fixed at start, passed to every step that needs it."""
-
-    def __init__(self, args, rank, world, device, tokenizer):
-        self.rank, self.world, self.device, self.tokenizer = rank, world, device, tokenizer
-        self.seed, self.workers = args.seed, args.workers
-        self.autocast = autocast_for(device, args.precision)
-        self.eval_batch = max(1, args.batch_size // world) * 4
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process. Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        if args.gpu is None:
-            return 0, 1, torch.device("cpu")
-        torch.cuda.set_device(args.gpu)  # so the CUDA RNG state and every allocation are this GPU's
-        return 0, 1, torch.device(f"cuda:{args.gpu}")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-
-
-def autocast_for(device, precision):
-    """fp32: no autocast. bf16/fp16: torch.autocast on the run's device type (fp16 also needs the grad
-    scaler of make_scaler). The CPU tests run bf16 through this same context."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def progress(iterable, ctx, desc):
-    """A progress bar on rank 0 only (TQDM_DISABLE=1 silences it: `disable` is left to tqdm there)."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **({} if ctx.rank == 0 else {"disable": True}))
-
-
-def all_sum(t, ctx):
-    """Sum a tensor over the DDP processes (in place); the identity for one process."""
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def seed_step(seed, rank, step):
-    """Step `step` of process `rank` draws its LoRA dropout masks from its own stream: independent across
-    processes, and the same after a resume (no RNG state has to survive a crash)."""
-    torch.manual_seed(data.stream_seed(seed, "lora_dropout", rank, step))
-
-
-def threads_for(args):
-    """The toy encoders' matrices are tiny: a second thread only spin-waits (on a busy 2-core machine two
-    threads ran the default several times slower than one). Real encoders keep torch's default."""
-    return 1 if args.data in data.SYNTHETIC else None
-
-
-def info_of(args):
-    return data.dataset_info(args.data, None if args.data in data.SYNTHETIC else args.data_root)
-
-
-def encoder_paths(args, info):
-    """{modality: folder} of the pretrained encoders under --weights (weights/download.py's folders, or the
-    toy encoders' for the synthetic default)."""
-    folders = TOY_FOLDERS if args.data in data.SYNTHETIC else ENCODER_FOLDERS
-    return {m: Path(args.weights) / folders[m] for m in info.modalities}
-
-
-def check_inputs(args):
-    """The data root and the pretrained weights, checked together so one start reports every fix. A resumed
-    or evaluated run looks where its config says they were: if they moved, the fix is to say where they are."""
-    saved = args.resume or args.eval_only is not None
-    problems = []
-    if args.data not in data.SYNTHETIC and not Path(args.data_root).is_dir():
-        problems.append(f"no dataset at --data-root {args.data_root}: " + (
-            "the run's data was there; if it moved, pass --data-root NEWDIR" if saved else
-            f"expected {data.EXPECTED_LAYOUT[args.data]} (README.md, 'Datasets', says where to get it)"))
-    info = data.dataset_info(args.data) if problems else info_of(args)
-    missing = {m: p / "model.safetensors" for m, p in encoder_paths(args, info).items()
-               if not (p / "model.safetensors").is_file()}
-    if missing:
-        fetch = "python weights/make_toy.py" if args.data in data.SYNTHETIC else \
-            f"python weights/download.py --dest {args.weights}"
-        folders = ", ".join(sorted({p.parent.relative_to(args.weights).as_posix() + "/" for p in missing.values()}))
-        problems.append(f"no pretrained {' and '.join(missing)} encoder: {', '.join(map(str, missing.values()))} "
-                        + (f"missing; the run's encoders were there: if they moved, pass --weights NEWDIR, the "
-                           f"folder that now holds {folders}" if saved else f"missing; get it with `{fetch}`"))
-    if problems:
-        raise UserError("cannot start:\n  - " + "\n  - ".join(problems))
-
-
-@contextmanager
-def as_user_errors():
-    """data.py's FileNotFoundError and ValueError while a run is set up are about the files given (a missing
-    split file, a malformed row, a class without a folder): the user's to fix, so reported as a UserError."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from err
-
-
-def check_missing_settings(args, given):
-    """The missing-modality flags together, before training (the test setting used to fail after it): a rate
-    needs a type, a type needs a rate, and each type is one of the dataset's modalities or 'both'. A test flag
-    left out takes the training one (--help). A type without a rate in a saved run (older versions took it)
-    is only refused when given now."""
-    modalities = data.dataset_info(args.data).modalities
-    types = f"{', '.join(modalities)} or 'both'"
-    problems = [f"--{k.replace('_', '-')} {getattr(args, k)!r}: expected {types} ({args.data}'s modalities)"
-                for k in ("train_missing_type", "test_missing_type")
-                if getattr(args, k) is not None and getattr(args, k) not in (*modalities, "both")]
-    test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
-    test_type = args.test_missing_type or args.train_missing_type
-    if args.train_missing_rate and args.train_missing_type is None:
-        problems.append(f"--train-missing-rate {args.train_missing_rate} needs --train-missing-type ({types})")
-    if test_rate and test_type is None:
-        problems.append(f"--test-missing-rate {test_rate} needs --test-missing-type ({types})")
-    if "train_missing_type" in given and not args.train_missing_rate:
-        problems.append(f"--train-missing-type {args.train_missing_type} without a --train-missing-rate: "
-                        f"give the rate too (the paper's is 0.7), or leave the type out")
-    if "test_missing_type" in given and not test_rate:
-        problems.append(f"--test-missing-type {args.test_missing_type} without a --test-missing-rate: give the "
-                        f"rate too (the paper's is 0.7), or leave the type out")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
-def check_encoders_fit(paths, info, tokenizer):
-    """The pretrained encoders ({modality: folder}) take what the dataset feeds them: the image side of
-    image/video frames, and every token id the tokenizer gives (below the text encoder's vocabulary size).
-    Read from their config.json, before anything is written: a misfit used to crash in the first step."""
-    problems = []
-    for m, folder in paths.items():
-        config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
-        if m in ("image", "video") and config.image_size != info.image_size:
-            problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
-                            f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
-        if m == "text":
-            tokens = (tokenizer or data.synthetic_tokenizer(info.text_max_len)).get_vocab_size()
-            if tokens > config.vocab_size:
-                problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
-                                f"{config_file}); {info.name}'s tokenizer gives {tokens}")
-    if problems:
-        toy = "" if info.name in data.SYNTHETIC else " (weights/make_toy.py's toy encoders fit only the synthetic data)"
-        raise UserError("the encoders do not fit the data: " + "; ".join(problems) + ". Point --weights at the "
-                        f"encoders made for {info.name}{toy}")
-
-
-def encoder_config(modality, folder):
-    """An encoder's config as encoders.load_pretrained will read it (its folder's config.json, or the class's
-    defaults without one), without loading the weights."""
-    config_file, config_class = Path(folder) / "config.json", ENCODER_CONFIGS[modality]
-    return config_class.from_json(config_file) if config_file.is_file() else config_class()
-
-
-def check_same_encoders(trained, paths, ckpt):
-    """A resumed run's encoders, maybe moved (--weights), are still those it was trained with: the configs
-    u2a.build_model recorded in the checkpoint (`trained`, its "model" metadata)."""
-    differ = [m for m, expected in trained.get("encoder_configs", {}).items()
-              if asdict(encoder_config(m, paths[m])) != expected]
-    if differ:
-        raise UserError(f"{ckpt} was trained with other {' and '.join(differ)} encoders than those at "
-                        f"{', '.join(str(paths[m]) for m in differ)} (their config.json differs); point --weights "
-                        f"at the encoders the run was trained with")
-
-
-def text_tokenizer(args, info):
-    """The text encoder's own WordPiece tokenizer (the synthetic set brings its toy one)."""
-    if "text" not in info.modalities or args.data in data.SYNTHETIC:
-        return None
-    return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
-
-
-def build_splits(args, info, splits=("train", "val", "test")):
-    """Every split, built and checked before the first step: a broken test split is found now, not after
-    hours of training. The data itself (synthetic samples, the validation carve) is the same for every run
-    seed (make_dataset's own data seed); the train/val missing tables are drawn from the run's seed
-    (section 4.4.1), as is everything else random about training."""
-    sets = {}
-    for split in splits:
-        ds = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
-                               on_error=args.on_error)
-        if len(ds) == 0:
-            raise UserError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
-                            f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
-        sets[split] = ds
-    return set_missing_tables(sets, args, info)
-
-
-def set_missing_tables(sets, args, info):
-    """The train/val missing tables of the run's seed: each seed of a multi-seed run draws its own on the
-    same data (set_present keeps what was read and redraws only what is missing)."""
-    for split in ("train", "val"):
-        if split in sets and args.train_missing_rate:
-            sets[split].set_present(data.missing_table(len(sets[split]), args.train_missing_rate,
-                                                       args.train_missing_type,
-                                                       data.stream_seed(args.seed, f"missing/{split}"), info.modalities))
-    return sets
-
-
-def model_config(args, info, method):
-    paths = encoder_paths(args, info)
-    return U2AConfig(encoders={m: str(paths[m]) for m in info.modalities}, class_names=list(info.class_names),
-                     multilabel=info.multilabel, method=method, rank=args.rank, alpha=args.alpha,
-                     lora_dropout=args.lora_dropout, lam=args.lam, mt_init=args.mt_init,
-                     align_stop_grad=args.align_stop_grad)
-
-
-def make_optimizer(model, args):
-    """AdamW (Table 5) over trainable parameters only. Our choices where the paper is silent: decay on
-    matrices (LoRA factors, head weight), none on vectors (biases, and the CLS/MT tokens, which also learn at
-    --token-lr-scale times the learning rate), as nanoGPT does."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_token = lambda n: n.endswith((".cls", ".mt"))
-    groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_scale": 1.0},
-              {"params": [p for n, p in named if p.dim() < 2 and not is_token(n)], "weight_decay": 0.0,
-               "lr_scale": 1.0},
-              {"params": [p for n, p in named if is_token(n)], "weight_decay": 0.0, "lr_scale": args.token_lr_scale}]
-    return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Epoch e visits a permutation drawn from (seed, e), cut into n // B global batches of B samples (the
-    n % B left over wait for another epoch, a different few each time). Process r of w takes every w-th
-    sample of each global batch, so every process has the same n // B steps of B / w samples and w processes
-    see exactly the batches of one. `skip` batches are left out at the start: a resumed run continues
-    mid-epoch without reading what it already saw."""
-
-    def __init__(self, n, batch_size, seed, epoch, rank=0, world=1, skip=0):
-        steps = n // batch_size
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(data.stream_seed(seed, "sampler", epoch)))
-        self.indices = order[:steps * batch_size].view(steps, batch_size)[skip:, rank::world].flatten().tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+def by_layout(runs):
+    """{method: metrics} for one seed, {seed: {method: metrics}} for several: the run folder's shape."""
+    if len({seed for seed, _ in runs}) <= 1:
+        return {method: metrics for (_, method), metrics in runs.items()}
+    nested = {}
+    for (seed, method), metrics in runs.items():
+        nested.setdefault(seed, {})[method] = metrics
+    return nested
 
 
 # -----------------------------------------------------------------------------
 # One training step (eq. 7). Both means of the loss divide by counts over every process: DDP averages the
 # processes' gradients, so each process's loss is scaled by the world size to make the result one process's.
 
-def train_step(model, batch, optimizer, scaler, ctx, config, multilabel, lr, may_be_empty=False):
+@dataclass
+class Learner:
+    """One method's model and what trains it: checkpoints save `model`, the steps run `wrapped` (the same
+    module under torch.compile and DDP)."""
+    model: u2a.U2A
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def train_step(learner, batch, lr, ctx, may_be_empty=False):
     """One optimizer step on the global batch. may_be_empty: in skip mode every sample of a step can be
     unreadable; such a step is left out on every process (AdamW would still decay and move the weights)."""
-    for group in optimizer.param_groups:
+    for group in learner.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    present = batch["present"]
+    present, config = batch["present"], learner.model.config
     counts = all_sum(torch.stack([present.new_tensor(len(present), dtype=torch.float),
                                   present.all(1).sum().float()]), ctx)      # (2,) samples, complete samples
     if may_be_empty and counts[0].item() == 0:
         return torch.zeros(3, device=present.device)
     with ctx.autocast:
-        out = model(batch)
-    loss, task, align = u2a_loss(out, batch["label"], multilabel, config.align_weight, counts[0], counts[1],
+        out = learner.wrapped(batch)
+    loss, task, align = u2a_loss(out, batch["label"], config.multilabel, config.align_weight, counts[0], counts[1],
                                  config.align_stop_grad)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss * ctx.world).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(loss * ctx.world).backward()
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
     return torch.stack([loss.detach(), task.detach(), align.detach()])  # (3,), on the device: no sync
 
 
 # -----------------------------------------------------------------------------
-# One run: set-up, the loop (one step at a time), the end of each epoch (validation, checkpoints), then test
+# One run: set-up, the loop, the end of each epoch (validation, checkpoints), then test
 
-@dataclass
-class RunState:
-    """What the loop changes as it goes; all of it but the counters since start is in last.safetensors."""
-    step: int = 0
-    best: float = -math.inf       # best validation score so far
-    best_step: int = -1
-    seen: int = 0                 # samples trained on since this process started (for samples/s)
-    nonfinite: torch.Tensor = None  # device-side count of non-finite losses since the last check
-    faults: torch.Tensor = None     # skip mode, this process: samples skipped, files unreadable
-    loss: float = math.nan        # the last logged loss (eq. 7, over every process)
-
-
-def setup_run(args, method, out, sets, info, ctx):
-    """The model (the same initialisation on every process), its optimizer and grad scaler, and the state
-    to start from: fresh, or where last.safetensors left off."""
+def train(args, method, out, sets, ctx):
+    """Train one method on seed args.seed, keep the checkpoint of the best validation score (model selection
+    on validation, never on test), then evaluate it on test. Continues from last.safetensors on --resume."""
+    info, last = ctx.info, out / "last.safetensors"
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
             data.save_missing_table(out / f"missing_{split}.json", sets[split].present, rate=args.train_missing_rate,
                                     type=args.train_missing_type, seed=data.stream_seed(args.seed, f"missing/{split}"))
-    torch.manual_seed(data.stream_seed(args.seed, "init"))
+    torch.manual_seed(data.stream_seed(args.seed, "init"))  # the same initialisation on every process
     model = u2a.U2A(model_config(args, info, method)).to(ctx.device)
     optimizer = make_optimizer(model, args)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
-    state = RunState(nonfinite=torch.zeros((), device=ctx.device), faults=torch.zeros(2, dtype=torch.long))
     if ctx.rank == 0:
         print(f"{method}: {model.parameter_table()}")
-    if args.resume and (out / "last.safetensors").is_file():
-        meta = load_resumable(out / "last.safetensors", model, optimizer)
-        state.step, state.best, state.best_step = meta["step"], meta["best"], meta["best_step"]
+    step, best, best_step = 0, -math.inf, -1
+    if args.resume and last.is_file():
+        meta = load_resumable(last, model, optimizer)
+        step, best, best_step = meta["step"], meta["best"], meta["best_step"]
         if ctx.rank == 0:
-            print(f"resumed {out / 'last.safetensors'} at step {state.step}")
-    return model, optimizer, scaler, state
-
-
-def wrap_for_training(model, args, ctx):
-    """torch.compile and DDP wrap the module that trains; checkpoints save the unwrapped one."""
+            print(f"resumed {last} at step {step}")
     wrapped = torch.compile(model) if args.compile else model
     if ctx.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True)  # a dropped or absent modality leaves its branch without gradients
-    return wrapped
-
-
-def epoch_loader(train_set, args, ctx, epoch, skip):
-    """Epoch `epoch`'s batches for this process, the first `skip` left out (a resumed run)."""
-    train_set.set_epoch(epoch, args.seed)  # frames and crops of each sample: stream_seed(seed, "sample", epoch, i)
-    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, epoch, ctx.rank, ctx.world, skip)
-    return data.make_loader(train_set, args.batch_size // ctx.world, False, ctx.tokenizer, args.workers,
-                            data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
-
-
-def prepare_batch(batch, args, ctx, state, use_dropout, info):
-    """To the device, with section 3's modality dropout drawn from the step (the same on every process); a
-    dropped input holds the placeholder, as a missing one does (what the placeholder methods encode)."""
-    state.faults += torch.stack([batch["skipped"], batch["unreadable"]])
-    batch = to_device(batch, ctx.device)
-    if use_dropout:
-        g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", state.step))
-        batch = data.drop_modalities(batch, modality_dropout(batch["present"], g), info, ctx.tokenizer)
-    seed_step(args.seed, ctx.rank, state.step)
-    return batch
-
-
-def run(args, method, out, sets, info, ctx):
-    """Train one method, with the checkpoint of the best validation score kept, then evaluate it on test."""
-    model, optimizer, scaler, state = setup_run(args, method, out, sets, info, ctx)
-    train_model = wrap_for_training(model, args, ctx)
+    learner = Learner(model, wrapped, optimizer, torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16"))
+    checkpoint_meta = lambda: {"step": step, "best": best, "best_step": best_step, "data": args.data,
+                               "config": vars_json(args)}
     complete = bool(sets["train"].present.all())  # section 3: dropout on a complete training set only
     use_dropout = model.method.dropout and (args.modality_dropout == "on" or complete)
     steps_per_epoch = len(sets["train"]) // args.batch_size
-    total, t0 = steps_per_epoch * args.epochs, time.time()
-    while state.step < total:
-        epoch, skip = divmod(state.step, steps_per_epoch)
+    total, warmup = steps_per_epoch * args.epochs, steps_per_epoch * args.warmup_epochs
+    nonfinite = torch.zeros((), device=ctx.device)  # non-finite losses since the last check, counted on the device
+    faults = torch.zeros(2, dtype=torch.long)       # skip mode, this process: samples skipped, files unreadable
+    seen, loss, t0 = 0, math.nan, time.time()
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
         model.train()
-        loader = epoch_loader(sets["train"], args, ctx, epoch, skip)
+        sets["train"].set_epoch(epoch, args.seed)  # frames and crops of each sample: stream_seed(seed, "sample", epoch, i)
+        sampler = EpochSampler(len(sets["train"]), args.batch_size, args.seed, epoch, (ctx.rank, ctx.world), skip)
+        loader = data.make_loader(sets["train"], args.batch_size // ctx.world, False, ctx.tokenizer, args.workers,
+                                  data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
         bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
-            batch = prepare_batch(batch, args, ctx, state, use_dropout, info)
-            lr = args.lr * lr_factor(state.step, total, steps_per_epoch * args.warmup_epochs)
-            losses = train_step(train_model, batch, optimizer, scaler, ctx, model.config, info.multilabel, lr,
-                                may_be_empty=args.on_error == "skip")
-            state.nonfinite += ~torch.isfinite(losses).all()
-            state.step += 1
-            state.seen += len(batch["label"]) * ctx.world
-            if state.step % LOG_EVERY == 0 or state.step % steps_per_epoch == 0:
-                log_step(out, state, losses, lr, epoch, ctx, bar, time.time() - t0)
-            if args.save_every and state.step % args.save_every == 0 and ctx.rank == 0:
-                save_resumable(out / "last.safetensors", model, optimizer, checkpoint_meta(state, args))
-        end_epoch(model, optimizer, sets["val"], info, args, ctx, out, state, epoch, method)
+            faults += torch.stack([batch["skipped"], batch["unreadable"]])
+            batch = to_device(batch, ctx.device)
+            if use_dropout:  # section 3, drawn from the step (the same on every process); a dropped input holds
+                # the placeholder, as a missing one does (what the placeholder methods encode)
+                g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", step))
+                batch = data.drop_modalities(batch, modality_dropout(batch["present"], g), info, ctx.tokenizer)
+            seed_step(args.seed, ctx.rank, step)
+            lr = args.lr * lr_factor(step, total, warmup)
+            losses = train_step(learner, batch, lr, ctx, may_be_empty=args.on_error == "skip")
+            nonfinite += ~torch.isfinite(losses).all()
+            step, seen = step + 1, seen + len(batch["label"]) * ctx.world
+            if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:  # the only place the loop waits for the GPU
+                if all_sum(nonfinite.clone(), ctx).item() > 0:  # stop before a NaN checkpoint is written
+                    raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopped before writing "
+                                        f"a checkpoint (the last good one, if any: {last}). Check the inputs (a "
+                                        f"file with NaN/Inf values) or lower --lr")
+                loss, task, align = all_sum(losses, ctx).tolist()  # each process holds its share of eq. 7
+                if ctx.rank == 0:
+                    sps = round(seen / (time.time() - t0), 1)
+                    append_log(out / "log.jsonl", {"step": step, "epoch": epoch, "loss": loss, "task": task,
+                                                   "align": align, "lr": lr, "samples_per_s": sps})
+                    bar.set_postfix(loss=f"{loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}", sps=f"{sps:.0f}")
+            if args.save_every and step % args.save_every == 0 and ctx.rank == 0:
+                save_resumable(last, model, optimizer, checkpoint_meta())
+        # the epoch's end: validation, best.safetensors when it improved, last.safetensors always
+        score = validate(model, sets["val"], args, ctx)
+        skipped, unreadable = all_sum(faults.to(ctx.device), ctx).tolist()
+        if ctx.rank == 0:
+            if score > best or best_step < 0:
+                best, best_step = score, step
+                u2a.save_checkpoint(out / "best.safetensors", model, meta=checkpoint_meta())
+            save_resumable(last, model, optimizer, checkpoint_meta())
+            append_log(out / "log.jsonl", {"step": step, "epoch": epoch, "val": score})
+            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
+                  f"(best {best:.2f}), loss {loss:.3f}"
+                  + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
+                     if unreadable else ""))
+        if ctx.world > 1:
+            dist.barrier()  # best.safetensors is written before any process reads it
     # the validation-selected model, with the encoders where they are now (a resumed run may have moved them)
     model = u2a.from_checkpoint(out / "best.safetensors", encoder_paths(args, info)).to(ctx.device)
-    return evaluate_test(model, sets["test"], info, args, ctx, out, out / "best.safetensors", time.time() - t0)
-
-
-def log_step(out, state, losses, lr, epoch, ctx, bar, seconds):
-    """Every LOG_EVERY steps: stop on a non-finite loss, then one line of log.jsonl and the bar's figures.
-    The only place the loop waits for the GPU."""
-    stop_if_not_finite(state.nonfinite, state.step, ctx, out / "last.safetensors")
-    state.loss, task, align = all_sum(losses, ctx).tolist()  # each process holds its share of eq. 7
-    if ctx.rank == 0:
-        record = {"step": state.step, "epoch": epoch, "loss": state.loss, "task": task, "align": align, "lr": lr,
-                  "samples_per_s": round(state.seen / seconds, 1)}
-        append_log(out / "log.jsonl", record)
-        bar.set_postfix(loss=f"{state.loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}",
-                        sps=f"{record['samples_per_s']:.0f}")
-
-
-def end_epoch(model, optimizer, val_set, info, args, ctx, out, state, epoch, method):
-    """Validation (model selection on validation, never on test), best.safetensors when it improved,
-    last.safetensors always, one line of log.jsonl and one printed line."""
-    score = validate(model, val_set, info, ctx)
-    skipped, unreadable = all_sum(state.faults.to(ctx.device), ctx).tolist()
-    if ctx.rank == 0:
-        if score > state.best or state.best_step < 0:
-            state.best, state.best_step = score, state.step
-            u2a.save_checkpoint(out / "best.safetensors", model, meta=checkpoint_meta(state, args))
-        save_resumable(out / "last.safetensors", model, optimizer, checkpoint_meta(state, args))
-        append_log(out / "log.jsonl", {"step": state.step, "epoch": epoch, "val": score})
-        print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
-              f"(best {state.best:.2f}), loss {state.loss:.3f}"
-              + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
-                 if unreadable else ""))
-    if ctx.world > 1:
-        dist.barrier()  # best.safetensors is written before any process reads it
-
-
-def checkpoint_meta(state, args):
-    return {"step": state.step, "best": state.best, "best_step": state.best_step, "data": args.data,
-            "config": vars_json(args)}
-
-
-def stop_if_not_finite(nonfinite, step, ctx, last_ckpt):
-    """A non-finite loss (NaN input, divergence) stops the run before a NaN checkpoint is written. Checked
-    every LOG_EVERY steps on the device-side count, so the loop itself never waits for the GPU."""
-    if all_sum(nonfinite.clone(), ctx).item() > 0:
-        raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopped before writing a "
-                            f"checkpoint (the last good one, if any: {last_ckpt}). Check the inputs (a file with "
-                            f"NaN/Inf values) or lower --lr")
-
-
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    return evaluate_test(model, sets["test"], args, ctx, out, out / "best.safetensors", time.time() - t0)
 
 
 # -----------------------------------------------------------------------------
-# main: resolve the settings (fresh, resumed or evaluated run), check everything, then train or evaluate
+# Command line. The options' defaults are defaults() and settings(): the parser keeps only what was given.
 
-def take_saved_settings(args, saved, given):
-    """A resumed or evaluated run's settings: the saved run's (config.json, or a checkpoint's "config"),
-    except those the user gave now and those of this invocation alone (FREE_SETTINGS)."""
-    for k, v in saved.items():
-        if k not in given and k not in FREE_SETTINGS:
-            setattr(args, k, Path(v) if k == "weights" else v)
-    return args
+DEFAULTS_HELP = "\n".join(
+    ["defaults per dataset (Table 5; toy: the synthetic data, offline):"]
+    + [f"  {group:<12} lr {r['lr']:g}, epochs {r['epochs']}, batch {r['batch_size']}, warm-up epochs "
+       f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}, lambda {r.get('lam', PAPER['lam'])}, methods "
+       f"{' '.join(r['method'])}; MT init {r['mt_init']}, alignment stop-gradient {r['align_stop_grad']}, "
+       f"tokens at {r['token_lr_scale']:g}x lr" for group, r in RECIPES.items()]
+    + [f"  all          AdamW (eps {ADAMW_EPS:g}, weight decay {PAPER['weight_decay']}), warm-up at "
+       f"{WARMUP_FACTOR}x lr, then polynomial decay (power {POWER}); LoRA rank "
+       f"{PAPER['rank']}, alpha {PAPER['alpha']:g}, dropout {PAPER['lora_dropout']}; lambda {PAPER['lam']}"])
 
 
-def resolve_resume(args, given):
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__, epilog=DEFAULTS_HELP, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", help=f"one of {', '.join(data.DATASETS)} (default: {DEFAULT_DATA})")
+    a("--data-root", help="dataset folder (default: data/<name>/)")
+    a("--weights", type=Path, help=f"folder of pretrained checkpoints (default: {WEIGHTS_DIR})")
+    a("--out", type=Path, help="run folder (default: runs/<data>-<time>/)")
+    a("--gpu", type=int, help="CUDA device index (one process); without it the run uses the CPU")
+    a("--precision", choices=("bf16", "fp16", "fp32"),
+      help="autocast precision (default: bf16 on GPUs that support it natively, else fp32)")
+    a("--epochs", type=int, help="(default: per dataset, below)")
+    a("--batch-size", type=int, help="global batch, split across DDP processes (default: per dataset)")
+    a("--lr", type=float, help="(default: per dataset)")
+    a("--warmup-epochs", type=int, help="(default: per dataset)")
+    a("--weight-decay", type=float, help=f"(default: {PAPER['weight_decay']})")
+    a("--rank", type=int, help=f"LoRA rank (default: {PAPER['rank']})")
+    a("--alpha", type=float, help=f"LoRA alpha (default: {PAPER['alpha']:g})")
+    a("--lora-dropout", type=float, help=f"(default: {PAPER['lora_dropout']})")
+    a("--lam", type=float, help=f"lambda of eq. 7 (default: {PAPER['lam']})")
+    a("--seed", type=int, nargs="+", dest="seeds", metavar="SEED",
+      help="one or more run seeds; every (seed, method) pair trains in its own folder, and summary.json gives "
+           "the mean and SD over the seeds (default: 0)")
+    a("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default: 0)")
+    a("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
+    a("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
+    a("--test-missing-type")
+    a("--modality-dropout", choices=("auto", "on", "off"),
+      help="auto (default): a method with dropout drops on a complete training set (section 3); on: also on "
+           "an incomplete one; off: refused for such a method (naive is the method without)")
+    a("--method", nargs="+", choices=list(u2a.METHODS), metavar="METHOD",
+      help="one or more of " + ", ".join(f"{name} ({m.stand_in}, dropout {'on' if m.dropout else 'off'}, "
+                                          f"{'lambda' if m.align else 'lambda 0'})" for name, m in u2a.METHODS.items())
+           + " (default: per dataset, below)")
+    a("--mt-init", choices=("cls", "random"), help="how each MT starts (default: per dataset)")
+    a("--align-stop-grad", action=argparse.BooleanOptionalAction,
+      help="eq. 6's CLS targets as constants (default: per dataset)")
+    a("--token-lr-scale", type=float, help="the CLS/MT tokens' learning rate over --lr (default: per dataset)")
+    a("--limit", type=int, help="use the first N samples of each split")
+    a("--eval-only", type=Path, metavar="RUN", help="evaluate a checkpoint or run folder, no training")
+    a("--resume", action="store_true", help="continue the run in --out as it was configured")
+    a("--save-every", type=int, help="also checkpoint every N steps (default: 0, each epoch)")
+    a("--workers", type=int, help="DataLoader processes (default: 0 for the toy data, else up to 4)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--on-error", choices=("raise", "skip"), help="unreadable files: stop (default) or skip and count them")
+    return p
+
+
+RANGES = {
+    **{k: (lambda v: v >= 1, "at least 1") for k in ("epochs", "batch_size", "limit", "rank")},
+    **{k: (lambda v: v >= 0, "0 or more") for k in ("warmup_epochs", "save_every", "workers", "gpu")},
+    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+    "alpha": (lambda v: 0 < v < math.inf, "a finite number above 0 (alpha 0 switches LoRA off)"),
+    "lam": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more (a negative lambda pushes each mask token "
+                                         "away from the class token it stands in for)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train_missing_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "test_missing_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def check_args(p, given):
+    """Argument errors, before anything is read or written."""
+    out, eval_only, gpu = given.get("out"), given.get("eval_only"), given.get("gpu")
+    if "data" in given and given["data"] not in data.DATASETS:
+        p.error(f"unknown dataset {given['data']!r}: expected one of {', '.join(data.DATASETS)}")
+    for key, (ok, expected) in RANGES.items():
+        if key in given and not ok(given[key]):
+            p.error(f"--{key.replace('_', '-')} must be {expected}, got {given[key]}")
+    if given.get("resume") and out is None:
+        p.error("--resume needs --out: the run folder to continue")
+    if out is not None and out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file: give a folder for the run")
+    if out is not None and not given.get("resume") and eval_only is None and holds_run(out):
+        p.error(f"--out {out} holds a run ({holds_run(out)}): `--resume --out {out}` continues it; "
+                f"to start a new run, choose another --out")
+    if given.get("resume") and eval_only:
+        p.error("--resume and --eval-only exclude each other")
+    if eval_only is not None and not eval_only.exists():
+        p.error(f"--eval-only {eval_only}: no such checkpoint or run folder")
+    if gpu is not None and "RANK" in os.environ:
+        p.error("--gpu is for one process: under torchrun each process uses cuda:LOCAL_RANK (choose the "
+                "GPUs with CUDA_VISIBLE_DEVICES)")
+    if gpu is not None and not torch.cuda.is_available():
+        p.error(f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__}); "
+                f"drop --gpu to run on the CPU")
+
+
+def check_method_flags(p, args, given):
+    """A flag that contradicts every chosen method (u2a.METHODS says what each is) is refused by name."""
+    methods = {name: u2a.METHODS[name] for name in args.method}
+    if len(set(args.method)) != len(args.method):
+        p.error(f"--method {' '.join(args.method)}: a method is named twice")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seed {' '.join(map(str, args.seeds))}: a seed is named twice")
+    aligning = [name for name, m in methods.items() if m.align]
+    if "lam" in given and not aligning:
+        p.error(f"--lam {args.lam}: none of --method {' '.join(methods)} trains eq. 6 (lambda is theirs to be 0); "
+                f"u2a is the method that aligns")
+    if "lam" in given and args.lam == 0 and aligning:
+        p.error(f"--lam 0 with --method {' '.join(aligning)}: u2a with lambda 0 is --method u2a-no-align")
+    for key in ("mt_init", "align_stop_grad"):
+        if key in given and all(m.stand_in == "placeholder" for m in methods.values()):
+            p.error(f"--{key.replace('_', '-')}: none of --method {' '.join(methods)} has mask tokens")
+    dropping = [name for name, m in methods.items() if m.dropout]
+    if args.modality_dropout == "on" and len(dropping) < len(methods):
+        p.error(f"--modality-dropout on: --method {' '.join(n for n in methods if n not in dropping)} trains on the "
+                f"data as it is, without dropout; placeholder-dropout is the placeholder baseline with dropout")
+    if args.modality_dropout == "off" and dropping:
+        p.error(f"--modality-dropout off: --method {' '.join(dropping)} trains with modality dropout (section 3); "
+                f"naive is the method without it")
+
+
+def as_flag(key, value):
+    """A setting as the user writes it: --seed 0 1 (the list args.seeds), --method u2a naive, --lr 0.001."""
+    return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} " + \
+        (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
+def absolute(places):
+    """--data-root and --weights are kept absolute (in config.json too): a resumed or evaluated run finds them
+    from any directory."""
+    for key in ("data_root", "weights"):
+        if places.get(key) is not None:
+            places[key] = type(places[key])(Path(places[key]).resolve())
+
+
+def saved_run(given):
     """--resume continues a run as it was configured: its config.json gives every setting of the run; a
     setting given now that contradicts it is an error."""
-    saved_path = args.out / "config.json"
+    saved_path = given["out"] / "config.json"
     if not saved_path.is_file():
-        raise UserError(f"--resume: {args.out} holds no run to resume (no {saved_path})")
+        raise UserError(f"--resume: {given['out']} holds no run to resume (no {saved_path})")
     try:
         saved = json.loads(saved_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -1078,13 +1035,32 @@ def resolve_resume(args, given):
                         f"(an object); restore it, or start a new run with another --out")
     if "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
         saved["seeds"] = [saved["seed"]]
-    clash = [k for k in RUN_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
+    run, _, _ = defaults(saved.get("data", DEFAULT_DATA))
+    clash = [k for k in run if k in given and str(given[k]) != str(saved.get(k))]
     if clash:
         raise UserError("--resume continues the run as it was configured; these settings differ from "
-                        f"{saved_path}: " + ", ".join(f"{as_flag(k, getattr(args, k))} (run: "
+                        f"{saved_path}: " + ", ".join(f"{as_flag(k, given[k])} (run: "
                                                       f"{as_flag(k, saved.get(k))})" for k in clash))
-    return take_saved_settings(args, saved, given)
+    return saved
 
+
+def parse_args(argv=None):
+    """-> (args: every setting, given: {option: value} of those the user gave). A resumed run's settings come
+    from its config.json; an evaluated checkpoint's from the checkpoint (evaluate_only)."""
+    p = make_parser()
+    given = vars(p.parse_args(argv))
+    check_args(p, given)
+    absolute(given)
+    args = settings(given, saved_run(given) if given.get("resume") else None)
+    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
+        p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: the whole run would train at "
+                f"{WARMUP_FACTOR}x the learning rate; give more epochs or --warmup-epochs 0")
+    check_method_flags(p, args, given)
+    return args, given
+
+
+# -----------------------------------------------------------------------------
+# main: train every (seed, method) pair (or resume them, or evaluate checkpoints), then the summary
 
 def eval_checkpoints(path):
     """--eval-only takes a checkpoint, or a run folder: its best.safetensors, or else every run's in its
@@ -1099,36 +1075,28 @@ def eval_checkpoints(path):
     return found[:1] if found[0].parent == path else found
 
 
-def resolve_eval(args, given, ckpt):
+def evaluated_settings(given, ckpt):
     """--eval-only: the run's settings and the model come from the checkpoint; the user may point at
-    other data (--data-root) or another test setting, never change the model."""
+    other data (--data-root) or another test setting, never change the model (--method picks checkpoints)."""
     with as_user_errors():  # not a checkpoint of this project
         _, meta = u2a.open_checkpoint(ckpt)
-    saved = meta["config"]
-    clash = [k for k in MODEL_SETTINGS if k in given and str(getattr(args, k)) != str(saved.get(k))]
+    saved, model_keys = meta["config"], {f.name for f in fields(U2AConfig)} - {"method"}
+    clash = [k for k in given if k in model_keys and str(given[k]) != str(saved.get(k))]
     if clash:
         raise UserError(f"{ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}"
                                                                 for k in clash)
                         + ": the model's settings come from the checkpoint; leave them out")
-    evaluated = take_saved_settings(argparse.Namespace(**vars(args)), saved, given)
-    evaluated.out = args.out if "out" in given else ckpt.parent
+    evaluated = settings(given, saved)
+    evaluated.out = given.get("out", ckpt.parent)
     return evaluated, meta
 
 
-def check_classes(info, trained, ckpt):
-    if list(info.class_names) != list(trained["class_names"]):
-        differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], info.class_names)) if a != b]
-        raise UserError(f"{ckpt} was trained on {len(trained['class_names'])} classes "
-                        f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
-                        f"{len(info.class_names)} classes (first differences: {differ[:3]})")
-
-
-def evaluate_only(args, given, rank, world, device):
+def evaluate_only(args, given, proc):
     """Every checkpoint of --eval-only (--method and --seed pick among them), each written where it lies or
     under --out in the same layout, then the summary over them."""
     root, runs, picked = Path(args.eval_only), {}, 0
     for ckpt in eval_checkpoints(root):
-        ev, meta = resolve_eval(args, given, ckpt)  # ev.seed: the checkpoint's own run seed
+        ev, meta = evaluated_settings(given, ckpt)  # ev.seed: the checkpoint's own run seed
         if ("method" in given and meta["model"]["method"] not in args.method) or \
                 ("seeds" in given and ev.seed not in args.seeds):
             continue
@@ -1144,11 +1112,11 @@ def evaluate_only(args, given, rank, world, device):
             test_set = build_splits(ev, info, ("test",))["test"]
         paths = encoder_paths(ev, info) if "weights" in given else None
         check_encoders_fit(paths or meta["model"]["encoders"], info, tokenizer)
-        ctx = Context(ev, rank, world, device, tokenizer)
+        ctx = replace(proc, info=info, tokenizer=tokenizer, autocast=autocast_for(proc.device, ev.precision))
         with as_user_errors():  # --weights holding other encoders than the model was trained on
-            model = u2a.from_checkpoint(ckpt, paths).to(device)
-        metrics = evaluate_test(model, test_set, info, ev, ctx, ev.out, ckpt)
-        if rank == 0:
+            model = u2a.from_checkpoint(ckpt, paths).to(proc.device)
+        metrics = evaluate_test(model, test_set, ev, ctx, ev.out, ckpt)
+        if proc.rank == 0:
             print_tables(metrics["scenarios"], info, ev, f"{metrics['method']}, seed {ev.seed}, {ckpt}")
             runs[(ev.seed, metrics["method"])] = metrics
     if not picked:
@@ -1159,36 +1127,6 @@ def evaluate_only(args, given, rank, world, device):
         print(f"\n== Summary: {info.name}, test {u2a.headline(info.multilabel)} (%), evaluated {root} ==")
         report(runs, info, ev, folder, {"test": len(test_set)})
     return by_layout(runs)
-
-
-def main(argv=None):
-    """Train (or resume, or evaluate) as the command line says. A mistake in what the user gave raises
-    UserError (the script prints it as one line and exits with 2); anything else is a bug."""
-    args, given = parse_args(argv)
-    absolute_places(args)
-    threads = torch.get_num_threads()
-    if threads_for(args):
-        torch.set_num_threads(threads_for(args))
-    rank, world, device = setup_distributed(args)
-    try:
-        if args.eval_only:
-            return evaluate_only(args, given, rank, world, device)
-        if args.resume:
-            args = resolve_resume(args, given)
-        check_missing_settings(args, given)
-        return train_and_report(args, rank, world, device)
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def absolute_places(args):
-    """--data-root and --weights are kept absolute (in config.json too): a resumed or evaluated run finds them
-    from any directory. Those a resumed or evaluated run does not give are replaced by its saved ones."""
-    if args.data_root is not None:
-        args.data_root = str(Path(args.data_root).resolve())
-    args.weights = Path(args.weights).resolve()
 
 
 def resumed_checkpoints(out):
@@ -1214,64 +1152,7 @@ def cut_log_at_checkpoint(folder):
     write_text(log, "".join(kept))
 
 
-def train_and_report(args, rank, world, device):
-    is_main = rank == 0
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide by the {world} processes")
-    with as_user_errors():
-        check_inputs(args)
-        info = info_of(args)
-        sets = build_splits(args, info)
-        tokenizer = text_tokenizer(args, info)
-        for ckpt in resumed_checkpoints(args.out) if args.resume else []:  # the same data and encoders, maybe moved
-            trained = u2a.open_checkpoint(ckpt)[1]["model"]
-            check_classes(info, trained, ckpt)
-            check_same_encoders(trained, encoder_paths(args, info), ckpt)
-    if len(sets["train"]) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
-                        f"({len(sets['train'])} samples)")
-    check_encoders_fit(encoder_paths(args, info), info, tokenizer)
-    ctx = Context(args, rank, world, device, tokenizer)
-    if args.out is None:  # one folder for the run, named on rank 0 and shared with the other processes
-        name = [Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if world > 1:
-            dist.broadcast_object_list(name, src=0)
-        args.out = name[0]
-    lock = None
-    if is_main:  # only now, every check passed: a failed start leaves no empty run folder behind
-        args.out.mkdir(parents=True, exist_ok=True)
-        lock = lock_run_folder(args.out)
-        if args.resume:
-            for folder in method_folders(args.out):
-                cut_log_at_checkpoint(folder)
-        write_json(args.out / "config.json", vars_json(args))
-        print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
-              f"samples; {args.precision} on {device}" + (f" x {world} processes" if world > 1 else ""))
-        if args.data in data.SYNTHETIC:
-            print("Offline default: synthetic image+text data and TOY encoders (tiny ViT/BERT pretrained on "
-                  "synthetic shapes and words, weights/toy/). The paper's results need the real encoders "
-                  "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
-    try:
-        t0 = time.time()
-        runs = run_pairs(args, sets, info, ctx)
-        if is_main:
-            print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
-                  f"run folder {args.out} ==")
-            report(runs, info, args, args.out, {split: len(ds) for split, ds in sets.items()})
-        return by_layout(runs)
-    finally:
-        if lock is not None:
-            lock.unlink(missing_ok=True)
-
-
-def pair_folder(out, seed, method, seeds, methods):
-    """Where the run of one (seed, method) pair lives: the run folder itself for one seed and one method,
-    <out>/<method>/ for several methods, <out>/seed<k>/ and <out>/seed<k>/<method>/ for several seeds."""
-    folder = out / f"seed{seed}" if len(seeds) > 1 else out
-    return folder / method if len(methods) > 1 else folder
-
-
-def run_pairs(args, sets, info, ctx):
+def run_pairs(args, sets, ctx):
     """Every (seed, method) pair, one after the other, each with its own seed's missing tables and streams.
     With --resume a pair whose metrics.json exists is finished: read back, not trained again; an unfinished
     one continues from its last.safetensors. -> {(seed, method): metrics} (None on ranks other than 0)."""
@@ -1287,32 +1168,80 @@ def run_pairs(args, sets, info, ctx):
             runs[(seed, method)] = json.loads((out / "metrics.json").read_text())
             continue
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        run_ctx = Context(run_args, ctx.rank, ctx.world, ctx.device, ctx.tokenizer)
-        runs[(seed, method)] = run(run_args, method, out, set_missing_tables(sets, run_args, info), info, run_ctx)
+        runs[(seed, method)] = train(run_args, method, out, set_missing_tables(sets, run_args, ctx.info), ctx)
         if ctx.rank == 0:
-            print_tables(runs[(seed, method)]["scenarios"], info, run_args, f"{method}, seed {seed}")
+            print_tables(runs[(seed, method)]["scenarios"], ctx.info, run_args, f"{method}, seed {seed}")
     return runs
 
 
-def report(runs, info, args, folder, counts):
-    """The summary over seeds ({(seed, method): metrics}), printed and written as summary.json and summary.md."""
-    summary = summarize(runs, info, args)
-    shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
-    text = summary_markdown(summary, shares, info, args, sorted({seed for seed, _ in runs}), counts)
-    print(lesson_table(mean_metrics(runs, summary, info), info))
-    print("\n" + text + f"(written to {folder / 'summary.json'} and {folder / 'summary.md'})")
-    write_json(folder / "summary.json", summary)
-    (folder / "summary.md").write_text(text)
+def train_and_report(args, proc):
+    is_main = proc.rank == 0
+    if args.batch_size % proc.world:
+        raise UserError(f"--batch-size {args.batch_size} must divide by the {proc.world} processes")
+    with as_user_errors():
+        check_inputs(args)
+        info = info_of(args)
+        sets = build_splits(args, info)
+        tokenizer = text_tokenizer(args, info)
+        for ckpt in resumed_checkpoints(args.out) if args.resume else []:  # the same data and encoders, maybe moved
+            trained = u2a.open_checkpoint(ckpt)[1]["model"]
+            check_classes(info, trained, ckpt)
+            check_same_encoders(trained, encoder_paths(args, info), ckpt)
+    if len(sets["train"]) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
+                        f"({len(sets['train'])} samples)")
+    check_encoders_fit(encoder_paths(args, info), info, tokenizer)
+    ctx = replace(proc, info=info, tokenizer=tokenizer, autocast=autocast_for(proc.device, args.precision))
+    if args.out is None:  # one folder for the run, named on rank 0 and shared with the other processes
+        name = [Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if proc.world > 1:
+            dist.broadcast_object_list(name, src=0)
+        args.out = name[0]
+    lock = None
+    if is_main:  # only now, every check passed: a failed start leaves no empty run folder behind
+        args.out.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_folder(args.out)
+        if args.resume:
+            for folder in method_folders(args.out):
+                cut_log_at_checkpoint(folder)
+        write_json(args.out / "config.json", vars_json(args))
+        print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
+              f"samples; {args.precision} on {proc.device}" + (f" x {proc.world} processes" if proc.world > 1 else ""))
+        if args.data in data.SYNTHETIC:
+            print("Offline default: synthetic image+text data and TOY encoders (tiny ViT/BERT pretrained on "
+                  "synthetic shapes and words, weights/toy/). The paper's results need the real encoders "
+                  "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
+    try:
+        t0 = time.time()
+        runs = run_pairs(args, sets, ctx)
+        if is_main:
+            print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
+                  f"run folder {args.out} ==")
+            report(runs, info, args, args.out, {split: len(ds) for split, ds in sets.items()})
+        return by_layout(runs)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
 
 
-def by_layout(runs):
-    """{method: metrics} for one seed, {seed: {method: metrics}} for several: the run folder's shape."""
-    if len({seed for seed, _ in runs}) <= 1:
-        return {method: metrics for (_, method), metrics in runs.items()}
-    nested = {}
-    for (seed, method), metrics in runs.items():
-        nested.setdefault(seed, {})[method] = metrics
-    return nested
+def main(argv=None):
+    """Train (or resume, or evaluate) as the command line says. A mistake in what the user gave raises
+    UserError (the script prints it as one line and exits with 2); anything else is a bug."""
+    args, given = parse_args(argv)
+    absolute(vars(args))
+    threads = torch.get_num_threads()
+    if threads_for(args):
+        torch.set_num_threads(threads_for(args))
+    proc = setup_distributed(args)
+    try:
+        if args.eval_only:
+            return evaluate_only(args, given, proc)
+        check_missing_settings(args, given)
+        return train_and_report(args, proc)
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
