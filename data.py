@@ -36,7 +36,8 @@ Expected layouts under --data-root (full trees in README.md):
 
 Design choices (the paper leaves them open):
   - val: mmimdb ("dev"), ave and synthetic have one; for food101/cremad/ks a fixed VAL_SHARE of
-    train is carved out with `seed` (default 0, independent of the run seed), never from test.
+    train is carved out with stream_seed(seed, "val_carve") (seed: the data's, default 0, independent of
+    the run seed), never from test.
   - on_error="raise" stops at the first missing or unreadable file, naming it. on_error="skip" marks
     the modality absent instead: a file missing at construction with a warning and a count, a file
     that fails to decode (a WAV with NaN/Inf included) counted in its batch's "unreadable". A sample
@@ -93,7 +94,10 @@ def stream_seed(seed, stream, *keys):
     The streams of train.py, each independent of every other: "missing/<split>" (the missing tables),
     "sampler"/epoch (each epoch's order), "modality_dropout"/step, "sample"/epoch/index (random frames and
     crops of one sample: the same whichever DataLoader worker reads it), "lora_dropout"/rank (each DDP
-    process draws its own masks), "init" (LoRA and head initialisation, the same on every process).
+    process draws its own masks), "init" (LoRA and head initialisation, the same on every process); and
+    of the data itself (make_dataset's seed, not the run's): "val_carve". The synthetic generator keeps its
+    own older scheme (_generator): the toy encoders were pretrained on its draws (weights/make_toy.py) and
+    the README's measured numbers come from them.
     A hash, not `seed + offset`: with offsets, two streams of one run that both draw randperm(n) drew the
     same permutation (epoch 0's order was then sorted by the training missing table), and seed 1's first
     stream was seed 0's second."""
@@ -422,7 +426,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
 def _carve_val(n, split, seed):
     """Sorted indices of train's `split` part: a seeded VAL_SHARE goes to val, the rest to train."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, "val_carve")))
     n_val = _round_half_up(VAL_SHARE * n)
     return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
 

@@ -227,6 +227,17 @@ def test_val_is_carved_from_train_deterministically(name, roots):
     assert set(map(str, test[m])).isdisjoint(full)
 
 
+def test_the_val_carve_is_a_stream_of_its_own():
+    """The carve draws from stream_seed(seed, "val_carve"): seeded with the bare data seed, it drew the very
+    permutation a missing table of that seed draws, so val was exactly the first samples to lose a modality."""
+    n = 100
+    val = data._carve_val(n, "val", seed=0)
+    missing_first = (~data.missing_table(n, data.VAL_SHARE, "image", 0, ("image", "text"))[:, 0]).nonzero()
+    assert val != sorted(missing_first.flatten().tolist())
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(data.stream_seed(0, "val_carve")))
+    assert val == sorted(expected[:round(data.VAL_SHARE * n)].tolist())
+
+
 def test_limit_takes_the_first_samples(roots):
     full = data.make_dataset("food101", roots["food101"], "test")
     short = data.make_dataset("food101", roots["food101"], "test", limit=4)
