@@ -121,8 +121,8 @@ def settings(given, saved=None):
 def lr_factor(step, total_steps, warmup_steps):
     if step < warmup_steps:
         return WARMUP_FACTOR
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return (1.0 - min(progress, 1.0)) ** POWER
+    done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return (1.0 - min(done, 1.0)) ** POWER
 
 
 # -----------------------------------------------------------------------------
@@ -133,15 +133,15 @@ def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
-
-
 def write_text(path, text):
     """Whole or not at all: a kill mid-write leaves the old file."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")  # this process's own temporary name
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def append_log(path, record):
@@ -176,6 +176,16 @@ def holds_run(out):
     return None
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def lock_run_folder(out):
     """A run folder belongs to one live run: `lock` holds its host and pid. A lock whose process is gone
     (a crash) is taken over; a live one is an error."""
@@ -194,16 +204,6 @@ def lock_run_folder(out):
         with os.fdopen(fd, "w") as f:
             f.write(me)
         return lock
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def save_resumable(path, model, optimizer, meta):
@@ -677,6 +677,32 @@ def mean_metrics(runs, summary, info):
             for m in summary}
 
 
+def setting_notes(info, args, counts):
+    """What a reader must know before comparing a row with the paper (counts: {split: samples we loaded})."""
+    if info.name in data.SYNTHETIC:
+        return ["synthetic data and toy encoders: a demonstration of the paper's lesson, not one of its experiments "
+                "(no paper number applies); the Bayes ceiling is the best any model can reach on this design "
+                "(data.bayes_ceiling)"]
+    notes = ["the paper column is the paper's U2A, to compare with the u2a column (the other methods are this "
+             "code's ablations); the paper gives Tables 3 and 6 as mean ± SD of 3 seeds, Tables 1, 2 and 4 as single "
+             "numbers, and does not say how its model was picked; ours is the best validation epoch, never test"]
+    if info.multilabel:
+        notes.append("the headline is F1-macro, as Tables 3 and 6; metrics.json also has F1-micro (Table 1: 69.23)")
+    if not info.has_val:
+        notes.append(f"validation is a fixed, seeded {data.VAL_SHARE:.0%} carved from train (the paper names no "
+                     f"validation split for {info.name}): the model trains on {100 - 100 * data.VAL_SHARE:.0f}% of "
+                     f"the paper's training set")
+    loaded = " / ".join(f"{counts[s]:,}" if s in counts else "?" for s in ("train", "val", "test"))
+    notes.append(f"samples loaded (train / val / test): {loaded}; the paper's: {PAPER_SAMPLES[info.name]}"
+                 + (f" (--limit {args.limit})" if args.limit else ""))
+    table5, _, _ = defaults(info.name)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (paper: {table5[k]})" for k in TABLE5_KEYS
+               if getattr(args, k) != table5[k]]
+    if changed:
+        notes.append("settings other than the paper's Table 5: " + ", ".join(changed))
+    return notes
+
+
 def summary_markdown(summary, shares, info, args, seeds, counts):
     """summary.md: one row per test scenario (shares: {name: % of each modality present}), each method's
     mean ± SD (n) beside the paper's U2A number (and, for a synthetic design, the Bayes ceiling), then where
@@ -702,32 +728,6 @@ def summary_markdown(summary, shares, info, args, seeds, counts):
         lines.append("| " + " | ".join(row) + " |")
     notes = setting_notes(info, args, counts)
     return "\n".join(lines + ["", "Where this setting differs from the paper's:"] + [f"- {n}" for n in notes]) + "\n"
-
-
-def setting_notes(info, args, counts):
-    """What a reader must know before comparing a row with the paper (counts: {split: samples we loaded})."""
-    if info.name in data.SYNTHETIC:
-        return ["synthetic data and toy encoders: a demonstration of the paper's lesson, not one of its experiments "
-                "(no paper number applies); the Bayes ceiling is the best any model can reach on this design "
-                "(data.bayes_ceiling)"]
-    notes = ["the paper column is the paper's U2A, to compare with the u2a column (the other methods are this "
-             "code's ablations); the paper gives Tables 3 and 6 as mean ± SD of 3 seeds, Tables 1, 2 and 4 as single "
-             "numbers, and does not say how its model was picked; ours is the best validation epoch, never test"]
-    if info.multilabel:
-        notes.append("the headline is F1-macro, as Tables 3 and 6; metrics.json also has F1-micro (Table 1: 69.23)")
-    if not info.has_val:
-        notes.append(f"validation is a fixed, seeded {data.VAL_SHARE:.0%} carved from train (the paper names no "
-                     f"validation split for {info.name}): the model trains on {100 - 100 * data.VAL_SHARE:.0f}% of "
-                     f"the paper's training set")
-    loaded = " / ".join(f"{counts[s]:,}" if s in counts else "?" for s in ("train", "val", "test"))
-    notes.append(f"samples loaded (train / val / test): {loaded}; the paper's: {PAPER_SAMPLES[info.name]}"
-                 + (f" (--limit {args.limit})" if args.limit else ""))
-    table5 = {**PAPER, **RECIPES[recipe_of(info.name)]}
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (paper: {table5[k]})" for k in TABLE5_KEYS
-               if getattr(args, k) != table5[k]]
-    if changed:
-        notes.append("settings other than the paper's Table 5: " + ", ".join(changed))
-    return notes
 
 
 def report(runs, info, args, folder, counts):
@@ -939,6 +939,7 @@ def make_parser():
     return p
 
 
+# What each numeric option must be. NaN fails every comparison, so `--lr nan` is refused with the rest.
 RANGES = {
     **{k: (lambda v: v >= 1, "at least 1") for k in ("epochs", "batch_size", "limit", "rank")},
     **{k: (lambda v: v >= 0, "0 or more") for k in ("warmup_epochs", "save_every", "workers", "gpu")},
