@@ -51,15 +51,16 @@ ADAMW_EPS, WARMUP_FACTOR, POWER = 1e-8, 0.1, 0.9  # Table 5's values that no fla
 # How the mask tokens train, where the paper is silent: the MT starts as the pretrained class token, as
 # the CLS does; eq. 6 moves both tokens; the tokens learn at the run's learning rate.
 TOKENS_AS_WRITTEN = dict(mt_init="cls", align_stop_grad=False, token_lr_scale=1.0)
-RECIPES = {  # per dataset group: learning rate, epochs, batch size, the methods trained by default
-    "image-text": dict(lr=1e-3, epochs=10, batch_size=8, method=["u2a"], **TOKENS_AS_WRITTEN),
-    "audio-video": dict(lr=5e-5, epochs=100, batch_size=4, method=["u2a"], **TOKENS_AS_WRITTEN),
-    # Not the paper's: the toy default (the synthetic designs) trains the four methods side by side in about
-    # a minute on a CPU. Its token settings are those under which the toy's MTs learn to estimate the other
-    # modality's CLS (README, "The default run"): with the settings above they stay copies of their own CLS.
-    "toy": dict(lr=2e-3, epochs=12, batch_size=32, warmup_epochs=1, lam=1.0, method=list(u2a.METHODS),
-                mt_init="random", align_stop_grad=True, token_lr_scale=10.0),
-}
+# Per dataset group: learning rate, epochs, batch size, the methods trained by default
+IMAGE_TEXT = dict(lr=1e-3, epochs=10, batch_size=8, method=["u2a"], **TOKENS_AS_WRITTEN)
+AUDIO_VIDEO = dict(lr=5e-5, epochs=100, batch_size=4, method=["u2a"], **TOKENS_AS_WRITTEN)
+# Not the paper's: the toy default (the synthetic designs) trains the four methods side by side in about a
+# minute on a CPU. Its token settings are those under which the toy's MTs learn to estimate the other
+# modality's CLS (README, "The default run"): with the settings above they stay copies of their own CLS.
+TOY = dict(lr=2e-3, epochs=12, batch_size=32, warmup_epochs=1, lam=1.0, method=list(u2a.METHODS),
+           mt_init="random", align_stop_grad=True, token_lr_scale=10.0)
+RECIPES = {"food101": IMAGE_TEXT, "mmimdb": IMAGE_TEXT, "cremad": AUDIO_VIDEO, "ks": AUDIO_VIDEO, "ave": AUDIO_VIDEO,
+           **dict.fromkeys(data.SYNTHETIC, TOY)}  # one row per dataset of data.DATASETS
 DEFAULT_DATA = "synthetic"
 # Where each modality's pretrained encoder lives under --weights: weights/download.py's folders.
 ENCODER_FOLDERS = {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
@@ -82,18 +83,13 @@ class NonFiniteLoss(UserError, FloatingPointError):
     """The loss became NaN or infinite: bad inputs or too high a learning rate, the user's to fix."""
 
 
-def recipe_of(name):
-    return "toy" if name in data.SYNTHETIC else (
-        "image-text" if data.dataset_info(name).modalities == ("image", "text") else "audio-video")
-
-
 def defaults(name, gpu=None):
     """What a run on dataset `name` takes for every option left out, in three parts: the run's settings (the
     paper's, then its recipe row: a resumed run keeps them and refuses others), the places and the extra test
     setting (a resumed or evaluated run keeps them unless given again: its data or encoders may have moved),
     and this invocation's own (never taken from a saved run)."""
     toy = name in data.SYNTHETIC
-    run = {**PAPER, **RECIPES[recipe_of(name)], "data": name, "limit": None, "seeds": [0],
+    run = {**PAPER, **RECIPES[name], "data": name, "limit": None, "seeds": [0],
            "train_missing_rate": 0.0, "train_missing_type": None, "modality_dropout": "auto", "on_error": "raise",
            "precision": "bf16" if gpu is not None and torch.cuda.is_bf16_supported() else "fp32"}
     places = {"data_root": None if toy else f"data/{name}", "weights": WEIGHTS_DIR,
@@ -885,7 +881,7 @@ DEFAULTS_HELP = "\n".join(
     + [f"  {group:<12} lr {r['lr']:g}, epochs {r['epochs']}, batch {r['batch_size']}, warm-up epochs "
        f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}, lambda {r.get('lam', PAPER['lam'])}, methods "
        f"{' '.join(r['method'])}; MT init {r['mt_init']}, alignment stop-gradient {r['align_stop_grad']}, "
-       f"tokens at {r['token_lr_scale']:g}x lr" for group, r in RECIPES.items()]
+       f"tokens at {r['token_lr_scale']:g}x lr" for group, r in {"image-text": IMAGE_TEXT, "audio-video": AUDIO_VIDEO, "toy": TOY}.items()]
     + [f"  all          AdamW (eps {ADAMW_EPS:g}, weight decay {PAPER['weight_decay']}), warm-up at "
        f"{WARMUP_FACTOR}x lr, then polynomial decay (power {POWER}); LoRA rank "
        f"{PAPER['rank']}, alpha {PAPER['alpha']:g}, dropout {PAPER['lora_dropout']}; lambda {PAPER['lam']}"])

@@ -67,8 +67,8 @@ TEXT_LEN = 40            # paper, Food-101: texts truncated/padded to 40 tokens
 NUM_CLASSES = 101        # Food-101
 RANK, ALPHA, LORA_DROPOUT = train.PAPER["rank"], train.PAPER["alpha"], train.PAPER["lora_dropout"]
 LAM = train.PAPER["lam"]  # eq. 7, weight of the alignment loss
-OPTIMIZER = argparse.Namespace(lr=train.RECIPES["image-text"]["lr"], weight_decay=train.PAPER["weight_decay"],
-                               token_lr_scale=train.RECIPES["image-text"]["token_lr_scale"])
+OPTIMIZER = argparse.Namespace(lr=train.RECIPES["food101"]["lr"], weight_decay=train.PAPER["weight_decay"],
+                               token_lr_scale=train.RECIPES["food101"]["token_lr_scale"])
 # (what train.make_optimizer reads of train.py's arguments)
 MISSING_RATE = 0.7       # eval: share of samples missing the text (then, separately, the image)
 WARMUP, REPEATS = 2, 5

@@ -45,6 +45,7 @@ def test_paper_defaults_per_dataset():
     assert (food.weight_decay, food.rank, food.alpha, food.lora_dropout, food.lam) == (0.02, 1, 1.0, 0.1, 0.2)
     assert (train.ADAMW_EPS, train.WARMUP_FACTOR, train.POWER) == (1e-8, 0.1, 0.9)  # Table 5, no flag
     assert food.data_root == "data/food101"
+    assert set(train.RECIPES) == set(data.DATASETS)  # a recipe row for every dataset
     ks, _ = train.parse_args(["--data", "ks", "--lr", "1e-4"])
     assert (ks.lr, ks.epochs, ks.batch_size) == (1e-4, 100, 4)
     with pytest.raises(SystemExit):
@@ -229,8 +230,8 @@ def test_every_dataset_trains_and_reports_the_paper_scenarios(name, published_we
         assert metric_names <= result.keys() and all(0 <= result[k] <= 100 for k in metric_names)
     assert set(saved["mt_cls_mse_per_class"]) == {f"{m1}->{m2}", f"{m2}->{m1}"}
     config = json.loads((out / "config.json").read_text())
-    recipe = train.RECIPES["audio-video" if "audio" in info.modalities else "image-text"]
-    assert config["data"] == name and config["lr"] == recipe["lr"] and config["weight_decay"] == 0.02
+    assert train.RECIPES[name]["lr"] == (5e-5 if "audio" in info.modalities else 1e-3)  # Table 5, per group
+    assert config["data"] == name and config["lr"] == train.RECIPES[name]["lr"] and config["weight_decay"] == 0.02
     printed = capsys.readouterr().out
     assert "Table 4" in printed and "toy" not in printed.lower()
 
