@@ -163,6 +163,11 @@ def method_folders(out):
     return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in u2a.METHODS]]
 
 
+def checkpoints(out, name):
+    """The files `name` (best.safetensors, last.safetensors) of the runs in a run folder."""
+    return [folder / name for folder in method_folders(out) if (folder / name).is_file()]
+
+
 def holds_run(out):
     """The first file of a run in folder `out` (or in its methods' folders), else None."""
     for folder in method_folders(out):
@@ -257,7 +262,7 @@ def setup_distributed(args):
 
 def autocast_for(device, precision):
     """fp32: no autocast. bf16/fp16: torch.autocast on the run's device type (fp16 also needs the grad
-    scaler of make_scaler). The CPU tests run bf16 through this same context."""
+    scaler train() makes). The CPU tests run bf16 through this same context."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1065,7 +1070,7 @@ def eval_checkpoints(path):
     path = Path(path)
     if path.is_file():
         return [path]
-    found = [folder / "best.safetensors" for folder in method_folders(path) if (folder / "best.safetensors").is_file()]
+    found = checkpoints(path, "best.safetensors")
     if not found:
         raise UserError(f"--eval-only {path}: no best.safetensors in it, nor in its sub-folders (<method>/, "
                         f"seed<k>/, seed<k>/<method>/; methods: {', '.join(u2a.METHODS)})")
@@ -1126,11 +1131,6 @@ def evaluate_only(args, given, proc):
     return by_layout(runs)
 
 
-def resumed_checkpoints(out):
-    """The last.safetensors of a run folder: its own, or its methods' folders'."""
-    return [folder / "last.safetensors" for folder in method_folders(out) if (folder / "last.safetensors").is_file()]
-
-
 def cut_log_at_checkpoint(folder):
     """A resumed run continues from its last.safetensors' step (from 0 without one): the log lines written
     after that checkpoint by the killed run are dropped, or the resumed run would log those steps twice.
@@ -1180,7 +1180,7 @@ def train_and_report(args, proc):
         info = info_of(args)
         sets = build_splits(args, info)
         tokenizer = text_tokenizer(args, info)
-        for ckpt in resumed_checkpoints(args.out) if args.resume else []:  # the same data and encoders, maybe moved
+        for ckpt in checkpoints(args.out, "last.safetensors") if args.resume else []:  # the same data and encoders, maybe moved
             trained = u2a.open_checkpoint(ckpt)[1]["model"]
             check_classes(info, trained, ckpt)
             check_same_encoders(trained, encoder_paths(args, info), ckpt)
