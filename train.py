@@ -241,7 +241,7 @@ class Context:
     world: int
     device: torch.device
     info: data.DatasetInfo = None
-    tokenizer: object = None     # the text encoder's; None: the synthetic data's own
+    tokenizer: object = None     # the text encoder's (text_tokenizer); None without a text modality
     autocast: object = nullcontext()
 
 
@@ -297,7 +297,7 @@ def threads_for(args):
 
 
 def info_of(args):
-    return data.dataset_info(args.data, None if args.data in data.SYNTHETIC else args.data_root)
+    return data.dataset_info(args.data, args.data_root)
 
 
 def encoder_paths(args, info):
@@ -384,7 +384,7 @@ def check_encoders_fit(paths, info, tokenizer):
             problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
                             f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
         if m == "text":
-            tokens = (tokenizer or data.synthetic_tokenizer(info.text_max_len)).get_vocab_size()
+            tokens = tokenizer.get_vocab_size()
             if tokens > config.vocab_size:
                 problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
                                 f"{config_file}); {info.name}'s tokenizer gives {tokens}")
@@ -414,8 +414,8 @@ def check_classes(info, trained, ckpt):
 
 
 def text_tokenizer(args, info):
-    """The text encoder's own WordPiece tokenizer (the synthetic set brings its toy one)."""
-    if "text" not in info.modalities or args.data in data.SYNTHETIC:
+    """The text encoder's own WordPiece tokenizer (its folder's vocab.txt: the toy's is data.synthetic_vocab())."""
+    if "text" not in info.modalities:
         return None
     return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
 
