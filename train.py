@@ -9,7 +9,7 @@ paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun 
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
     python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
-Read top to bottom: defaults (Table 5, one recipe row per dataset group) -> the learning-rate schedule -> the
+Read top to bottom: defaults (Table 5, one recipe row per dataset) -> the learning-rate schedule -> the
 run folder and its checkpoints -> set-up (devices, data, model, optimizer) -> evaluation over the paper's
 scenarios -> the summary over seeds, beside the paper's numbers -> one training step (eq. 7) -> train(), the
 loop with the epoch's end in it -> the command line -> main (every (seed, method) pair, then the summary).
