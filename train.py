@@ -594,16 +594,16 @@ def print_tables(results, info, args, title):
     print(f"Figure 2 ({m1} 100% + {m2} x%):  " + "  ".join(f"{r['shares'][m2]:g}%:{r[key]:.1f}" for r in sweep))
 
 
-def lesson_table(metrics_by_method, info):
-    """The lesson in one table: each method's test score with both modalities, then with each one alone, and
-    for a synthetic design the best any model can reach (data.bayes_ceiling, exact from its joint table)."""
-    key, (m1, m2) = u2a.headline(info.multilabel), info.modalities
+def lesson_table(summary, shares, info):
+    """The lesson in one table: each method's mean test score (summarize) with both modalities, then with each
+    one alone (shares: {scenario: % of each modality present}), and for a synthetic design the best any model
+    can reach (data.bayes_ceiling, exact from its joint table)."""
+    m1, m2 = info.modalities
     columns = {f"{m1} + {m2}": {m1: 100, m2: 100}, f"{m1} only": {m1: 100, m2: 0}, f"{m2} only": {m1: 0, m2: 100}}
+    scenario = {column: next(name for name, s in shares.items() if s == want) for column, want in columns.items()}
     lines = [f"{'':22}" + "".join(f"{c:>16}" for c in columns)]
-    for method in [m for m in u2a.METHODS if m in metrics_by_method]:  # naive first, u2a last
-        results = metrics_by_method[method]["scenarios"].values()
-        row = [next(r[key] for r in results if r["shares"] == shares) for shares in columns.values()]
-        lines.append(f"{method:22}" + "".join(f"{v:>16.1f}" for v in row))
+    for method, results in summary.items():  # in u2a.METHODS' order: naive first, u2a last
+        lines.append(f"{method:22}" + "".join(f"{results[scenario[c]]['mean']:>16.1f}" for c in columns))
     if info.name in data.SYNTHETIC:
         ceiling = data.bayes_ceiling(info.name)
         lines.append(f"{'Bayes ceiling':22}" + "".join(f"{ceiling[k]:>16.1f}" for k in ("both", m1, m2)))
@@ -669,15 +669,6 @@ def summarize(runs, info, args):
     return summary
 
 
-def mean_metrics(runs, summary, info):
-    """{method: metrics} whose headline score is the mean over the seeds: what lesson_table reads."""
-    key, first = u2a.headline(info.multilabel), {}
-    for (_, method), metrics in runs.items():
-        first.setdefault(method, metrics)
-    return {m: {"scenarios": {name: {**r, key: summary[m][name]["mean"]} for name, r in first[m]["scenarios"].items()}}
-            for m in summary}
-
-
 def setting_notes(info, args, counts):
     """What a reader must know before comparing a row with the paper (counts: {split: samples we loaded})."""
     if info.name in data.SYNTHETIC:
@@ -736,7 +727,7 @@ def report(runs, info, args, folder, counts):
     summary = summarize(runs, info, args)
     shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
     text = summary_markdown(summary, shares, info, args, sorted({seed for seed, _ in runs}), counts)
-    print(lesson_table(mean_metrics(runs, summary, info), info))
+    print(lesson_table(summary, shares, info))
     print("\n" + text + f"(written to {folder / 'summary.json'} and {folder / 'summary.md'})")
     write_json(folder / "summary.json", summary)
     (folder / "summary.md").write_text(text)
