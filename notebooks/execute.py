@@ -59,6 +59,22 @@ def execute(name, kernels, tmp, run=None):
     return nb
 
 
+def coalesce_streams(nb):
+    """Join a cell's consecutive prints to one stream (how the kernel splits them depends on timing), so
+    that a refresh changes the saved file only where the printed text changed."""
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if merged and out.output_type == "stream" and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        if cell.cell_type == "code":
+            cell.outputs = merged
+    return nb
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +88,7 @@ def main(argv=None):
         kernels = write_kernelspec(Path(tmp) / "kernels")
         for name in args.names:
             t0 = time.time()
-            nb = execute(name, kernels, tmp)
+            nb = coalesce_streams(execute(name, kernels, tmp))
             nb.metadata.kernelspec = {"display_name": "Python 3", "language": "python", "name": KERNEL_NAME}
             if args.write:
                 nbformat.write(nb, NOTEBOOKS / name)
