@@ -114,15 +114,22 @@ def test_notebook_is_committed_executed(name):
     assert not leaks, f"{name} names folders of the machine that ran it ({leaks}): print them relative, then {refresh}"
 
 
-def test_committed_notebooks_without_outputs_fail_the_check(tmp_path, monkeypatch):
-    """The check above can fail: a notebook saved unexecuted, or with an error, is caught."""
+@pytest.mark.parametrize("spoil, message", [("unexecuted", "did not all run once"), ("error", "saved with an error"),
+                                            ("path", "names folders of the machine")])
+def test_the_committed_check_catches_a_spoilt_notebook(spoil, message, tmp_path, monkeypatch):
+    """The check above can fail: a notebook saved unexecuted, with an error, or printing a local folder."""
     nb = nbformat.read(NOTEBOOKS / NAMES[1], as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    if spoil == "unexecuted":
+        for cell in code:
             cell.outputs, cell.execution_count = [], None
+    if spoil == "error":
+        code[-1].outputs.append(nbformat.v4.new_output("error", ename="RuntimeError", evalue="boom", traceback=[]))
+    if spoil == "path":
+        code[0].outputs.append(nbformat.v4.new_output("stream", name="stdout", text=f"run {ROOT / 'runs' / 'a'}\n"))
     monkeypatch.setitem(globals(), "NOTEBOOKS", tmp_path)
     nbformat.write(nb, tmp_path / NAMES[1])
-    with pytest.raises(AssertionError, match="did not all run once"):
+    with pytest.raises(AssertionError, match=message):
         test_notebook_is_committed_executed(NAMES[1])
 
 
