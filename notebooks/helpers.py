@@ -114,7 +114,8 @@ def run_scenarios(settings, info):
 def load_run(folder):
     """Everything the analyses need from one method's folder: metrics.json, the stored test tokens
     (cls.<m>, mt.<m> (n, D), labels, present, index), the trained model rebuilt from best.safetensors,
-    the naive baseline's placeholder tokens, the test scenarios and the training log."""
+    a placeholder method's placeholder tokens (naive, placeholder-dropout), the test scenarios and the
+    training log."""
     folder = Path(folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     tokens_file = folder / "test_tokens.safetensors"
@@ -153,7 +154,7 @@ def result(r, rate, missing=None):
 
 def fused_features(model, tokens, present, placeholders=None):
     """T1 + T2 (n, D) under a present table (n, 2): the head's input, recorded while u2a.scenario_logits
-    runs, so it is the forward pass's own token selection (the naive baseline's placeholders included)."""
+    runs, so it is the forward pass's own token selection (a placeholder method's placeholders included)."""
     seen = []
     hook = model.head.register_forward_pre_hook(lambda head, args: seen.append(args[0]))
     try:

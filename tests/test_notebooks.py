@@ -4,57 +4,47 @@ the working directory (where Jupyter starts a notebook's kernel):
   - by default (no U2A_RUN): synthetic data and the toy encoders; 03 trains with `python train.py`;
   - pointed at a train.py run folder of a real dataset layout: a tiny fake MM-IMDb (multi-label, F1) trained for
     one epoch with small random encoders saved in the paper's checkpoint layouts by transformers.
-They are committed without outputs, and none of them (nor notebooks/helpers.py) imports train.py.
+They are committed executed (outputs of a clean run of the synthetic default, made by
+`python notebooks/execute.py --write`), so that a reader sees them without running them: every code cell ran,
+in order, without an error, and no output names a folder of the machine that ran it. None of them (nor
+notebooks/helpers.py) imports train.py.
 
-Each notebook runs in a fresh kernel of this interpreter: a kernelspec written into a temporary folder, so
-that whatever `python3` kernels the machine has installed elsewhere are never picked.
+Each notebook runs in a fresh kernel of this interpreter (notebooks/execute.py: a kernelspec written into a
+temporary folder, so that whatever `python3` kernels the machine has installed elsewhere are never picked).
 """
+import getpass
+import importlib.util
 import json
-import os
 import re
-import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
 from PIL import Image
 
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["01_pipeline.ipynb", "02_lora.ipynb", "03_missing_modalities.ipynb"]
-# seconds. The longest cell trains U2A and the naive baseline (03): ~12 s on 2 idle cores, but several minutes
-# when other processes compete for the same cores, so the limit only catches a cell that hangs.
-CELL_TIMEOUT = 600
+# notebooks/execute.py (the refresh command) runs the notebooks; the tests run them with the same function
+_spec = importlib.util.spec_from_file_location("notebook_execute", NOTEBOOKS / "execute.py")
+notebook_execute = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(notebook_execute)
+NAMES = notebook_execute.NAMES
 PLOTS = {"01_pipeline.ipynb": 3, "02_lora.ipynb": 3, "03_missing_modalities.ipynb": 7}  # figures each one draws
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     """A folder holding one kernelspec, `python3`, that starts ipykernel with this very interpreter."""
-    folder = tmp_path_factory.mktemp("kernels")
-    (folder / "python3").mkdir()
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (u2a tests)", "language": "python"}
-    (folder / "python3" / "kernel.json").write_text(json.dumps(spec))
-    return folder
+    return notebook_execute.write_kernelspec(tmp_path_factory.mktemp("kernels"))
 
 
 def execute(name, kernels, tmp, run=None):
     """Run every cell of notebooks/<name> in a fresh kernel; any cell error raises CellExecutionError.
-    The kernel's temporary files (03's run folder) go to `tmp`, which pytest cleans up."""
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    km = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
-    env = {k: v for k, v in os.environ.items() if k != "U2A_RUN"}
-    env["TMPDIR"] = str(tmp)
-    if run is not None:
-        env["U2A_RUN"] = str(run)
-    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(env=env)
-    return nb
+    The kernel's temporary files (03's run folders) go to `tmp`, which pytest cleans up."""
+    return notebook_execute.execute(name, kernels, tmp, run)
 
 
 def text_of(nb):
@@ -66,21 +56,81 @@ def figures(nb):
                for out in cell.outputs)
 
 
+def kinds(cell):
+    """What a code cell showed: printed text and/or figures (warnings on stderr aside)."""
+    shown = set()
+    for out in cell.outputs:
+        if out.output_type == "stream" and out.name == "stdout" or "text/plain" in out.get("data", {}):
+            shown.add("text")
+        if "image/png" in out.get("data", {}):
+            shown.add("figure")
+    return shown
+
+
+def readable(nb):
+    """Every text the notebook holds, decoded (a backslash is one character): metadata, sources and outputs,
+    less the figures' base64, where a short path could appear by chance."""
+    parts = [json.dumps(nb.metadata)]
+    for cell in nb.cells:
+        parts += [json.dumps(cell.metadata), cell.source]
+        for out in cell.get("outputs", []):
+            parts += [out.get("text", ""), out.get("evalue", ""), *out.get("traceback", [])]
+            parts += [value for kind, value in out.get("data", {}).items() if kind != "image/png"]
+    return "\n".join(part if isinstance(part, str) else "".join(part) for part in parts)
+
+
+def machine_paths():
+    """Strings that would tie a saved output to one machine: this checkout, the temporary and home folders,
+    the user's name as a folder, and the usual roots of home and scratch folders."""
+    user = getpass.getuser()
+    found = {str(ROOT), str(Path(tempfile.gettempdir()).resolve()), str(Path.home())}
+    found = {path for path in found if len(Path(path).parts) > 1}  # a home of "/" would match every path
+    return sorted(found | {f"/{user}/", f"\\{user}\\", "/tmp/", "/home/", "/Users/", "/work/", "/root/", "C:\\Users"})
+
+
 # -----------------------------------------------------------------------------
-# As committed
+# As committed: executed by a clean run, without machine-specific paths
 
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_is_committed_without_outputs(name):
+def test_notebook_is_committed_executed(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert code and code[0].source.startswith("#"), "cell 1: a comment, then the imports and the seed"
     assert nb.cells[0].cell_type == "markdown" and "Runtime" in nb.cells[0].source
-    assert all(not cell.outputs and cell.execution_count is None for cell in code), \
-        f"{name} has outputs: clear them before committing"
     assert all(cell.source.lstrip().startswith("#") for cell in code), "every code cell opens with a comment"
     assert not any(re.search(r"\bimport train\b|(?<![\w.])train\.(?!py)", cell.source) for cell in code), \
         "notebooks import only the library modules: train.py is the command line"
+    refresh = "refresh it with `python notebooks/execute.py --write " + name + "`"
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), \
+        f"{name}: its code cells did not all run once, top to bottom, in one kernel: {refresh}"
+    errors = [out for cell in code for out in cell.outputs if out.output_type == "error"]
+    assert not errors, f"{name} was saved with an error ({errors[0].ename}: {errors[0].evalue}): {refresh}"
+    out = text_of(nb)
+    assert f"{name.split('.')[0]} OK" in out and "synthetic" in out, f"{name}: saved from another run: {refresh}"
+    assert figures(nb) >= PLOTS[name]
+    saved = readable(nb)
+    leaks = [path for path in machine_paths() if path in saved]
+    assert not leaks, f"{name} names folders of the machine that ran it ({leaks}): print them relative, then {refresh}"
+
+
+@pytest.mark.parametrize("spoil, message", [("unexecuted", "did not all run once"), ("error", "saved with an error"),
+                                            ("path", "names folders of the machine")])
+def test_the_committed_check_catches_a_spoilt_notebook(spoil, message, tmp_path, monkeypatch):
+    """The check above can fail: a notebook saved unexecuted, with an error, or printing a local folder."""
+    nb = nbformat.read(NOTEBOOKS / NAMES[1], as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    if spoil == "unexecuted":
+        for cell in code:
+            cell.outputs, cell.execution_count = [], None
+    if spoil == "error":
+        code[-1].outputs.append(nbformat.v4.new_output("error", ename="RuntimeError", evalue="boom", traceback=[]))
+    if spoil == "path":
+        code[0].outputs.append(nbformat.v4.new_output("stream", name="stdout", text=f"run {ROOT / 'runs' / 'a'}\n"))
+    monkeypatch.setitem(globals(), "NOTEBOOKS", tmp_path)
+    nbformat.write(nb, tmp_path / NAMES[1])
+    with pytest.raises(AssertionError, match=message):
+        test_notebook_is_committed_executed(NAMES[1])
 
 
 def test_helpers_import_only_the_library():
@@ -99,6 +149,13 @@ def test_notebook_runs_clean_on_the_synthetic_default(name, kernels, tmp_path):
     assert f"{name.split('.')[0]} OK" in out, "the final cell prints its check"
     assert "synthetic" in out
     assert figures(nb) >= PLOTS[name]
+    # the committed outputs are this notebook's: every cell that prints or draws now did so when saved
+    committed = [cell for cell in nbformat.read(NOTEBOOKS / name, as_version=4).cells if cell.cell_type == "code"]
+    fresh = [cell for cell in nb.cells if cell.cell_type == "code"]
+    stale = [i + 1 for i, (now, saved) in enumerate(zip(fresh, committed)) if not kinds(now) <= kinds(saved)]
+    assert not stale, f"{name}: code cells {stale} show outputs the committed file lacks: " \
+                      f"refresh it with `python notebooks/execute.py --write {name}`"
+    assert not [path for path in machine_paths() if path in readable(nb)], "a fresh run prints a machine path"
 
 
 # -----------------------------------------------------------------------------
