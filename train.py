@@ -2,7 +2,7 @@
 Train and evaluate U2A (paper section 4) on one dataset, then report every missing-modality scenario of the
 paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun (DDP).
 
-    python train.py                                  # offline default: synthetic data, toy encoders, ~30 s on CPU
+    python train.py                                  # offline default: 4 methods, toy encoders, ~2 min on CPU
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
     python train.py --data food101 --gpu 0 --seed 0 1 2 --method u2a naive   # 6 runs; summary.md: mean ± SD
     torchrun --nproc_per_node 2 train.py --data mmimdb
@@ -55,8 +55,9 @@ TOKENS_AS_WRITTEN = dict(mt_init="cls", align_stop_grad=False, token_lr_scale=1.
 IMAGE_TEXT = dict(lr=1e-3, epochs=10, batch_size=8, method=["u2a"], **TOKENS_AS_WRITTEN)
 AUDIO_VIDEO = dict(lr=5e-5, epochs=100, batch_size=4, method=["u2a"], **TOKENS_AS_WRITTEN)
 # Not the paper's: the toy default (the synthetic designs) trains the four methods side by side in about a
-# minute on a CPU. Its token settings are those under which the toy's MTs learn to estimate the other
-# modality's CLS (README, "The default run"): with the settings above they stay copies of their own CLS.
+# minute and a half on a CPU. Its token settings are those under which the toy's MTs learn to estimate the
+# other modality's CLS (README, "The default run"): with the settings above, on the toy, the MTs ended at the
+# constant-guess level and the complete case fell to 88.4 (seeds 0-2).
 TOY = dict(lr=2e-3, epochs=12, batch_size=32, warmup_epochs=1, lam=1.0, method=list(u2a.METHODS),
            mt_init="random", align_stop_grad=True, token_lr_scale=10.0)
 RECIPES = {"food101": IMAGE_TEXT, "mmimdb": IMAGE_TEXT, "cremad": AUDIO_VIDEO, "ks": AUDIO_VIDEO, "ave": AUDIO_VIDEO,
