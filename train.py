@@ -397,7 +397,7 @@ def check_encoders_fit(paths, info, tokenizer):
 
 def check_same_encoders(trained, paths, ckpt):
     """A resumed run's encoders, maybe moved (--weights), are still those it was trained with: the configs
-    u2a.build_model recorded in the checkpoint (`trained`, its "model" metadata)."""
+    u2a.U2A recorded in the checkpoint's config (`trained`, its "model" metadata)."""
     differ = [m for m, expected in trained.get("encoder_configs", {}).items()
               if asdict(encoder_config(m, paths[m])) != expected]
     if differ:
