@@ -150,28 +150,14 @@ def vars_json(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def pair_folder(out, seed, method, seeds, methods):
-    """Where the run of one (seed, method) pair lives: the run folder itself for one seed and one method,
-    <out>/<method>/ for several methods, <out>/seed<k>/ and <out>/seed<k>/<method>/ for several seeds."""
-    folder = out / f"seed{seed}" if len(seeds) > 1 else out
-    return folder / method if len(methods) > 1 else folder
-
-
-def method_folders(out):
-    """Where a run folder keeps its runs' files (pair_folder's layout): itself (one seed, one method), one
-    sub-folder per method, per seed (seed<k>/), or per seed and method (seed<k>/<method>/)."""
-    seeds = sorted(p for p in Path(out).glob("seed*") if p.is_dir())
-    return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in u2a.METHODS]]
-
-
 def checkpoints(out, name):
     """The files `name` (best.safetensors, last.safetensors) of the runs in a run folder."""
-    return [folder / name for folder in method_folders(out) if (folder / name).is_file()]
+    return [folder / name for folder in u2a.run_folders(out) if (folder / name).is_file()]
 
 
 def holds_run(out):
     """The first file of a run in folder `out` (or in its methods' folders), else None."""
-    for folder in method_folders(out):
+    for folder in u2a.run_folders(out):
         for name in RUN_FILES:
             if (folder / name).is_file():
                 return folder / name
@@ -1148,7 +1134,7 @@ def run_pairs(args, sets, ctx):
     pairs = [(seed, method) for seed in args.seeds for method in args.method]
     runs = {}
     for i, (seed, method) in enumerate(pairs, 1):
-        out = pair_folder(args.out, seed, method, args.seeds, args.method)
+        out = u2a.run_folder(args.out, seed, method, args.seeds, args.method)
         finished = args.resume and (out / "metrics.json").is_file()
         if ctx.rank == 0:
             print(f"\n== run {i} of {len(pairs)}: {method}, seed {seed}, in {out}"
@@ -1191,7 +1177,7 @@ def train_and_report(args, proc):
         args.out.mkdir(parents=True, exist_ok=True)
         lock = lock_run_folder(args.out)
         if args.resume:
-            for folder in method_folders(args.out):
+            for folder in u2a.run_folders(args.out):
                 cut_log_at_checkpoint(folder)
         write_json(args.out / "config.json", vars_json(args))
         print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "

@@ -353,9 +353,24 @@ def save_checkpoint(path, model, extra_tensors=None, meta=None):
     os.replace(tmp, path)
 
 
+def run_folder(out, seed, method, seeds, methods):
+    """Where train.py writes the run of one (seed, method) pair under its --out folder `out`: `out` itself for
+    one seed and one method, <out>/<method>/ for several methods, <out>/seed<k>/ and <out>/seed<k>/<method>/
+    for several seeds."""
+    folder = Path(out) / f"seed{seed}" if len(seeds) > 1 else Path(out)
+    return folder / method if len(methods) > 1 else folder
+
+
+def run_folders(out):
+    """Every folder of run_folder's layout under `out` that may hold a run (existing or not): `out`, its
+    method sub-folders, its seed<k>/ folders and theirs."""
+    seeds = sorted(p for p in Path(out).glob("seed*") if p.is_dir())
+    return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in METHODS]]
+
+
 def checkpoint_file(path):
     """The checkpoint file `path` names: the file itself, or in a train.py run folder its best.safetensors
-    (the validation-selected model), at the top or in the folder's one method subfolder."""
+    (the validation-selected model), at the top or in the folder's one run (run_folders)."""
     path = Path(path)
     if path.is_file():
         return path
@@ -365,7 +380,7 @@ def checkpoint_file(path):
         raise FileNotFoundError(f"checkpoint {path} not found: {expected}")
     if (path / "best.safetensors").is_file():
         return path / "best.safetensors"
-    found = sorted(path.glob("*/best.safetensors"))  # a run of several methods: one subfolder each
+    found = [f / "best.safetensors" for f in run_folders(path)[1:] if (f / "best.safetensors").is_file()]
     if len(found) == 1:
         return found[0]
     if found:  # which method the caller wants is theirs to say
@@ -373,7 +388,7 @@ def checkpoint_file(path):
         raise ValueError(f"run folder {path} holds {len(found)} checkpoints: {names}; pass one of them, "
                          f"e.g. u2a.from_checkpoint('{found[0]}')")
     others = sorted(str(f.relative_to(path)) for f in path.rglob("*.safetensors"))
-    raise FileNotFoundError(f"{path} holds no best.safetensors, in it or in a method subfolder ({expected}); "
+    raise FileNotFoundError(f"{path} holds no best.safetensors, in it or in a run's subfolder ({expected}); "
                             f"safetensors files in it: {', '.join(others) if others else 'none'}"
                             + ("; pass last.safetensors by name to use the last saved step"
                                if "last.safetensors" in others else ""))

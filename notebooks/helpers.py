@@ -65,20 +65,22 @@ def toy_model(method="u2a"):
 # Run folders written by train.py
 
 def method_folders(run):
-    """{method: folder}, U2A first. `train.py --out RUN` writes one method's files into RUN itself, or into
-    RUN/<method> for each of several methods (the synthetic default trains all four of u2a.METHODS)."""
+    """{method: folder} of the finished runs of one seed, U2A first. `train.py --out RUN` writes one method's
+    files into RUN itself, or into RUN/<method> for each of several methods (u2a.run_folder's layout; of a
+    run of several seeds, pass RUN/seed<k>)."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist (expected the --out folder of train.py)")
     folders = {}
-    if (run / "metrics.json").is_file():
-        folders[json.loads((run / "metrics.json").read_text())["method"]] = run
-    for method in u2a.METHODS:
-        if (run / method / "metrics.json").is_file():
-            folders[method] = run / method
+    for folder in u2a.run_folders(run):
+        if folder == run or (folder.parent == run and folder.name in u2a.METHODS):  # not another seed's
+            if (folder / "metrics.json").is_file():
+                folders.setdefault(json.loads((folder / "metrics.json").read_text())["method"], folder)
     if not folders:
+        seeds = sorted(p.name for p in run.glob("seed*") if p.is_dir())
         raise FileNotFoundError(f"{run}: no metrics.json in it nor in a method's sub-folder ({', '.join(u2a.METHODS)}): "
-                                "not a finished train.py run folder")
+                                "not a finished train.py run folder"
+                                + (f"; it holds several seeds' runs: pass one of {', '.join(seeds)}" if seeds else ""))
     return dict(sorted(folders.items(), key=lambda kv: kv[0] != "u2a"))
 
 

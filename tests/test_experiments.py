@@ -4,6 +4,8 @@ and data that is the same for every run seed. Tiny runs on the synthetic data (s
 import json
 import shutil
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +178,17 @@ def test_tables_3_and_6_follow_the_training_setting():
     assert train.paper_result(info, args, {"image": 65.0, "text": 65.0}) == (54.04, 0.23, 3)
     args.train_missing_rate = 0.5  # not the paper's eta
     assert train.paper_result(info, args, {"image": 75.0, "text": 75.0}) is None
+
+
+def test_the_library_finds_the_runs_of_a_multi_seed_folder(grid):
+    """u2a.run_folders is the one description of the layout: train.py writes by it, u2a.checkpoint_file and
+    the notebooks' helpers read by it."""
+    grid, _ = grid
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "notebooks"))
+    import helpers
+    with pytest.raises(ValueError, match=r"holds 4 checkpoints: seed0/naive/best.safetensors"):
+        u2a.checkpoint_file(grid)
+    assert u2a.checkpoint_file(grid / "seed1" / "u2a") == grid / "seed1" / "u2a" / "best.safetensors"
+    assert helpers.method_folders(grid / "seed1") == {"u2a": grid / "seed1" / "u2a", "naive": grid / "seed1" / "naive"}
+    with pytest.raises(FileNotFoundError, match="several seeds' runs: pass one of seed0, seed1"):
+        helpers.method_folders(grid)
