@@ -141,8 +141,9 @@ KEYWORDS = [["sun", "sunny", "bright"], ["moon", "night", "dark"], ["rain", "wet
 FLIP_CLASSES = ["A", "B"]
 
 
-def synthetic_class_names(name="synthetic-independent"):
-    """The 8 classes of synthetic-independent, quadrant + keyword; "synthetic" has FLIP_CLASSES."""
+def synthetic_class_names(name):
+    """The classes of a synthetic design: FLIP_CLASSES for "synthetic", quadrant + keyword (8) for
+    "synthetic-independent"."""
     if name == "synthetic":
         return list(FLIP_CLASSES)
     return [f"{QUADRANTS[c // 2]}+{KEYWORDS[c % 4][0]}" for c in range(8)]
@@ -172,8 +173,8 @@ REGISTRY = {
     "ave": dict(modalities=AUDIO_VIDEO, class_names=AVE_CLASSES, multilabel=False, metric="accuracy", has_val=True),
     "synthetic": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names("synthetic"), multilabel=False,
                       metric="accuracy", has_val=True, image_size=SYNTHETIC_IMAGE_SIZE),
-    "synthetic-independent": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names(), multilabel=False,
-                                  metric="accuracy", has_val=True, image_size=SYNTHETIC_IMAGE_SIZE),
+    "synthetic-independent": dict(modalities=IMAGE_TEXT, class_names=synthetic_class_names("synthetic-independent"),
+                                  multilabel=False, metric="accuracy", has_val=True, image_size=SYNTHETIC_IMAGE_SIZE),
 }
 DATASETS = tuple(REGISTRY)
 

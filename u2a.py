@@ -27,7 +27,7 @@ Choices the paper leaves open, made here:
   moves the MTs only, and never pulls a CLS towards what its MT can guess. On the toy, without it, the
   complete case fell from 98.6 to 91.2.
 - Eq. 6 averages over the samples whose two modalities are both present *at that step*, after dropout: it
-  is live on the steps where dropout keeps both (about 1 in 3 on a complete set), zero on the others.
+  is live on the steps where dropout keeps both (probability 1/3 a step on a complete set), zero on the others.
 - Our CLS takes the place of the pretrained class token (position 0, with position 0's embedding folded in);
   the MT goes at the end of the sequence with no position embedding of its own: it is a learned vector, so
   any position embedding would only be folded into it. For BERT, the padding mask never hides CLS or MT.

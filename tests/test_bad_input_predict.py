@@ -25,7 +25,7 @@ def toy_model():
     matter, so that every input changes the prediction."""
     torch.manual_seed(0)
     config = u2a.U2AConfig(encoders={"image": str(TOY / "vit"), "text": str(TOY / "bert")},
-                           class_names=data.synthetic_class_names())
+                           class_names=data.synthetic_class_names("synthetic-independent"))
     model = u2a.U2A(config)
     for mod in model.modules():
         if isinstance(mod, LoRALinear):

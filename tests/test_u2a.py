@@ -297,7 +297,7 @@ TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
 def toy_model(method):
     torch.manual_seed(0)
     config = U2AConfig(encoders={"image": str(TOY / "vit"), "text": str(TOY / "bert")},
-                       class_names=data.synthetic_class_names(), method=method)
+                       class_names=data.synthetic_class_names("synthetic-independent"), method=method)
     model = U2A(config)
     for mod in model.modules():  # trained-looking factors, so that every input matters
         if isinstance(mod, LoRALinear):
@@ -315,7 +315,7 @@ def test_predict_equals_the_forward_pass_on_the_same_sample(method, present):
     batch = data.collate([{**item, "image": image, "text": text}], data.dataset_info("synthetic"))
     with torch.no_grad():
         expected = model(batch).logits[0].softmax(0)
-    assert [name for name, _ in got] == [data.synthetic_class_names()[c] for c in expected.argsort(descending=True)]
+    assert [name for name, _ in got] == [data.synthetic_class_names("synthetic-independent")[c] for c in expected.argsort(descending=True)]
     assert torch.allclose(torch.tensor([p for _, p in got]), expected.sort(descending=True).values, atol=1e-6)
     assert batch["present"].tolist() == [list(present)]
 
