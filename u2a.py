@@ -55,8 +55,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import data
-from encoders import AST, BERT, ViT
+from encoders import AST, BERT, ASTConfig, BERTConfig, ViT, ViTConfig
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
+from weights.download import CHECKPOINTS
 
 # Which keys of a batch (data.py's contract) each modality reads, and which encoder class reads them.
 MODALITY_INPUTS = {
@@ -66,6 +67,7 @@ MODALITY_INPUTS = {
     "text": ("input_ids", "attention_mask"),      # (B, L), (B, L)
 }
 MODALITY_ENCODER = {"image": ViT, "video": ViT, "audio": AST, "text": BERT}
+MODALITY_CONFIG = {"image": ViTConfig, "video": ViTConfig, "audio": ASTConfig, "text": BERTConfig}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, key, value and output
 
 
@@ -120,11 +122,28 @@ class U2AConfig:
 # -----------------------------------------------------------------------------
 # Pretrained encoders for a modality
 
+# Where each modality's encoder lives under a weights folder, and the command that puts it there: the paper's
+# encoders (weights/download.py's folders) or the toy ones the synthetic data is made for (weights/make_toy.py).
+ENCODER_FOLDERS = {
+    "paper": {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
+              "text": CHECKPOINTS["bert"].folder, "audio": CHECKPOINTS["ast"].folder},
+    "toy": {"image": "toy/vit", "text": "toy/bert"},
+}
+GET_ENCODERS = {"paper": "python weights/download.py --dest {weights}", "toy": "python weights/make_toy.py"}
+
+
 def load_encoder(modality, path):
     """The frozen pretrained encoder for a modality, read from a checkpoint folder or file."""
     if modality not in MODALITY_ENCODER:
         raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_ENCODER)}")
     return MODALITY_ENCODER[modality].from_pretrained(path)
+
+
+def encoder_config(modality, folder):
+    """An encoder's config as load_encoder will read it (its folder's config.json, or the class's defaults
+    without one), without loading the weights: enough to check that it fits the data."""
+    config_file, config_class = Path(folder) / "config.json", MODALITY_CONFIG[modality]
+    return config_class.from_json(config_file) if config_file.is_file() else config_class()
 
 
 # -----------------------------------------------------------------------------
@@ -341,15 +360,19 @@ def modality_dropout(present, generator=None):
 # -----------------------------------------------------------------------------
 # A trained model: the config that builds it, and a checkpoint that rebuilds it from the file alone
 
-def save_checkpoint(path, model, extra_tensors=None, meta=None):
-    """Only what training changed (LoRA factors, CLS/MT tokens, head) as `model.<name>`, plus the model's
-    config in the file's metadata; `extra_tensors`/`meta` carry a caller's own state (train.py: optimizer,
-    step). Written to a name of this process's own, then renamed: a crash leaves the previous file intact."""
-    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tensors.update(extra_tensors or {})
-    meta = {**(meta or {}), "model": asdict(model.config)}
+def save_checkpoint(path, model, meta=None, optimizer=None):
+    """Only what training changed (LoRA factors, CLS/MT tokens, head) as `model.<name>`, and the model's config
+    in the file's metadata beside the caller's `meta` (train.py: the step, the run's settings). With
+    `optimizer`, its state too (`optim.<name>.<key>`): all a resumed run needs to continue exactly, since
+    train.py keys every random stream by the step. Written to a name of this process's own, then renamed: a
+    crash leaves the previous file intact."""
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in trained.items()}
+    for n, p in trained.items() if optimizer is not None else ():
+        for key, value in optimizer.state.get(p, {}).items():  # AdamW: step (0-dim), exp_avg, exp_avg_sq
+            tensors[f"optim.{n}.{key}"] = (value.reshape(1) if value.dim() == 0 else value).detach().cpu().contiguous()
     tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata={"u2a": json.dumps(meta)})
+    save_file(tensors, tmp, metadata={"u2a": json.dumps({**(meta or {}), "model": asdict(model.config)})})
     os.replace(tmp, path)
 
 
@@ -405,9 +428,10 @@ def open_checkpoint(path):
         raise ValueError(f"{path} is not a safetensors checkpoint written by u2a ({err})") from None
 
 
-def load_trained(model, path):
-    """Copy a checkpoint's trained tensors into `model`; every one must fit and be finite (a run that
-    diverged saves NaN, and a model loaded from it would predict NaN for every input). Returns the metadata."""
+def load_trained(model, path, optimizer=None):
+    """Copy a checkpoint's trained tensors into `model` (and its optimizer state into `optimizer`, given one);
+    every one must fit and be finite (a run that diverged saves NaN, and a model loaded from it would predict
+    NaN for every input). Returns the metadata."""
     path = checkpoint_file(path)
     f, meta = open_checkpoint(path)
     params = dict(model.named_parameters())
@@ -430,6 +454,11 @@ def load_trained(model, path):
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
+    for n in sorted(expected) if optimizer is not None else ():  # save_checkpoint's optimizer state
+        state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] == f"optim.{n}"}
+        if state:
+            optimizer.state[params[n]] = {k: v.reshape(()) if k == "step" else v.to(params[n].device)
+                                          for k, v in state.items()}
     return meta
 
 
