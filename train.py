@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -75,9 +74,8 @@ class NonFiniteLoss(UserError, FloatingPointError):
 
 
 def defaults(name, gpu=None):
-    """What a run on dataset `name` takes for every option left out, in three parts: the run's settings (a
-    resumed run keeps them and refuses others), the places and the extra test setting (a resumed or evaluated
-    run keeps them unless given again: its data or encoders may have moved), and this invocation's own."""
+    """Every option left out, in three parts: the run's settings (a resumed run keeps them, refuses others),
+    its places and extra test setting (kept unless given again: data and encoders may move), this call's own."""
     run = {**PAPER, "data": name, "limit": None, "seeds": [0], "train_missing_rate": 0.0, "train_missing_type": None,
            "modality_dropout": "auto", "on_error": "raise", "threads": None,
            "precision": "bf16" if gpu is not None and torch.cuda.is_bf16_supported() else "fp32"}
@@ -85,9 +83,8 @@ def defaults(name, gpu=None):
               "test_missing_type": None}  # None: the training setting
     invocation = {"out": None, "eval_only": None, "resume": False, "gpu": gpu, "compile": False, "save_every": 0,
                   "workers": min(4, os.cpu_count() or 1)}
-    for part in (run, places, invocation):  # the recipe row's value wins, in whichever part it belongs
-        part.update({k: v for k, v in RECIPES[name].items() if k in part or part is run and
-                     k not in places and k not in invocation})
+    for part in (places, invocation, run):  # the recipe row wins, in the part it belongs to (else the run's)
+        part.update({k: v for k, v in RECIPES[name].items() if k in part or part is run and k not in {**places, **invocation}})
     return run, places, invocation
 
 
@@ -114,20 +111,10 @@ def lr_factor(step, total_steps, warmup_steps):
 
 
 # -----------------------------------------------------------------------------
-# The run folder (u2a.run_folder's layout; checkpoints: u2a.save_checkpoint). No pickle anywhere.
-
-RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", "metrics.json")
-
-
-def write_text(path, text):
-    """Whole or not at all: a kill mid-write leaves the old file."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")  # this process's own temporary name
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
+# The run folder: u2a.run_folder's layout, u2a.save_checkpoint's files (no pickle anywhere), log.jsonl
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
+    u2a.write_text(path, json.dumps(obj, indent=1))  # whole or not at all
 
 
 def append_log(path, record):
@@ -137,61 +124,6 @@ def append_log(path, record):
 
 def vars_json(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-def checkpoints(out, name):
-    """The files `name` (best.safetensors, last.safetensors) of the runs in a run folder."""
-    return [folder / name for folder in u2a.run_folders(out) if (folder / name).is_file()]
-
-
-def holds_run(out):
-    """The first file of a run in folder `out` (or in its runs' folders), else None: only --resume writes there."""
-    return next((f / name for f in u2a.run_folders(out) for name in RUN_FILES if (f / name).is_file()), None)
-
-
-def lock_run_folder(out):
-    """A run folder belongs to one live run: `lock` holds its host and pid. A lock whose process is gone
-    (a crash) is taken over; a live one is an error."""
-    lock = out / "lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not alive(int(pid)):
-                lock.unlink(missing_ok=True)  # left by a run that died
-                continue
-            raise UserError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
-                            f"give another --out, or delete {lock} if that run is gone") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-        return lock
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
-def cut_log_at_checkpoint(folder):
-    """A resumed run continues from its last.safetensors' step (from 0 without one): the log lines the killed
-    run wrote after it, and a line the kill cut short, are dropped, or the resumed run would log them twice."""
-    log, last = folder / "log.jsonl", folder / "last.safetensors"
-    if not log.is_file():
-        return
-    step, kept = u2a.open_checkpoint(last)[1]["step"] if last.is_file() else 0, []
-    for line in log.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, TypeError, KeyError):  # cut short: not one of the run's records
-            continue
-    write_text(log, "".join(kept))
 
 
 # -----------------------------------------------------------------------------
@@ -224,8 +156,7 @@ def setup_distributed(args):
 
 
 def autocast_for(device, precision):
-    """fp32: no autocast. bf16/fp16: torch.autocast on the run's device type (fp16 also needs the grad
-    scaler train() makes). The CPU tests run bf16 through this same context."""
+    """fp32: none; bf16/fp16: torch.autocast on the device (fp16 also needs train()'s grad scaler)."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -238,9 +169,7 @@ def progress(iterable, ctx, desc):
 
 def all_sum(t, ctx):
     """Sum a tensor over the DDP processes (in place); the identity for one process."""
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
+    return dist.all_reduce(t) or t if ctx.world > 1 else t
 
 
 def to_device(batch, device):
@@ -264,17 +193,17 @@ def encoder_paths(args, modalities):
 
 @contextmanager
 def as_user_errors():
-    """data.py's FileNotFoundError and ValueError while a run is set up are about the files given (a missing
-    split file, a malformed row, a class without a folder): the user's to fix, so reported as a UserError."""
+    """The libraries' errors while a run is set up are about what was given (a missing split file, a malformed
+    row, a foreign checkpoint, a live run's folder): the user's to fix, so reported as a UserError."""
     try:
         yield
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise UserError(str(err)) from err
 
 
 def check_inputs(args):
-    """The data root and the pretrained weights, checked together so one start reports every fix. A resumed
-    or evaluated run looks where its config says they were: if they moved, the fix is to say where they are."""
+    """The data root and the pretrained weights, together: one start reports every fix. A resumed or evaluated
+    run looks where its config says they were: if they moved, the fix is to say where they are now."""
     saved, problems = args.resume or args.eval_only is not None, []
     if args.data_root is not None and not Path(args.data_root).is_dir():
         problems.append(f"no dataset at --data-root {args.data_root}: " + (
@@ -293,8 +222,7 @@ def check_inputs(args):
 
 
 def check_encoders_fit(paths, info, tokenizer):
-    """The pretrained encoders ({modality: folder}) take what the dataset feeds them: its image size, and every
-    token id the tokenizer gives. Read from their config.json, before anything is written."""
+    """The encoders ({modality: folder}) take the dataset's image size and every token id of its tokenizer."""
     problems = []
     for m, folder in paths.items():
         config, config_file = u2a.encoder_config(m, folder), Path(folder) / "config.json"
@@ -328,15 +256,14 @@ def check_same_run(info, trained, paths, ckpt):
 
 
 def text_tokenizer(args, info):
-    """The text encoder's own WordPiece tokenizer (its folder's vocab.txt: the toy's is data.synthetic_vocab())."""
+    """The text encoder's own WordPiece tokenizer (its folder's vocab.txt)."""
     if "text" not in info.modalities:
         return None
     return data.load_tokenizer(encoder_paths(args, ["text"])["text"], info.text_max_len)
 
 
 def set_missing_tables(sets, args, info):
-    """The train/val missing tables of the run's seed: each seed of a multi-seed run draws its own on the
-    same data (set_present keeps what was read and redraws only what is missing)."""
+    """The train/val missing tables of the run's seed (section 4.4.1): each seed draws its own on the same data."""
     for split in ("train", "val"):
         if split in sets and args.train_missing_rate:
             seed = data.stream_seed(args.seed, f"missing/{split}")
@@ -347,7 +274,7 @@ def set_missing_tables(sets, args, info):
 
 def build_splits(args, info, splits=("train", "val", "test")):
     """Every split, built and checked before the first step: a broken test split is found now, not after
-    hours of training. The data itself is the same for every run seed (make_dataset's own data seed)."""
+    hours of training. The data is the same for every run seed (make_dataset's own data seed)."""
     sets = {}
     for split in splits:
         sets[split] = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
@@ -366,15 +293,13 @@ def model_config(args, info, method):
 
 
 def make_optimizer(model, args):
-    """AdamW (Table 5) over trainable parameters only. Our choices where the paper is silent: decay on
-    matrices (LoRA factors, head weight), none on vectors (biases, and the CLS/MT tokens, which also learn at
-    --token-lr-scale times the learning rate), as nanoGPT does."""
+    """AdamW (Table 5) over trainable parameters only. Where the paper is silent, as nanoGPT: decay on matrices
+    (LoRA factors, head weight), none on vectors (biases; the CLS/MT tokens, at --token-lr-scale x the lr)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_token = lambda n: n.endswith((".cls", ".mt"))
-    groups = [{"params": [p for n, p in named if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_scale": 1.0},
-              {"params": [p for n, p in named if p.dim() < 2 and not is_token(n)], "weight_decay": 0.0,
-               "lr_scale": 1.0},
-              {"params": [p for n, p in named if is_token(n)], "weight_decay": 0.0, "lr_scale": args.token_lr_scale}]
+    token = lambda n: n.endswith((".cls", ".mt"))
+    groups = [dict(params=[p for n, p in named if p.dim() >= 2], weight_decay=args.weight_decay, lr_scale=1.0),
+              dict(params=[p for n, p in named if p.dim() < 2 and not token(n)], weight_decay=0.0, lr_scale=1.0),
+              dict(params=[p for n, p in named if token(n)], weight_decay=0.0, lr_scale=args.token_lr_scale)]
     return torch.optim.AdamW(groups, lr=args.lr, eps=ADAMW_EPS)
 
 
@@ -483,7 +408,7 @@ def report(runs, info, args, folder, counts):
     print(data.lesson_table(summary, shares, info))
     print("\n" + text + f"(written to {folder / 'summary.json'} and {folder / 'summary.md'})")
     write_json(folder / "summary.json", summary)
-    (folder / "summary.md").write_text(text)
+    u2a.write_text(folder / "summary.md", text)
     if len(seeds) == 1:
         return {method: metrics for (_, method), metrics in runs.items()}
     nested = {}
@@ -620,9 +545,9 @@ def train(args, method, out, sets, ctx):
 # -----------------------------------------------------------------------------
 # Command line. The options' defaults are defaults() and settings(): the parser keeps only what was given.
 
-def recipe_help():
+def make_parser():
     rows = {"image-text": IMAGE_TEXT, "audio-video": AUDIO_VIDEO, "toy": TOY}
-    return "\n".join(["defaults per dataset (Table 5; toy: the synthetic data, offline):"] + [
+    epilog = "\n".join(["defaults per dataset (Table 5; toy: the synthetic data, offline):"] + [
         f"  {group:<12} lr {r['lr']:g}, epochs {r['epochs']}, batch {r['batch_size']}, warm-up epochs "
         f"{r.get('warmup_epochs', PAPER['warmup_epochs'])}, lambda {r.get('lam', PAPER['lam'])}, methods "
         f"{' '.join(r['method'])}; MT init {r['mt_init']}, alignment stop-gradient {r['align_stop_grad']}, "
@@ -630,10 +555,7 @@ def recipe_help():
         f"  all          AdamW (eps {ADAMW_EPS:g}, weight decay {PAPER['weight_decay']}), warm-up at {WARMUP_FACTOR}x "
         f"lr, then polynomial decay (power {POWER}); LoRA rank {PAPER['rank']}, alpha {PAPER['alpha']:g}, dropout "
         f"{PAPER['lora_dropout']}; lambda {PAPER['lam']}"])
-
-
-def make_parser():
-    p = argparse.ArgumentParser(description=__doc__, epilog=recipe_help(), argument_default=argparse.SUPPRESS,
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a, per = p.add_argument, "(default: per dataset, below)"
     a("--data", help=f"one of {', '.join(data.DATASETS)} (default: {DEFAULT_DATA})")
@@ -652,20 +574,18 @@ def make_parser():
     a("--alpha", type=float, help=f"LoRA alpha (default: {PAPER['alpha']:g})")
     a("--lora-dropout", type=float, help=f"(default: {PAPER['lora_dropout']})")
     a("--lam", type=float, help=f"lambda of eq. 7 (default: {PAPER['lam']})")
-    a("--seed", type=int, nargs="+", dest="seeds", metavar="SEED",
-      help="one or more run seeds; every (seed, method) pair trains in its own folder, and summary.json gives "
-           "the mean and SD over the seeds (default: 0)")
+    a("--seed", type=int, nargs="+", dest="seeds", metavar="SEED", help="one or more run seeds; every (seed, "
+      "method) pair trains in its own folder, and summary.json gives the mean and SD over the seeds (default: 0)")
     a("--train-missing-rate", type=float, help="eta for the training set, e.g. 0.7 (default: 0)")
     a("--train-missing-type", help="which modality is missing in training: m1, m2 name or 'both'")
     a("--test-missing-rate", type=float, help="extra test setting (default: the training one)")
     a("--test-missing-type")
-    a("--modality-dropout", choices=("auto", "on", "off"),
-      help="auto (default): a method with dropout drops on a complete training set (section 3); on: also on "
-           "an incomplete one; off: refused for such a method (naive is the method without)")
-    a("--method", nargs="+", choices=list(u2a.METHODS), metavar="METHOD",
-      help="one or more of " + ", ".join(f"{name} ({m.stand_in}, dropout {'on' if m.dropout else 'off'}, "
-                                          f"{'lambda' if m.align else 'lambda 0'})" for name, m in u2a.METHODS.items())
-           + " " + per)
+    a("--modality-dropout", choices=("auto", "on", "off"), help="auto (default): a method with dropout drops on a "
+      "complete training set (section 3); on: also on an incomplete one; off: refused for such a method (naive is "
+      "the method without)")
+    a("--method", nargs="+", choices=list(u2a.METHODS), metavar="METHOD", help="one or more of " + ", ".join(
+        f"{name} ({m.stand_in}, dropout {'on' if m.dropout else 'off'}, {'lambda' if m.align else 'lambda 0'})"
+        for name, m in u2a.METHODS.items()) + " " + per)
     a("--mt-init", choices=("cls", "random"), help="how each MT starts " + per)
     a("--align-stop-grad", action=argparse.BooleanOptionalAction, help="eq. 6's CLS targets as constants " + per)
     a("--token-lr-scale", type=float, help="the CLS/MT tokens' learning rate over --lr " + per)
@@ -706,8 +626,8 @@ def check_args(p, given):
         p.error("--resume needs --out: the run folder to continue")
     if out is not None and out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file: give a folder for the run")
-    if out is not None and not given.get("resume") and eval_only is None and holds_run(out):
-        p.error(f"--out {out} holds a run ({holds_run(out)}): `--resume --out {out}` continues it; "
+    if out is not None and not given.get("resume") and eval_only is None and u2a.run_files(out):
+        p.error(f"--out {out} holds a run ({u2a.run_files(out)[0]}): `--resume --out {out}` continues it; "
                 f"to start a new run, choose another --out")
     if given.get("resume") and eval_only:
         p.error("--resume and --eval-only exclude each other")
@@ -722,21 +642,24 @@ def check_args(p, given):
 
 
 def check_method_flags(p, args, given):
-    """A flag that contradicts every chosen method (u2a.METHODS says what each is) is refused by name."""
-    methods, named = {name: u2a.METHODS[name] for name in args.method}, " ".join(args.method)
+    """A setting that contradicts another, or every chosen method (u2a.METHODS says what each is), by name."""
+    methods = {name: u2a.METHODS[name] for name in args.method}
+    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
+        p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: the whole run would train at "
+                f"{WARMUP_FACTOR}x the learning rate; give more epochs or --warmup-epochs 0")
     if len(set(args.method)) != len(args.method):
-        p.error(f"--method {named}: a method is named twice")
+        p.error(f"--method {' '.join(args.method)}: a method is named twice")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seed {' '.join(map(str, args.seeds))}: a seed is named twice")
     aligning = [name for name, m in methods.items() if m.align]
     if "lam" in given and not aligning:
-        p.error(f"--lam {args.lam}: none of --method {named} trains eq. 6 (lambda is theirs to be 0); "
+        p.error(f"--lam {args.lam}: none of --method {' '.join(methods)} trains eq. 6 (lambda is theirs to be 0); "
                 f"u2a is the method that aligns")
     if "lam" in given and args.lam == 0 and aligning:
         p.error(f"--lam 0 with --method {' '.join(aligning)}: u2a with lambda 0 is --method u2a-no-align")
     for key in ("mt_init", "align_stop_grad"):
         if key in given and all(m.stand_in == "placeholder" for m in methods.values()):
-            p.error(f"--{key.replace('_', '-')}: none of --method {named} has mask tokens")
+            p.error(f"--{key.replace('_', '-')}: none of --method {' '.join(methods)} has mask tokens")
     dropping = [name for name, m in methods.items() if m.dropout]
     if args.modality_dropout == "on" and len(dropping) < len(methods):
         p.error(f"--modality-dropout on: --method {' '.join(n for n in methods if n not in dropping)} trains on the "
@@ -748,39 +671,16 @@ def check_method_flags(p, args, given):
 
 def as_flag(key, value):
     """A setting as the user writes it: --seed 0 1 (the list args.seeds), --method u2a naive, --lr 0.001."""
-    return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} " + \
-        (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+    value = " ".join(map(str, value)) if isinstance(value, list) else value
+    return f"--{'seed' if key == 'seeds' else key.replace('_', '-')} {value}"
 
 
 def absolute(places):
-    """--data-root and --weights are kept absolute (in config.json too): a resumed or evaluated run finds them
-    from any directory."""
+    """--data-root and --weights are kept absolute (in config.json too): found again from any directory."""
     for key in ("data_root", "weights"):
         if places.get(key) is not None:
             places[key] = type(places[key])(Path(places[key]).resolve())
-
-
-def saved_run(given):
-    """--resume continues a run as it was configured: its config.json gives every setting of the run; a
-    setting given now that contradicts it is an error."""
-    path = given["out"] / "config.json"
-    if not path.is_file():
-        raise UserError(f"--resume: {given['out']} holds no run to resume (no {path})")
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--resume: {path} is not valid JSON ({err}); it holds the run's settings: restore "
-                        f"it (train.py wrote it as indented JSON), or start a new run with another --out") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume: {path} holds a JSON {type(saved).__name__}, not the run's settings "
-                        f"(an object); restore it, or start a new run with another --out")
-    if "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
-        saved["seeds"] = [saved["seed"]]
-    clash = [k for k in defaults(saved.get("data", DEFAULT_DATA))[0] if k in given and str(given[k]) != str(saved.get(k))]
-    if clash:
-        raise UserError(f"--resume continues the run as it was configured; these settings differ from {path}: "
-                        + ", ".join(f"{as_flag(k, given[k])} (run: {as_flag(k, saved.get(k))})" for k in clash))
-    return saved
+    return places
 
 
 def parse_args(argv=None):
@@ -790,10 +690,25 @@ def parse_args(argv=None):
     given = vars(p.parse_args(argv))
     check_args(p, given)
     absolute(given)
-    args = settings(given, saved_run(given) if given.get("resume") else None)
-    if args.warmup_epochs and args.epochs <= args.warmup_epochs:
-        p.error(f"--epochs {args.epochs} <= --warmup-epochs {args.warmup_epochs}: the whole run would train at "
-                f"{WARMUP_FACTOR}x the learning rate; give more epochs or --warmup-epochs 0")
+    saved, path = None, given["out"] / "config.json" if given.get("resume") else None
+    if path and not path.is_file():
+        raise UserError(f"--resume: {given['out']} holds no run to resume (no {path})")
+    try:
+        saved = json.loads(path.read_text()) if path else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--resume: {path} is not valid JSON ({err}); it holds the run's settings: restore it "
+                        f"(train.py wrote it as indented JSON), or start a new run with another --out") from None
+    if path and not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} holds a JSON {type(saved).__name__}, not the run's settings "
+                        f"(an object); restore it, or start a new run with another --out")
+    if saved and "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
+        saved["seeds"] = [saved["seed"]]
+    clash = [k for k in defaults(saved.get("data", DEFAULT_DATA))[0] if k in given and str(given[k]) != str(saved.get(k))
+             ] if saved else []
+    if clash:
+        raise UserError(f"--resume continues the run as it was configured; these settings differ from {path}: "
+                        + ", ".join(f"{as_flag(k, given[k])} (run: {as_flag(k, saved.get(k))})" for k in clash))
+    args = settings(given, saved)
     check_method_flags(p, args, given)
     return args, given
 
@@ -801,64 +716,52 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # main: train every (seed, method) pair (or resume them, or evaluate checkpoints), then the summary
 
-def evaluated_settings(given, ckpt):
-    """--eval-only: the run's settings and the model come from the checkpoint; the user may point at
-    other data (--data-root) or another test setting, never change the model (--method picks checkpoints)."""
-    with as_user_errors():  # not a checkpoint of this project
-        _, meta = u2a.open_checkpoint(ckpt)
-    saved, model_keys = meta["config"], {f.name for f in fields(U2AConfig)} - {"method"}
-    clash = [k for k in given if k in model_keys and str(given[k]) != str(saved.get(k))]
-    if clash:
-        raise UserError(f"{ckpt} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}"
-                                                                for k in clash)
-                        + ": the model's settings come from the checkpoint; leave them out")
-    evaluated = settings(given, saved)
-    evaluated.out = given.get("out", ckpt.parent)
-    return evaluated, meta
-
-
 def evaluate_only(args, given, proc):
     """Every checkpoint of --eval-only (a file, or a run folder: its best.safetensors, else every run's;
     --method and --seed pick among them), each written where it lies or under --out in the same layout, then
-    the summary over them."""
-    root, runs, picked = Path(args.eval_only), {}, 0
-    found = [root] if root.is_file() else checkpoints(root, "best.safetensors")
+    the summary over them. The model's settings come from its checkpoint; the data and test setting may not."""
+    root, runs, model_keys = Path(args.eval_only), {}, {f.name for f in fields(U2AConfig)} - {"method"}
+    found = [root] if root.is_file() else u2a.run_files(root, ["best.safetensors"])
     if not found:
         raise UserError(f"--eval-only {root}: no best.safetensors in it, nor in its sub-folders (<method>/, "
                         f"seed<k>/, seed<k>/<method>/; methods: {', '.join(u2a.METHODS)})")
     for ckpt in found[:1] if found[0].parent == root else found:
-        ev, meta = evaluated_settings(given, ckpt)  # ev.seed: the checkpoint's own run seed
+        with as_user_errors():  # not a checkpoint of this project
+            meta = u2a.open_checkpoint(ckpt)[1]
+        clash = [k for k in given if k in model_keys and str(given[k]) != str(meta["config"].get(k))]
+        if clash:
+            raise UserError(f"{ckpt} was trained with " + ", ".join(as_flag(k, meta["config"].get(k)) for k in clash)
+                            + ": the model's settings come from the checkpoint; leave them out")
+        ev = settings(given, meta["config"])  # ev.seed: the checkpoint's own run seed
         if ("method" in given and meta["model"]["method"] not in args.method) or \
                 ("seeds" in given and ev.seed not in args.seeds):
             continue
-        picked += 1
-        if "out" in given and root.is_dir():  # the evaluated folder's layout, under --out
-            ev.out = args.out / ckpt.parent.relative_to(root)
+        ev.out = args.out / ckpt.parent.relative_to(root) if "out" in given and root.is_dir() else \
+            given.get("out", ckpt.parent)  # under --out, in the evaluated folder's layout
+        paths = encoder_paths(ev, meta["model"]["encoders"]) if "weights" in given else None
         with as_user_errors():
             data.check_missing_settings(vars(ev), given)
-        paths = None
-        with as_user_errors():
             check_inputs(ev)
             info = info_of(ev)
             check_same_run(info, meta["model"], None, ckpt)
             tokenizer = text_tokenizer(ev, info)
             test_set = build_splits(ev, info, ("test",))["test"]
-            paths = encoder_paths(ev, info.modalities) if "weights" in given else None
             check_encoders_fit(paths or meta["model"]["encoders"], info, tokenizer)
-            model = u2a.from_checkpoint(ckpt, paths).to(proc.device)  # --weights: other encoders are refused
+            model = u2a.from_checkpoint(ckpt, paths).to(proc.device)  # other encoders under --weights: refused
         ctx = replace(proc, info=info, tokenizer=tokenizer, autocast=autocast_for(proc.device, ev.precision))
         metrics = evaluate_test(model, test_set, ev, ctx, ev.out, ckpt)
+        runs[(ev.seed, meta["model"]["method"])] = metrics
         if proc.rank == 0:
-            data.print_tables(metrics["scenarios"], info, (ev.train_missing_rate, ev.train_missing_type), f"{metrics['method']}, seed {ev.seed}, {ckpt}")
-            runs[(ev.seed, metrics["method"])] = metrics
-    if not picked:
+            data.print_tables(metrics["scenarios"], info, (ev.train_missing_rate, ev.train_missing_type),
+                              f"{metrics['method']}, seed {ev.seed}, {ckpt}")
+    if not runs:
         raise UserError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, found))}) "
                         f"is of the --seed / --method given; leave them out to evaluate every one")
-    if not runs:
+    if proc.rank > 0:
         return {}
-    folder = args.out if "out" in given else root if root.is_dir() else root.parent
     print(f"\n== Summary: {info.name}, test {u2a.headline(info.multilabel)} (%), evaluated {root} ==")
-    return report(runs, info, ev, folder, {"test": len(test_set)})
+    return report(runs, info, ev, args.out if "out" in given else root if root.is_dir() else root.parent,
+                  {"test": len(test_set)})
 
 
 def run_pairs(args, sets, ctx):
@@ -878,21 +781,23 @@ def run_pairs(args, sets, ctx):
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
         runs[(seed, method)] = train(run_args, method, out, set_missing_tables(sets, run_args, ctx.info), ctx)
         if ctx.rank == 0:
-            data.print_tables(runs[(seed, method)]["scenarios"], ctx.info, (args.train_missing_rate, args.train_missing_type), f"{method}, seed {seed}")
+            data.print_tables(runs[(seed, method)]["scenarios"], ctx.info,
+                              (args.train_missing_rate, args.train_missing_type), f"{method}, seed {seed}")
     return runs
 
 
-def train_and_report(args, proc):
+def train_and_report(args, given, proc):
+    """Everything checked before anything is written, then every pair trained in the locked run folder."""
     if args.batch_size % proc.world:
         raise UserError(f"--batch-size {args.batch_size} must divide by the {proc.world} processes")
     with as_user_errors():
+        data.check_missing_settings(vars(args), given)
         check_inputs(args)
-        info = info_of(args)
-        sets = build_splits(args, info)
-        tokenizer = text_tokenizer(args, info)
-        for ckpt in checkpoints(args.out, "last.safetensors") if args.resume else []:  # the same data and encoders
-            check_same_run(info, u2a.open_checkpoint(ckpt)[1]["model"], encoder_paths(args, info.modalities), ckpt)
-        check_encoders_fit(encoder_paths(args, info.modalities), info, tokenizer)
+        info, paths = info_of(args), encoder_paths(args, data.dataset_info(args.data).modalities)
+        sets, tokenizer = build_splits(args, info), text_tokenizer(args, info)
+        for ckpt in u2a.run_files(args.out, ["last.safetensors"]) if args.resume else []:  # same data, encoders
+            check_same_run(info, u2a.open_checkpoint(ckpt)[1]["model"], paths, ckpt)
+        check_encoders_fit(paths, info, tokenizer)
     if len(sets["train"]) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(sets['train'])} samples)")
@@ -905,9 +810,10 @@ def train_and_report(args, proc):
     lock = None
     if proc.rank == 0:  # only now, every check passed: a failed start leaves no empty run folder behind
         args.out.mkdir(parents=True, exist_ok=True)
-        lock = lock_run_folder(args.out)
+        with as_user_errors():  # another live run's folder
+            lock = u2a.lock_run_folder(args.out)
         for folder in u2a.run_folders(args.out) if args.resume else []:
-            cut_log_at_checkpoint(folder)
+            u2a.cut_log_at_checkpoint(folder)
         write_json(args.out / "config.json", vars_json(args))
         print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
               f"samples; {args.precision} on {proc.device}" + (f" x {proc.world} processes" if proc.world > 1 else ""))
@@ -916,8 +822,7 @@ def train_and_report(args, proc):
                   "synthetic shapes and words, weights/toy/). The paper's results need the real encoders "
                   "(python weights/download.py) and a real dataset: python train.py --data food101 --gpu 0")
     try:
-        t0 = time.time()
-        runs = run_pairs(args, sets, ctx)
+        t0, runs = time.time(), run_pairs(args, sets, ctx)
         if proc.rank > 0:
             return None
         print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
@@ -934,15 +839,10 @@ def main(argv=None):
     args, given = parse_args(argv)
     absolute(vars(args))
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or threads)
     proc = setup_distributed(args)
     try:
-        if args.eval_only:
-            return evaluate_only(args, given, proc)
-        with as_user_errors():
-            data.check_missing_settings(vars(args), given)
-        return train_and_report(args, proc)
+        return evaluate_only(args, given, proc) if args.eval_only else train_and_report(args, given, proc)
     finally:
         torch.set_num_threads(threads)
         if dist.is_initialized():
@@ -953,6 +853,5 @@ if __name__ == "__main__":
     try:
         main()
     except (UserError, data.UnreadableFile) as err:  # the user's to fix: one line, as argparse reports a bad
-        # flag; bugs keep a traceback
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"train.py: error: {err}", file=sys.stderr)  # flag; bugs keep a traceback
         sys.exit(2)

@@ -13,8 +13,8 @@ Four methods (METHODS) differ in what stands in for a missing modality and how t
 each adds is measured, not assumed: the default run (README, "The default run") prints them side by side.
 
 Read top to bottom: the methods and the config -> loading the pretrained encoders -> one modality branch ->
-the two-branch model (token selection, fusion, head) -> the loss -> random modality dropout -> checkpoints ->
-scoring the paper's scenarios -> predict.
+the two-branch model (token selection, fusion, head) -> the loss -> random modality dropout -> checkpoints
+and run folders -> scoring the paper's scenarios -> predict.
 
 Choices the paper leaves open, made here:
 - CLS starts as the encoder's own pretrained class token (as it enters the encoder, position included), so
@@ -43,6 +43,7 @@ Choices the paper leaves open, made here:
 """
 import json
 import os
+import socket
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -389,6 +390,67 @@ def run_folders(out):
     method sub-folders, its seed<k>/ folders and theirs."""
     seeds = sorted(p for p in Path(out).glob("seed*") if p.is_dir())
     return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in METHODS]]
+
+
+RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", "metrics.json")
+
+
+def run_files(out, names=RUN_FILES):
+    """The files `names` of the runs in folder `out` (run_folders' layout) that exist: a folder with any of
+    RUN_FILES holds a run, which only train.py --resume may write into."""
+    return [folder / name for folder in run_folders(out) for name in names if (folder / name).is_file()]
+
+
+def write_text(path, text):
+    """Whole or not at all: written to a name of this process's own, then renamed over `path`."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def lock_run_folder(out):
+    """A run folder belongs to one live run: its file `lock` holds the run's host and pid. A lock whose process
+    is gone (a crash) is taken over; a live one raises FileExistsError. -> the lock file, for the run to remove."""
+    lock = Path(out) / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a run that died
+                continue
+            raise FileExistsError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
+                                  f"give another --out, or delete {lock} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def cut_log_at_checkpoint(folder):
+    """A resumed run continues from its last.safetensors' step (from 0 without one): the log.jsonl lines the
+    killed run wrote after it, and a line the kill cut short, are dropped, or they would be logged twice."""
+    log, last = Path(folder) / "log.jsonl", Path(folder) / "last.safetensors"
+    if not log.is_file():
+        return
+    step, kept = open_checkpoint(last)[1]["step"] if last.is_file() else 0, []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, TypeError, KeyError):  # cut short: not one of the run's records
+            continue
+    write_text(log, "".join(kept))
 
 
 def checkpoint_file(path):

@@ -116,7 +116,7 @@ def test_a_new_run_into_a_multi_run_folder_is_refused(grid, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(grid[0], out)
     (out / "config.json").unlink()
-    assert train.holds_run(out).parent.parent.name == "seed0"
+    assert u2a.run_files(out)[0].parent.parent.name == "seed0"
     with pytest.raises(SystemExit):
         train.main(TINY + ["--out", str(out)])
 
