@@ -83,8 +83,10 @@ def defaults(name, gpu=None):
               "test_missing_type": None}  # None: the training setting
     invocation = {"out": None, "eval_only": None, "resume": False, "gpu": gpu, "compile": False, "save_every": 0,
                   "workers": min(4, os.cpu_count() or 1)}
-    for part in (places, invocation, run):  # the recipe row wins, in the part it belongs to (else the run's)
-        part.update({k: v for k, v in RECIPES[name].items() if k in part or part is run and k not in {**places, **invocation}})
+    recipe = RECIPES[name]
+    for part in (places, invocation):  # a recipe row may set these too (the toy: no data root, no workers)
+        part.update({k: recipe[k] for k in part if k in recipe})
+    run.update({k: v for k, v in recipe.items() if k not in places and k not in invocation})
     return run, places, invocation
 
 
@@ -703,8 +705,8 @@ def parse_args(argv=None):
                         f"(an object); restore it, or start a new run with another --out")
     if saved and "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
         saved["seeds"] = [saved["seed"]]
-    clash = [k for k in defaults(saved.get("data", DEFAULT_DATA))[0] if k in given and str(given[k]) != str(saved.get(k))
-             ] if saved else []
+    run = defaults(saved.get("data", DEFAULT_DATA))[0] if saved else {}
+    clash = [k for k in run if k in given and str(given[k]) != str(saved.get(k))]
     if clash:
         raise UserError(f"--resume continues the run as it was configured; these settings differ from {path}: "
                         + ", ".join(f"{as_flag(k, given[k])} (run: {as_flag(k, saved.get(k))})" for k in clash))
