@@ -7,16 +7,19 @@ settings). The file has two parts. First what a reader of U2A needs, in the orde
   0. stream_seed            one seed for every random stream of a run
   1. registry               DatasetInfo of each dataset (modalities m1/m2, classes, metric), a keyword
                             table; EXPECTED_LAYOUT of each data root
-  2. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
+  2. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios, a run's
+                            test_scenarios, check_missing_settings
   3. datasets               MultimodalDataset, make_dataset (the one entry point)
-  4. batches                collate (batch-level tokenisation, placeholders), drop_modalities, make_loader
+  4. batches                collate (batch-level tokenisation, placeholders), drop_modalities, make_loader,
+                            EpochSampler (each epoch's order, sharded across DDP processes)
   5. synthetic data         the two synthetic designs, their exact Bayes ceiling, SyntheticDataset
   6. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
                             video frames, WordPiece tokenizer
 
-Then two appendices, the plumbing of the public releases:
+Then three appendices: the plumbing of the public releases, and the paper's tables:
   A. readers                one per public release -> per-sample sources and labels; files checked at build
   B. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
+  C. the paper's tables     its U2A numbers (PAPER_U2A); a run's scores printed and summarized in its rows
 
 A batch is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
