@@ -171,7 +171,9 @@ def progress(iterable, ctx, desc):
 
 def all_sum(t, ctx):
     """Sum a tensor over the DDP processes (in place); the identity for one process."""
-    return dist.all_reduce(t) or t if ctx.world > 1 else t
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def to_device(batch, device):
