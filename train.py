@@ -404,7 +404,7 @@ def text_tokenizer(args, info):
     """The text encoder's own WordPiece tokenizer (its folder's vocab.txt: the toy's is data.synthetic_vocab())."""
     if "text" not in info.modalities:
         return None
-    return data.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
+    return encoders.load_tokenizer(encoder_paths(args, info)["text"], info.text_max_len)
 
 
 def set_missing_tables(sets, args, info):
@@ -537,8 +537,7 @@ def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
               f"samples had no modality left and are not scored; the others are scored without the file")
     placeholders = None
     if model.method.stand_in == "placeholder":  # the paper's placeholders (zeros / ""), through the encoders
-        blank = data.collate([data.placeholder_sample(info)], info, ctx.tokenizer)
-        placeholders = u2a.placeholder_tokens(model, to_device(blank, ctx.device))
+        placeholders = u2a.placeholder_tokens(model, ctx.tokenizer)
     test_rate = args.test_missing_rate if args.test_missing_rate is not None else args.train_missing_rate
     test_type = args.test_missing_type or args.train_missing_type
     seed = data.stream_seed(args.seed, "missing/test")
