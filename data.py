@@ -363,17 +363,14 @@ class MultimodalDataset(torch.utils.data.Dataset):
     (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
     nothing readable left is None, which collate drops and counts."""
 
-    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
-                 on_error="raise"):
+    def __init__(self, info, split, sources, labels, available=None, train=False, on_error="raise"):
         _check_on_error(on_error)
         self.info, self.split, self.train, self.on_error = info, split, train, on_error
         self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
-        # available: files found at construction; present: available & the missing table
+        # available: files found at construction; present: available & the missing table (set_present)
         self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
         self.present = self.available.clone()
         self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
-        if present is not None:
-            self.set_present(present)
 
     def set_epoch(self, epoch, seed):
         """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
@@ -383,9 +380,10 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
     def set_present(self, present):
         """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
-        skip mode stay absent."""
+        skip mode stay absent. Returns the dataset: make_dataset(...).set_present(table)."""
         present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
         self.present = present & self.available
+        return self
 
     def __len__(self):
         return len(self.labels)
@@ -432,19 +430,17 @@ def _carve_val(n, split, seed):
     return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
 
 
-def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
+def make_dataset(name, root, split, train=False, limit=None, on_error="raise", seed=0):
     """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
-    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
-    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
-    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
+    VAL_SHARE of train, and "train" then excludes it). train: random frames + frame augmentation.
+    limit: the first `limit` samples. seed: the data's own seed (synthetic generation, val carve), not
+    the run's. Every file found is present until a missing table says otherwise: .set_present(table)."""
     _check_name(name)
     _check_on_error(on_error)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name in SYNTHETIC:
-        return SyntheticDataset(name, split, present=present, limit=limit, seed=seed, **kw)
-    if kw:
-        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
+        return SyntheticDataset(name, split, limit=limit, seed=seed)
     if root is None or not Path(root).is_dir():
         raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {EXPECTED_LAYOUT[name]}")
     root, info = Path(root), dataset_info(name, root)
@@ -464,7 +460,7 @@ def make_dataset(name, root, split, present=None, train=False, limit=None, on_er
         labels = targets
     else:
         labels = torch.tensor(labels, dtype=torch.long)
-    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
+    return MultimodalDataset(info, split, sources, labels, available, train, on_error)
 
 
 # -----------------------------------------------------------------------------
@@ -529,11 +525,11 @@ def seed_worker(worker_id):
     np.random.seed(seed)
 
 
-def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
-                drop_last=False, sampler=None):
-    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs follow `seed`; training's random
-    frames and crops follow the dataset's set_epoch, whatever the workers. pin_memory defaults to CUDA
-    being available. The synthetic dataset brings its own tokenizer when none is given."""
+def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, sampler=None):
+    """DataLoader yielding batch dicts (collate, with the dataset's info). Shuffling and the workers' RNGs follow
+    `seed`; training's random frames and crops follow the dataset's set_epoch, whatever the workers. A short
+    last batch is kept; memory is pinned when there is a GPU to copy to. The synthetic dataset brings its own
+    tokenizer when none is given."""
     info = dataset.info
     tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
     if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends
@@ -541,9 +537,8 @@ def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, see
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
         collate_fn=functools.partial(collate, info=info, tokenizer=tokenizer), num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0)
+        pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
 
 
 # -----------------------------------------------------------------------------
@@ -669,7 +664,7 @@ class SyntheticDataset(MultimodalDataset):
     """Image + text of a synthetic design, generated in memory from the data's `seed` (milliseconds, no
     download): each sample's (a, b, c) drawn from the design's joint table, then a blob and a sentence."""
 
-    def __init__(self, name, split, n=None, present=None, limit=None, seed=0):
+    def __init__(self, name, split, n=None, limit=None, seed=0):
         n = SYNTHETIC_SIZES[split] if n is None else n
         g = _generator(seed, split)
         joint = synthetic_joint(name)                                          # (4, 4, C)
@@ -678,8 +673,7 @@ class SyntheticDataset(MultimodalDataset):
         quadrant, group, labels = cell // (len(KEYWORDS) * C), (cell // C) % len(KEYWORDS), cell % C
         images, texts = _draw_blobs(quadrant, g), _write_sentences(group, g)
         n = n if limit is None else min(limit, n)
-        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n],
-                         present=present)
+        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n])
 
     def read(self, modality, source, generator=None):
         return source  # already the model input

@@ -401,14 +401,14 @@ def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, ber
     root = make_cremad(tmp_path / "cremad")
     write_float_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.nan)  # does not decode, but marked absent
     present = torch.tensor([[False, True], [True, False]])
-    ds = data.make_dataset("cremad", root, "test", present=present)
+    ds = data.make_dataset("cremad", root, "test").set_present(present)
     assert ds[0]["audio"] is None and ds[0]["video"].shape == (3, 3, 224, 224)
     assert ds[1]["video"] is None and ds[1]["audio"].shape == (1024, 128)
     batch = next(iter(data.make_loader(ds, 2, shuffle=False)))
     assert torch.equal(batch["present"], present)
     assert batch["audio"][0].abs().sum() == 0 and batch["video"][1].abs().sum() == 0
-    food = data.make_dataset("food101", roots["food101"], "test",
-                             present=data.missing_table(6, 0.5, "both", seed=0, modalities=("image", "text")))
+    food = data.make_dataset("food101", roots["food101"], "test").set_present(
+        data.missing_table(6, 0.5, "both", seed=0, modalities=("image", "text")))
     batch = next(iter(data.make_loader(food, 6, shuffle=False, tokenizer=bert_tokenizers["food101"])))
     no_image, no_text = ~batch["present"][:, 0], ~batch["present"][:, 1]
     assert no_image.sum() == 2 and no_text.sum() == 1
@@ -516,11 +516,11 @@ def test_unknown_names_and_missing_files_raise_clear_errors(tmp_path, roots):
     with pytest.raises(ValueError, match="split must be"):
         data.make_dataset("ks", roots["ks"], "dev")
     with pytest.raises(ValueError, match=r"present table must be \(2, 2\)"):
-        data.make_dataset("ks", roots["ks"], "test", present=torch.ones(5, 2, dtype=torch.bool))
+        data.make_dataset("ks", roots["ks"], "test").set_present(torch.ones(5, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="pass tokenizer=load_tokenizer"):
         data.make_loader(data.make_dataset("food101", roots["food101"], "test"), 2, False)
     with pytest.raises(ValueError, match="neither modality"):
-        data.make_dataset("ks", roots["ks"], "test", present=torch.zeros(2, 2, dtype=torch.bool))
+        data.make_dataset("ks", roots["ks"], "test").set_present(torch.zeros(2, 2, dtype=torch.bool))
 
 
 def test_bad_split_rows_name_the_line(tmp_path):
@@ -584,8 +584,8 @@ def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
     (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
     present = torch.tensor([[True, False], [True, True]])
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
-        data.make_dataset("cremad", root, "test", present=present)[0]
-    ds = data.make_dataset("cremad", root, "test", present=present, on_error="skip")
+        data.make_dataset("cremad", root, "test").set_present(present)[0]
+    ds = data.make_dataset("cremad", root, "test", on_error="skip").set_present(present)
     assert ds[0] is None
     batch = next(iter(data.make_loader(ds, 2, shuffle=False, num_workers=2)))
     assert batch["skipped"].item() == 1 and batch["unreadable"].item() == 1  # 1088 dropped; 1089's video unreadable
