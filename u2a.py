@@ -474,6 +474,7 @@ def model_batch(model, inputs, tokenizer=None):
     if "text" in model.modalities and tokenizer is None:
         bert = model.branches["text"].encoder
         tokenizer = load_tokenizer(model.config.encoders["text"], bert.config.max_position_embeddings)
+    # the side of images and video frames: the model's ViT's own (a model without one never reads it)
     sizes = [model.branches[m].encoder.config.image_size for m in model.modalities if m in ("image", "video")]
     batch = batch_inputs({m: inputs[m] for m in model.modalities}, tokenizer, sizes[0] if sizes else IMAGE_SIZE)
     device = model.head.weight.device
