@@ -7,17 +7,20 @@ settings). The file has two parts. First what a reader of U2A needs, in the orde
   0. stream_seed            one seed for every random stream of a run
   1. registry               DatasetInfo of each dataset (modalities m1/m2, classes, metric), a keyword
                             table; EXPECTED_LAYOUT of each data root
-  2. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios
+  2. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios, a run's
+                            test_scenarios, check_missing_settings
   3. datasets               MultimodalDataset, make_dataset (the one entry point)
   4. batches                collate (encoders.batch_inputs, plus labels and skip mode's counts),
-                            drop_modalities, make_loader
+                            drop_modalities, make_loader, EpochSampler (each epoch's order, sharded across
+                            DDP processes)
   5. synthetic data         the two synthetic designs, their exact Bayes ceiling, SyntheticDataset
   6. reading files          video frames (training's augmentation) and WAVs, into the preprocessing each
                             encoder was pretrained on: encoders.py's clip_image, fbank and load_tokenizer
 
-Then two appendices, the plumbing of the public releases:
+Then three appendices: the plumbing of the public releases, and the paper's tables:
   A. readers                one per public release -> per-sample sources and labels; files checked at build
   B. preparation            `python data.py prepare {cremad,ks,ave}`: a video release -> frames + WAVs
+  C. the paper's tables     its U2A numbers (PAPER_U2A); a run's scores printed and summarized in its rows
 
 A batch is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128) |
 "input_ids"/"attention_mask" (B,L) long, "present" (B,2) bool (column i = modality m_i present),
@@ -71,6 +74,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +347,41 @@ def _scenario_name(m1, m2, rate, mtype):
     return " + ".join(f"{m} {share:g}%" for m, share in present_shares((m1, m2), rate, mtype).items())
 
 
+def test_setting(settings):
+    """A train.py run's test missing setting (rate, type), settings: its config: the --test-missing-* flags,
+    each left out taking the training one."""
+    rate = settings["test_missing_rate"]
+    return (settings["train_missing_rate"] if rate is None else rate,
+            settings["test_missing_type"] or settings["train_missing_type"])
+
+
+def test_scenarios(info, settings):
+    """The test scenarios of a train.py run (settings: its config, "seed" included) and the seed their
+    tables are drawn with: what its metrics.json scored."""
+    seed = stream_seed(settings["seed"], "missing/test")
+    return eval_scenarios(info, *test_setting(settings), seed=seed), seed
+
+
+def check_missing_settings(settings, given=()):
+    """A run's missing-modality settings together, before training: a rate needs a type, a type needs a rate,
+    and each type is one of the dataset's modalities or 'both'. `given`: the settings the user gave now (a
+    saved run's type without a rate is left alone). Raises ValueError naming every flag to fix."""
+    modalities = dataset_info(settings["data"]).modalities
+    types = f"{', '.join(modalities)} or 'both'"
+    problems = [f"--{k.replace('_', '-')} {settings[k]!r}: expected {types} ({settings['data']}'s modalities)"
+                for k in ("train_missing_type", "test_missing_type")
+                if settings[k] is not None and settings[k] not in (*modalities, "both")]
+    rates = {"train": settings["train_missing_rate"], "test": test_setting(settings)[0]}
+    kinds = {"train": settings["train_missing_type"], "test": test_setting(settings)[1]}
+    problems += [f"--{split}-missing-rate {rates[split]} needs --{split}-missing-type ({types})"
+                 for split in rates if rates[split] and kinds[split] is None]
+    problems += [f"--{split}-missing-type {settings[f'{split}_missing_type']} without a --{split}-missing-rate: "
+                 f"give the rate too (the paper's is {PAPER_MISSING_RATE}), or leave the type out"
+                 for split in rates if f"{split}_missing_type" in given and not rates[split]]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 # -----------------------------------------------------------------------------
 # 3. Datasets: one class, filled by a release's reader (appendix A) or the synthetic generator (5)
 
@@ -539,6 +578,25 @@ def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, see
         collate_fn=functools.partial(collate, info=info, tokenizer=tokenizer), num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Epoch e visits a permutation drawn from stream_seed(seed, "sampler", e), cut into n // B global batches
+    of B samples (the n % B left over wait for another epoch, a different few each time). Process r of w
+    (shard (r, w)) takes every w-th sample of each global batch, so every process has the same n // B steps
+    of B / w samples and w processes see exactly the batches of one. `skip` batches are left out at the
+    start: a resumed run continues mid-epoch without reading what it already saw."""
+
+    def __init__(self, n, batch_size, seed, epoch, shard=(0, 1), skip=0):
+        (rank, world), steps = shard, n // batch_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, "sampler", epoch)))
+        self.indices = order[:steps * batch_size].view(steps, batch_size)[skip:, rank::world].flatten().tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
 
 
 # -----------------------------------------------------------------------------
@@ -1306,6 +1364,147 @@ def main(argv=None):
         return prepare(args.name, args.source, args.root, args.workers)
     except (ImportError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
+
+
+# -----------------------------------------------------------------------------
+# Appendix C. The paper's tables: its U2A numbers, and a run's scores in the same rows (train.py prints them
+# after each run and writes the summary over seeds beside the paper's numbers)
+# -----------------------------------------------------------------------------
+
+# The paper's U2A results in its headline metric (% accuracy; MM-IMDb: F1-macro): (dataset, % of (m1, m2)
+# present in training, the same at test) -> (value, the paper's SD over its 3 seeds or None, table). The
+# modalities in data.py's order: (image, text), (audio, video). Tables 3 and 6 train and test at eta = 70%
+# (image/text 30/100, 65/65, 100/30); Table 3's numbers are Table 6's diagonal and carry its number.
+BOTH = (100, 100)
+PAPER_U2A = {
+    # Table 1 (MM-IMDb's F1-micro: 69.23) and Table 2: both modalities in training and test
+    ("food101", BOTH, BOTH): (94.47, None, 1), ("mmimdb", BOTH, BOTH): (63.58, None, 1),
+    ("ks", BOTH, BOTH): (91.21, None, 2), ("ave", BOTH, BOTH): (96.77, None, 2),
+    ("cremad", BOTH, BOTH): (88.84, None, 2),
+    # Table 4: trained on complete data, one modality entirely missing at test
+    ("food101", BOTH, (100, 0)): (75.66, None, 4), ("food101", BOTH, (0, 100)): (80.66, None, 4),
+    ("cremad", BOTH, (100, 0)): (67.20, None, 4), ("cremad", BOTH, (0, 100)): (76.21, None, 4),
+    ("ks", BOTH, (100, 0)): (68.27, None, 4), ("ks", BOTH, (0, 100)): (85.77, None, 4),
+    # Tables 3 and 6: MM-IMDb, training image 30% / 65% / 100%, test each of the three
+    ("mmimdb", (30, 100), (30, 100)): (60.21, 0.40, 3), ("mmimdb", (30, 100), (65, 65)): (50.05, 0.53, 6),
+    ("mmimdb", (30, 100), (100, 30)): (36.10, 0.19, 6), ("mmimdb", (65, 65), (30, 100)): (57.45, 0.21, 6),
+    ("mmimdb", (65, 65), (65, 65)): (54.04, 0.23, 3), ("mmimdb", (65, 65), (100, 30)): (50.05, 0.29, 6),
+    ("mmimdb", (100, 30), (30, 100)): (44.72, 0.46, 6), ("mmimdb", (100, 30), (65, 65)): (49.26, 0.42, 6),
+    ("mmimdb", (100, 30), (100, 30)): (52.61, 0.12, 3),
+    # Tables 3 and 6: UPMC Food-101, the same grid
+    ("food101", (30, 100), (30, 100)): (87.48, 0.13, 3), ("food101", (30, 100), (65, 65)): (77.52, 0.29, 6),
+    ("food101", (30, 100), (100, 30)): (67.60, 0.26, 6), ("food101", (65, 65), (30, 100)): (87.36, 0.20, 6),
+    ("food101", (65, 65), (65, 65)): (82.83, 0.25, 3), ("food101", (65, 65), (100, 30)): (78.40, 0.09, 6),
+    ("food101", (100, 30), (30, 100)): (85.34, 0.15, 6), ("food101", (100, 30), (65, 65)): (82.78, 0.22, 6),
+    ("food101", (100, 30), (100, 30)): (80.37, 0.18, 3),
+}
+PAPER_SAMPLES = {"food101": "67,988 / - / 22,716", "mmimdb": "15,552 / 2,608 / 7,799", "cremad": "6,698 / - / 744",
+                 "ks": "14,739 / - / 2,594", "ave": "3,339 / 402 / 402"}  # train / val / test (supplement, sec. 1)
+
+
+def paper_result(name, trained, tested):
+    """(value, SD, table) of the paper's U2A on dataset `name`, trained and tested with the present shares
+    `trained` and `tested` ({modality: %}, present_shares), or None where the paper reports none."""
+    modalities = dataset_info(name).modalities
+    return PAPER_U2A.get((name, *(tuple(shares[m] for m in modalities) for shares in (trained, tested))))
+
+
+def print_tables(results, info, train_setting, title):
+    """One run's results (u2a.evaluate_scenarios) as the paper's tables: Table 4 (a whole modality missing),
+    Tables 3 and 6 (missing ratios), Figure 2. train_setting: the training (rate, type)."""
+    key, (m1, m2) = ("f1_macro" if info.multilabel else "accuracy"), info.modalities
+    label = "F1-macro / F1-micro" if info.multilabel else "accuracy (%)"
+    fmt = lambda r: f"{r['f1_macro']:6.2f} / {r['f1_micro']:6.2f}" if info.multilabel else f"{r['accuracy']:6.2f}"
+    group = lambda g: [(name, r) for name, r in results.items() if g in r["groups"]]
+    print(f"\n== {title}: {info.name}, {label} ==\nTable 4 (trained on complete data, one modality missing at test)")
+    print(f"  {'available':<16}{'missing':<12}{label}")
+    for _, r in group("complete") + group("table4"):
+        avail = [m for m in (m1, m2) if r["shares"][m] > 0]
+        print(f"  {' + '.join(avail):<16}{', '.join(m for m in (m1, m2) if m not in avail) or '-':<12}{fmt(r)}")
+    rate, kind = train_setting
+    print(f"Tables 3 and 6 (training: {f'{kind} missing {100 * rate:g}%' if rate else 'complete'}; test:)")
+    for name, r in group("table3") + [x for x in group("table6") if "table3" not in x[1]["groups"]]:
+        print(f"  {name:<28}{fmt(r)}")
+    sweep = sorted((r for _, r in group("figure2")), key=lambda r: r["shares"][m2])
+    print(f"Figure 2 ({m1} 100% + {m2} x%):  " + "  ".join(f"{r['shares'][m2]:g}%:{r[key]:.1f}" for r in sweep))
+
+
+def summarize(runs, info, trained):
+    """{method: {scenario: {"mean", "sd", "n", "paper"}}} of the headline metric over the runs' seeds (runs:
+    {(seed, method): metrics.json}, methods in the order they came; trained: the training's present shares).
+    sd is the sample SD (n - 1), and None for one run: one run measures no spread."""
+    key, summary = "f1_macro" if info.multilabel else "accuracy", {}
+    for method in dict.fromkeys(method for _, method in runs):
+        per_seed = [metrics["scenarios"] for (_, m), metrics in runs.items() if m == method]
+        summary[method] = {}
+        for name, result in per_seed[0].items():
+            values = [scenarios[name][key] for scenarios in per_seed if name in scenarios]
+            paper = paper_result(info.name, trained, result["shares"])
+            summary[method][name] = {"mean": statistics.mean(values), "n": len(values), "paper": paper and paper[0],
+                                     "sd": statistics.stdev(values) if len(values) > 1 else None}
+    return summary
+
+
+def lesson_table(summary, shares, info):
+    """The lesson in one table: each method's mean test score with both modalities, then with each one alone
+    (shares: {scenario: % of each modality present}), and a synthetic design's Bayes ceiling."""
+    m1, m2 = info.modalities
+    columns = {f"{m1} + {m2}": {m1: 100, m2: 100}, f"{m1} only": {m1: 100, m2: 0}, f"{m2} only": {m1: 0, m2: 100}}
+    scenario = {column: next(name for name, s in shares.items() if s == want) for column, want in columns.items()}
+    lines = [f"{'':22}" + "".join(f"{c:>16}" for c in columns)]
+    for method, results in summary.items():
+        lines.append(f"{method:22}" + "".join(f"{results[scenario[c]]['mean']:>16.1f}" for c in columns))
+    if info.name in SYNTHETIC:
+        ceiling = bayes_ceiling(info.name)
+        lines.append(f"{'Bayes ceiling':22}" + "".join(f"{ceiling[k]:>16.1f}" for k in ("both", m1, m2)))
+    return "\n".join(lines)
+
+
+def setting_notes(info, counts, limit, changed):
+    """What a reader must know before comparing a row with the paper. counts: {split: samples loaded};
+    changed: the run's settings other than Table 5's, as flags."""
+    if info.name in SYNTHETIC:
+        return ["synthetic data and toy encoders: a demonstration of the paper's lesson, not one of its experiments "
+                "(no paper number applies); the Bayes ceiling is the best any model can reach on this design "
+                "(data.bayes_ceiling)"]
+    notes = ["the paper column is the paper's U2A, to compare with the u2a column (the other methods are this "
+             "code's ablations); the paper gives Tables 3 and 6 as mean ± SD of 3 seeds, Tables 1, 2 and 4 as single "
+             "numbers, and does not say how its model was picked; ours is the best validation epoch, never test"]
+    if info.multilabel:
+        notes.append("the headline is F1-macro, as Tables 3 and 6; metrics.json also has F1-micro (Table 1: 69.23)")
+    if not info.has_val:
+        notes.append(f"validation is a fixed, seeded {VAL_SHARE:.0%} carved from train (the paper names no "
+                     f"validation split for {info.name}): the model trains on {100 - 100 * VAL_SHARE:.0f}% of "
+                     f"the paper's training set")
+    loaded = " / ".join(f"{counts[s]:,}" if s in counts else "?" for s in ("train", "val", "test"))
+    notes.append(f"samples loaded (train / val / test): {loaded}; the paper's: {PAPER_SAMPLES[info.name]}"
+                 + (f" (--limit {limit})" if limit else ""))
+    return notes + (["settings other than the paper's Table 5: " + ", ".join(changed)] if changed else [])
+
+
+def summary_markdown(summary, shares, info, trained, seeds, notes):
+    """summary.md: one row per test scenario (shares: {name: % of each modality present}), each method's
+    mean ± SD (n) beside the paper's U2A number (and a synthetic design's Bayes ceiling), then `notes`:
+    where this setting differs from the paper's."""
+    m1, m2 = info.modalities
+    ceiling = bayes_ceiling(info.name) if info.name in SYNTHETIC else None
+    cell = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f} (n={s['n']})" if s["sd"] is not None else f"{s['mean']:.2f} (n=1)"
+    lines = [f"# {info.name}: test {'f1_macro' if info.multilabel else 'accuracy'} (%), mean ± sample SD (n) over "
+             f"seeds {' '.join(map(str, seeds))}", "",
+             "Trained on " + " + ".join(f"{m} {share:g}%" for m, share in trained.items()) + "; each row a test "
+             "scenario (the % of test samples that have each modality).", "",
+             "| test scenario | " + " | ".join(summary) + " | paper: U2A |" + (" Bayes ceiling |" if ceiling else ""),
+             "| --- |" + " ---: |" * (len(summary) + 1 + bool(ceiling))]
+    for name, share in shares.items():
+        paper = paper_result(info.name, trained, share)
+        row = [name] + [cell(summary[m][name]) if name in summary[m] else "-" for m in summary]
+        row.append("-" if paper is None else
+                   f"{paper[0]:.2f}" + (f" ± {paper[1]:.2f}" if paper[1] else "") + f" (Table {paper[2]})")
+        if ceiling:  # the scenario's samples are complete, m1 only or m2 only in its shares' proportions
+            s1, s2 = share[m1] / 100, share[m2] / 100
+            row.append(f"{(s1 + s2 - 1) * ceiling['both'] + (1 - s2) * ceiling[m1] + (1 - s1) * ceiling[m2]:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + ["", "Where this setting differs from the paper's:"] + [f"- {n}" for n in notes]) + "\n"
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ Four methods (METHODS) differ in what stands in for a missing modality and how t
 each adds is measured, not assumed: the default run (README, "The default run") prints them side by side.
 
 Read top to bottom: the methods and the config -> loading the pretrained encoders -> one modality branch ->
-the two-branch model (token selection, fusion, head) -> the loss -> random modality dropout -> checkpoints ->
-scoring the paper's scenarios -> predict.
+the two-branch model (token selection, fusion, head) -> the loss -> random modality dropout -> checkpoints
+and run folders -> scoring the paper's scenarios -> predict.
 
 Choices the paper leaves open, made here:
 - CLS starts as the encoder's own pretrained class token (as it enters the encoder, position included), so
@@ -43,6 +43,7 @@ Choices the paper leaves open, made here:
 """
 import json
 import os
+import socket
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -54,12 +55,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from encoders import (AST, BERT, IMAGE_SIZE, MODALITY_INPUTS, ViT, batch_inputs, clip_image, is_missing_text,
-                      load_tokenizer)
+from encoders import (AST, BERT, IMAGE_SIZE, MODALITY_INPUTS, ASTConfig, BERTConfig, ViT, ViTConfig, batch_inputs,
+                      clip_image, is_missing_text, load_tokenizer)
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
+from weights.download import CHECKPOINTS
 
 # Which encoder class reads each modality (the keys of a batch it reads: encoders.MODALITY_INPUTS).
 MODALITY_ENCODER = {"image": ViT, "video": ViT, "audio": AST, "text": BERT}
+MODALITY_CONFIG = {"image": ViTConfig, "video": ViTConfig, "audio": ASTConfig, "text": BERTConfig}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, key, value and output
 
 
@@ -114,11 +117,28 @@ class U2AConfig:
 # -----------------------------------------------------------------------------
 # Pretrained encoders for a modality
 
+# Where each modality's encoder lives under a weights folder, and the command that puts it there: the paper's
+# encoders (weights/download.py's folders) or the toy ones the synthetic data is made for (weights/make_toy.py).
+ENCODER_FOLDERS = {
+    "paper": {"image": CHECKPOINTS["clip"].folder, "video": CHECKPOINTS["clip"].folder,
+              "text": CHECKPOINTS["bert"].folder, "audio": CHECKPOINTS["ast"].folder},
+    "toy": {"image": "toy/vit", "text": "toy/bert"},
+}
+GET_ENCODERS = {"paper": "python weights/download.py --dest {weights}", "toy": "python weights/make_toy.py"}
+
+
 def load_encoder(modality, path):
     """The frozen pretrained encoder for a modality, read from a checkpoint folder or file."""
     if modality not in MODALITY_ENCODER:
         raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITY_ENCODER)}")
     return MODALITY_ENCODER[modality].from_pretrained(path)
+
+
+def encoder_config(modality, folder):
+    """An encoder's config as load_encoder will read it (its folder's config.json, or the class's defaults
+    without one), without loading the weights: enough to check that it fits the data."""
+    config_file, config_class = Path(folder) / "config.json", MODALITY_CONFIG[modality]
+    return config_class.from_json(config_file) if config_file.is_file() else config_class()
 
 
 # -----------------------------------------------------------------------------
@@ -335,15 +355,19 @@ def modality_dropout(present, generator=None):
 # -----------------------------------------------------------------------------
 # A trained model: the config that builds it, and a checkpoint that rebuilds it from the file alone
 
-def save_checkpoint(path, model, extra_tensors=None, meta=None):
-    """Only what training changed (LoRA factors, CLS/MT tokens, head) as `model.<name>`, plus the model's
-    config in the file's metadata; `extra_tensors`/`meta` carry a caller's own state (train.py: optimizer,
-    step). Written to a name of this process's own, then renamed: a crash leaves the previous file intact."""
-    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tensors.update(extra_tensors or {})
-    meta = {**(meta or {}), "model": asdict(model.config)}
+def save_checkpoint(path, model, meta=None, optimizer=None):
+    """Only what training changed (LoRA factors, CLS/MT tokens, head) as `model.<name>`, and the model's config
+    in the file's metadata beside the caller's `meta` (train.py: the step, the run's settings). With
+    `optimizer`, its state too (`optim.<name>.<key>`): all a resumed run needs to continue exactly, since
+    train.py keys every random stream by the step. Written to a name of this process's own, then renamed: a
+    crash leaves the previous file intact."""
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in trained.items()}
+    for n, p in trained.items() if optimizer is not None else ():
+        for key, value in optimizer.state.get(p, {}).items():  # AdamW: step (0-dim), exp_avg, exp_avg_sq
+            tensors[f"optim.{n}.{key}"] = (value.reshape(1) if value.dim() == 0 else value).detach().cpu().contiguous()
     tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata={"u2a": json.dumps(meta)})
+    save_file(tensors, tmp, metadata={"u2a": json.dumps({**(meta or {}), "model": asdict(model.config)})})
     os.replace(tmp, path)
 
 
@@ -360,6 +384,67 @@ def run_folders(out):
     method sub-folders, its seed<k>/ folders and theirs."""
     seeds = sorted(p for p in Path(out).glob("seed*") if p.is_dir())
     return [folder for top in [Path(out), *seeds] for folder in [top] + [top / method for method in METHODS]]
+
+
+RUN_FILES = ("config.json", "log.jsonl", "last.safetensors", "best.safetensors", "metrics.json")
+
+
+def run_files(out, names=RUN_FILES):
+    """The files `names` of the runs in folder `out` (run_folders' layout) that exist: a folder with any of
+    RUN_FILES holds a run, which only train.py --resume may write into."""
+    return [folder / name for folder in run_folders(out) for name in names if (folder / name).is_file()]
+
+
+def write_text(path, text):
+    """Whole or not at all: written to a name of this process's own, then renamed over `path`."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def lock_run_folder(out):
+    """A run folder belongs to one live run: its file `lock` holds the run's host and pid. A lock whose process
+    is gone (a crash) is taken over; a live one raises FileExistsError. -> the lock file, for the run to remove."""
+    lock = Path(out) / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a run that died
+                continue
+            raise FileExistsError(f"run folder {out} is in use by process {pid} on {host} (its file {lock}); "
+                                  f"give another --out, or delete {lock} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+        return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def cut_log_at_checkpoint(folder):
+    """A resumed run continues from its last.safetensors' step (from 0 without one): the log.jsonl lines the
+    killed run wrote after it, and a line the kill cut short, are dropped, or they would be logged twice."""
+    log, last = Path(folder) / "log.jsonl", Path(folder) / "last.safetensors"
+    if not log.is_file():
+        return
+    step, kept = open_checkpoint(last)[1]["step"] if last.is_file() else 0, []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, TypeError, KeyError):  # cut short: not one of the run's records
+            continue
+    write_text(log, "".join(kept))
 
 
 def checkpoint_file(path):
@@ -399,9 +484,10 @@ def open_checkpoint(path):
         raise ValueError(f"{path} is not a safetensors checkpoint written by u2a ({err})") from None
 
 
-def load_trained(model, path):
-    """Copy a checkpoint's trained tensors into `model`; every one must fit and be finite (a run that
-    diverged saves NaN, and a model loaded from it would predict NaN for every input). Returns the metadata."""
+def load_trained(model, path, optimizer=None):
+    """Copy a checkpoint's trained tensors into `model` (and its optimizer state into `optimizer`, given one);
+    every one must fit and be finite (a run that diverged saves NaN, and a model loaded from it would predict
+    NaN for every input). Returns the metadata."""
     path = checkpoint_file(path)
     f, meta = open_checkpoint(path)
     params = dict(model.named_parameters())
@@ -424,6 +510,11 @@ def load_trained(model, path):
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
+    for n in sorted(expected) if optimizer is not None else ():  # save_checkpoint's optimizer state
+        state = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.rsplit(".", 1)[0] == f"optim.{n}"}
+        if state:
+            optimizer.state[params[n]] = {k: v.reshape(()) if k == "step" else v.to(params[n].device)
+                                          for k, v in state.items()}
     return meta
 
 

@@ -33,7 +33,7 @@ import encoders  # noqa: E402
 import u2a  # noqa: E402
 
 RUN_DIR = os.environ.get("U2A_RUN")  # a train.py run folder to read; None: the synthetic default
-TOY_ENCODERS = {"image": ROOT / "weights" / "toy" / "vit", "text": ROOT / "weights" / "toy" / "bert"}
+TOY_ENCODERS = {m: ROOT / "weights" / folder for m, folder in u2a.ENCODER_FOLDERS["toy"].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -98,16 +98,6 @@ def run_tokenizer(model, info):
     return encoders.load_tokenizer(model.config.encoders["text"], info.text_max_len)
 
 
-def run_scenarios(settings, info):
-    """The run's test scenarios (data.Scenario: rate, missing_type, groups) and the seed of their tables,
-    drawn as train.py drew them for metrics.json."""
-    rate = settings["test_missing_rate"]
-    rate = settings["train_missing_rate"] if rate is None else rate
-    kind = settings["test_missing_type"] or settings["train_missing_type"]
-    seed = data.stream_seed(settings["seed"], "missing/test")
-    return data.eval_scenarios(info, rate, kind, seed=seed), seed
-
-
 def load_run(folder):
     """Everything the analyses need from one method's folder: metrics.json, the stored test tokens
     (cls.<m>, mt.<m> (n, D), labels, present, index), the trained model rebuilt from best.safetensors,
@@ -125,7 +115,7 @@ def load_run(folder):
     placeholders = None
     if model.method.stand_in == "placeholder":
         placeholders = u2a.placeholder_tokens(model, run_tokenizer(model, info))
-    scenarios, seed = run_scenarios(settings, info)
+    scenarios, seed = data.test_scenarios(info, settings)  # as train.py drew them for metrics.json
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return SimpleNamespace(folder=folder, metrics=metrics, tokens=load_file(str(tokens_file)), model=model,
                            info=info, settings=settings, placeholders=placeholders, scenarios=scenarios, seed=seed,

@@ -99,7 +99,7 @@ def save_ast(directory, full=False, seed=0):
 
 
 def save_run_encoders(weights, folders, words):
-    """A --weights folder for train.py on a real dataset: `folders` is train.ENCODER_FOLDERS, `words` the
+    """A --weights folder for train.py on a real dataset: `folders` is u2a.ENCODER_FOLDERS["paper"], `words` the
     vocabulary after bert-base-uncased's special tokens. Small random encoders, saved by transformers, with
     the real input sizes that data.py produces: a whole CLIP at 224 x 224 (patch 32 keeps it fast), a
     BertModel with its vocab.txt, and an AST on 1024 frames x 128 mel bins."""

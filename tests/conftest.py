@@ -13,6 +13,6 @@ def published_weights(tmp_path_factory):
     weights/download.py fetches (written by transformers, a test-only dependency)."""
     pytest.importorskip("transformers")
     import checkpoints
-    import train
+    import u2a
     words = ["best", "recipe", "plot", "film"]
-    return checkpoints.save_run_encoders(tmp_path_factory.mktemp("weights"), train.ENCODER_FOLDERS, words)
+    return checkpoints.save_run_encoders(tmp_path_factory.mktemp("weights"), u2a.ENCODER_FOLDERS["paper"], words)

@@ -118,7 +118,7 @@ def relative_error(x, truth):
 def parity(report, weights, device):
     """Ours and transformers on the checkpoints train.py will read, in fp32 and under bf16 autocast."""
     for kind, modality in PARITY.items():
-        directory = weights / train.ENCODER_FOLDERS[modality]
+        directory = weights / u2a.ENCODER_FOLDERS["paper"][modality]
         ours = test_encoders.OURS[kind].from_pretrained(directory, device=device)
         ref = test_encoders.reference(kind, directory).to(device)  # eager attention: independent of our SDPA
         args, kwargs, valid = test_encoders.example_inputs(ours)
@@ -306,7 +306,7 @@ def main(argv=None):
         precision = precision_flag(report, help_text, device)
         words = ["best", "recipe"] + [w for c in test_data.FOOD_CLASSES for w in c.split("_")]
         save = checkpoints.save_run_encoders if args.cpu else checkpoints.save_published_encoders
-        weights = Path(save(work / "weights", train.ENCODER_FOLDERS, words))
+        weights = Path(save(work / "weights", u2a.ENCODER_FOLDERS["paper"], words))
         parity(report, weights, device)
         data_root = test_data.make_food101(work / "food101", per_class=FIXTURE_PER_CLASS)
         train_checks(report, data_root, weights, work, logs, device, precision)

@@ -266,7 +266,7 @@ def test_toy_encoders_that_do_not_fit_the_synthetic_data_are_refused(encoder, fi
 def test_the_toy_vit_pointed_at_food101_is_refused(tmp_path, published_weights, monkeypatch):
     root = test_data.make_food101(tmp_path / "food")
     weights = shutil.copytree(published_weights, tmp_path / "w")
-    clip = weights / train.ENCODER_FOLDERS["image"]
+    clip = weights / u2a.ENCODER_FOLDERS["paper"]["image"]
     shutil.rmtree(clip)
     shutil.copytree(train.WEIGHTS_DIR / "toy" / "vit", clip)
     monkeypatch.chdir(tmp_path)

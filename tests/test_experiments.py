@@ -116,7 +116,7 @@ def test_a_new_run_into_a_multi_run_folder_is_refused(grid, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(grid[0], out)
     (out / "config.json").unlink()
-    assert train.holds_run(out).parent.parent.name == "seed0"
+    assert u2a.run_files(out)[0].parent.parent.name == "seed0"
     with pytest.raises(SystemExit):
         train.main(TINY + ["--out", str(out)])
 
@@ -169,15 +169,12 @@ def test_the_paper_column_on_a_food101_layout(published_weights, tmp_path):
 
 
 def test_tables_3_and_6_follow_the_training_setting():
-    args, _ = train.parse_args(["--data", "mmimdb", "--train-missing-rate", "0.7", "--train-missing-type", "text"])
-    info = data.dataset_info("mmimdb")
-    assert train.paper_result(info, args, {"image": 100.0, "text": 30.0}) == (52.61, 0.12, 3)  # = Table 6's diagonal
-    assert train.paper_result(info, args, {"image": 30.0, "text": 100.0}) == (44.72, 0.46, 6)
-    assert train.paper_result(info, args, {"image": 100.0, "text": 0.0}) is None  # Table 4 is for complete training
-    args.train_missing_type = "both"
-    assert train.paper_result(info, args, {"image": 65.0, "text": 65.0}) == (54.04, 0.23, 3)
-    args.train_missing_rate = 0.5  # not the paper's eta
-    assert train.paper_result(info, args, {"image": 75.0, "text": 75.0}) is None
+    trained = lambda rate, kind: data.present_shares(("image", "text"), rate, kind)
+    assert data.paper_result("mmimdb", trained(0.7, "text"), {"image": 100.0, "text": 30.0}) == (52.61, 0.12, 3)  # = Table 6's diagonal
+    assert data.paper_result("mmimdb", trained(0.7, "text"), {"image": 30.0, "text": 100.0}) == (44.72, 0.46, 6)
+    assert data.paper_result("mmimdb", trained(0.7, "text"), {"image": 100.0, "text": 0.0}) is None  # Table 4 is for complete training
+    assert data.paper_result("mmimdb", trained(0.7, "both"), {"image": 65.0, "text": 65.0}) == (54.04, 0.23, 3)
+    assert data.paper_result("mmimdb", trained(0.5, "both"), {"image": 75.0, "text": 75.0}) is None  # not the paper's eta
 
 
 def test_the_library_finds_the_runs_of_a_multi_seed_folder(grid):

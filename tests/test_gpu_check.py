@@ -11,13 +11,14 @@ import torch
 import checkpoints
 import gpu_check
 import train
+import u2a
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_parity_lines_and_precision_probe(tmp_path, capsys):
     report = gpu_check.Report()
-    weights = Path(checkpoints.save_run_encoders(tmp_path, train.ENCODER_FOLDERS, ["best", "recipe"]))
+    weights = Path(checkpoints.save_run_encoders(tmp_path, u2a.ENCODER_FOLDERS["paper"], ["best", "recipe"]))
     gpu_check.parity(report, weights, torch.device("cpu"))
     assert gpu_check.precision_flag(report, "  --precision {bf16,fp16,fp32}", torch.device("cuda")) == \
         ["--precision", "bf16"]

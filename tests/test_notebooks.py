@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import train
+import u2a
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -185,7 +186,7 @@ def mmimdb_run(tmp_path_factory):
     pytest.importorskip("transformers")
     import checkpoints  # tests/checkpoints.py: needs transformers, a test-only dependency
     tmp = tmp_path_factory.mktemp("mmimdb")
-    checkpoints.save_run_encoders(tmp / "weights", train.ENCODER_FOLDERS, WORDS)
+    checkpoints.save_run_encoders(tmp / "weights", u2a.ENCODER_FOLDERS["paper"], WORDS)
     run = tmp / "run"
     train.main(["--data", "mmimdb", "--data-root", str(make_mmimdb(tmp / "data")), "--weights", str(tmp / "weights"),
                 "--out", str(run), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "2", "--workers", "0",

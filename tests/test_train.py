@@ -117,10 +117,10 @@ def test_checkpoint_round_trip(tmp_path):
     loss.backward()
     opt.step()
     path = tmp_path / "ckpt.safetensors"
-    train.save_resumable(path, model, opt, {"step": 1, "config": train.vars_json(args)})
+    u2a.save_checkpoint(path, model, {"step": 1, "config": train.vars_json(args)}, opt)
     fresh = u2a.U2A(train.model_config(args, info, "u2a"))
     fresh_opt = train.make_optimizer(fresh, args)
-    meta = train.load_resumable(path, fresh, fresh_opt)
+    meta = u2a.load_trained(fresh, path, fresh_opt)
     assert meta["step"] == 1
     for (n, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), n

@@ -63,14 +63,14 @@ def assert_same_weights(a, b, atol=1e-6):
 def test_every_process_has_n_over_b_steps_of_b_over_w_samples(world):
     for n in (5, 8, 13, 32, 33, 34, 63, 64, 65, 101):
         for batch in (b for b in (1, 2, 4, 8, 16, 32) if b % world == 0 and b <= n):
-            per_rank = [train.EpochSampler(n, batch, 0, 3, (r, world)).indices for r in range(world)]
-            one = train.EpochSampler(n, batch, 0, 3).indices
+            per_rank = [data.EpochSampler(n, batch, 0, 3, (r, world)).indices for r in range(world)]
+            one = data.EpochSampler(n, batch, 0, 3).indices
             share = batch // world
             assert all(len(ix) == (n // batch) * share for ix in per_rank), (n, batch, world)
             for step in range(n // batch):  # the processes' shares of a step are one process's batch
                 merged = sorted(i for ix in per_rank for i in ix[step * share:(step + 1) * share])
                 assert merged == sorted(one[step * batch:(step + 1) * batch])
-            resumed = train.EpochSampler(n, batch, 0, 3, (world - 1, world), skip=1).indices
+            resumed = data.EpochSampler(n, batch, 0, 3, (world - 1, world), skip=1).indices
             assert resumed == per_rank[-1][share:]
 
 
@@ -96,7 +96,7 @@ def test_ddp_equals_one_process_with_missing_modalities(tmp_path):
     torchrun(run + ["--out", str(tmp_path / "ddp")])
     # the setting is the one asked for: some process's half-batch holds no text at all, another's no image
     table = data.load_missing_table(tmp_path / "single" / "missing_train.json")
-    order = torch.tensor(train.EpochSampler(64, 4, 1, 0).indices).view(-1, 2, 2)  # (steps, rank, sample)
+    order = torch.tensor(data.EpochSampler(64, 4, 1, 0).indices).view(-1, 2, 2)  # (steps, rank, sample)
     halves = table[order]                                                         # (steps, 2, 2, 2)
     assert (~halves[..., 1]).all(-1).any() and (~halves[..., 0]).all(-1).any()
     assert_same_weights(tmp_path / "single" / "last.safetensors", tmp_path / "ddp" / "last.safetensors", atol=1e-5)
@@ -130,7 +130,7 @@ def test_training_missing_table_and_first_epoch_order_are_uncorrelated():
                                 "--train-missing-type", "text"])
     sets = train.build_splits(args, train.info_of(args), ("train",))
     text_missing = (~sets["train"].present[:, 1]).float()
-    order = train.EpochSampler(len(text_missing), args.batch_size, args.seed, 0).indices
+    order = data.EpochSampler(len(text_missing), args.batch_size, args.seed, 0).indices
     first, last = text_missing[order[:300]].mean().item(), text_missing[order[-300:]].mean().item()
     assert abs(first - 0.7) < 0.1 and abs(last - 0.7) < 0.1, (first, last)
     streams = [data.stream_seed(0, "missing/train"), data.stream_seed(0, "missing/val"),
@@ -207,9 +207,9 @@ def test_precision_default_and_choice():
 
 
 def test_threads_are_decided_after_parsing_either_form_of_data(monkeypatch):
-    assert train.threads_for(train.parse_args(["--data=synthetic"])[0]) == 1
-    assert train.threads_for(train.parse_args(["--data=food101"])[0]) is None
-    assert train.threads_for(train.parse_args(["--data", "food101"])[0]) is None
+    assert train.parse_args(["--data=synthetic"])[0].threads == 1
+    assert train.parse_args(["--data=food101"])[0].threads is None
+    assert train.parse_args(["--data", "food101"])[0].threads is None
 
 
 @pytest.mark.parametrize("argv, message", [
