@@ -10,11 +10,12 @@ settings). The file has two parts. First what a reader of U2A needs, in the orde
   2. missing modalities     missing_table (exact counts, seeded), save/load, eval_scenarios, a run's
                             test_scenarios, check_missing_settings
   3. datasets               MultimodalDataset, make_dataset (the one entry point)
-  4. batches                collate (batch-level tokenisation, placeholders), drop_modalities, make_loader,
-                            EpochSampler (each epoch's order, sharded across DDP processes)
+  4. batches                collate (encoders.batch_inputs, plus labels and skip mode's counts),
+                            drop_modalities, make_loader, EpochSampler (each epoch's order, sharded across
+                            DDP processes)
   5. synthetic data         the two synthetic designs, their exact Bayes ceiling, SyntheticDataset
-  6. preprocessing          clip_image (CLIP's transform), fbank (AST's Kaldi log-mel, in torch),
-                            video frames, WordPiece tokenizer
+  6. reading files          video frames (training's augmentation) and WAVs, into the preprocessing each
+                            encoder was pretrained on: encoders.py's clip_image, fbank and load_tokenizer
 
 Then three appendices: the plumbing of the public releases, and the paper's tables:
   A. readers                one per public release -> per-sample sources and labels; files checked at build
@@ -26,7 +27,8 @@ A batch is a dict: "image" (B,3,H,W) | "video" (B,3,3,H,W) | "audio" (B,1024,128
 "label" (B,) long or (B,C) float multi-hot, "index" (B,) long, "skipped" and "unreadable" () long (skip
 mode's counts: samples dropped, files that failed to decode). A missing modality holds the paper's
 placeholder (sec. 3: zeros for image/video/audio, the empty string -> [CLS][SEP] for text) and is
-never read from disk.
+never read from disk. The inputs' keys and their placeholders are encoders.batch_inputs's, which
+u2a.predict batches through too.
 
 Expected layouts under --data-root (full trees in README.md):
   food101  images/{train,test}/<class>/*.jpg, texts/{train,test}_titles.csv  (UPMC Food-101)
@@ -48,11 +50,11 @@ Design choices (the paper leaves them open):
     collate, counted in the batch's "skipped".
   - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
     or another number of DataLoader workers gives the same inputs.
-  - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `resample`).
+  - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `encoders.resample`).
   - every WAV's and image's header is checked when the dataset is built (a git-lfs pointer file is named as
     such): a file that is not an image, a WAV shorter than one 25 ms analysis window, an image of a mode we
-    do not read or of an aspect ratio above MAX_ASPECT_RATIO are named then, not after training.
-  - 16-bit and float grey images are read by their range (FULL_SCALE), not clipped at 255.
+    do not read or of an aspect ratio above encoders.MAX_ASPECT_RATIO are named then, not after training.
+  - 16-bit and float grey images are read by their range (encoders.FULL_SCALE), not clipped at 255.
   - a split list's entries are plain names: one with a folder part ('../x', '/abs') is refused, naming the line.
   - Food-101's hidden folders (.ipynb_checkpoints) are not classes; an empty class folder is an error.
   - an MM-IMDb movie JSON without a genre list is refused (skip mode: the movie is dropped); one without a plot,
@@ -82,12 +84,10 @@ import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders
-from tokenizers.models import WordPiece
-from tokenizers.normalizers import BertNormalizer
-from tokenizers.pre_tokenizers import BertPreTokenizer
-from tokenizers.processors import TemplateProcessing
 from tqdm import tqdm
+
+from encoders import (FRAME_LENGTH, IMAGE_SIZE, NUM_FRAMES, SAMPLE_RATE, SPECIAL_TOKENS, batch_inputs, bert_template,
+                      clip_image, fbank, image_problem, is_missing_text, wordpiece_tokenizer)
 
 # -----------------------------------------------------------------------------
 # 0. Seeds: every random stream of a run comes from the run's one seed, here
@@ -402,17 +402,14 @@ class MultimodalDataset(torch.utils.data.Dataset):
     (how many of its files failed to decode: skip mode marks them absent). In skip mode an item with
     nothing readable left is None, which collate drops and counts."""
 
-    def __init__(self, info, split, sources, labels, available=None, present=None, train=False,
-                 on_error="raise"):
+    def __init__(self, info, split, sources, labels, available=None, train=False, on_error="raise"):
         _check_on_error(on_error)
         self.info, self.split, self.train, self.on_error = info, split, train, on_error
         self.sources, self.labels = sources, labels  # labels: (n,) long or (n, C) float
-        # available: files found at construction; present: available & the missing table
+        # available: files found at construction; present: available & the missing table (set_present)
         self.available = torch.ones(len(labels), 2, dtype=torch.bool) if available is None else available
         self.present = self.available.clone()
         self.seed, self.epoch = 0, 0  # the run's seed (not make_dataset's data seed): see set_epoch
-        if present is not None:
-            self.set_present(present)
 
     def set_epoch(self, epoch, seed):
         """Training's random frames and crops of sample i come from stream_seed(seed, "sample", epoch, i):
@@ -422,9 +419,10 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
     def set_present(self, present):
         """Apply an (n, 2) missing table (e.g. missing_table(len(ds), ...)); files found missing in
-        skip mode stay absent."""
+        skip mode stay absent. Returns the dataset: make_dataset(...).set_present(table)."""
         present = _check_present(present, len(self), f"{self.info.name}/{self.split}")
         self.present = present & self.available
+        return self
 
     def __len__(self):
         return len(self.labels)
@@ -471,19 +469,17 @@ def _carve_val(n, split, seed):
     return sorted((order[:n_val] if split == "val" else order[n_val:]).tolist())
 
 
-def make_dataset(name, root, split, present=None, train=False, limit=None, on_error="raise", seed=0, **kw):
+def make_dataset(name, root, split, train=False, limit=None, on_error="raise", seed=0):
     """The one entry point. split: train/val/test ("val" of a dataset without one is a seeded
-    VAL_SHARE of train, and "train" then excludes it). present: optional (n, 2) bool table.
-    train: random frames + frame augmentation. limit: the first `limit` samples. seed: the data's
-    own seed (synthetic generation, val carve), not the run's. kw: synthetic only, n=size."""
+    VAL_SHARE of train, and "train" then excludes it). train: random frames + frame augmentation.
+    limit: the first `limit` samples. seed: the data's own seed (synthetic generation, val carve), not
+    the run's. Every file found is present until a missing table says otherwise: .set_present(table)."""
     _check_name(name)
     _check_on_error(on_error)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name in SYNTHETIC:
-        return SyntheticDataset(name, split, present=present, limit=limit, seed=seed, **kw)
-    if kw:
-        raise TypeError(f"make_dataset({name!r}) got unexpected options {sorted(kw)}")
+        return SyntheticDataset(name, split, limit=limit, seed=seed)
     if root is None or not Path(root).is_dir():
         raise FileNotFoundError(f"{name}: data root {root} is not a directory; expected {EXPECTED_LAYOUT[name]}")
     root, info = Path(root), dataset_info(name, root)
@@ -503,16 +499,11 @@ def make_dataset(name, root, split, present=None, train=False, limit=None, on_er
         labels = targets
     else:
         labels = torch.tensor(labels, dtype=torch.long)
-    return MultimodalDataset(info, split, sources, labels, available, present, train, on_error)
+    return MultimodalDataset(info, split, sources, labels, available, train, on_error)
 
 
 # -----------------------------------------------------------------------------
 # 4. Batches: samples -> the batch dict of the header docstring
-
-def input_shape(info, modality):
-    s = info.image_size
-    return {"image": (3, s, s), "video": (NUM_FRAMES, 3, s, s), "audio": (MAX_FRAMES, NUM_MEL_BINS)}[modality]
-
 
 def _default_tokenizer(info):
     if "text" not in info.modalities:
@@ -523,44 +514,25 @@ def _default_tokenizer(info):
 
 
 def collate(samples, info, tokenizer=None):
-    """List of dataset items -> batch dict. Absent modalities become placeholders (zeros; "" for
-    text, i.e. [CLS][SEP]; a blank text is absent, is_missing_text); "present" records which is which.
-    Text is tokenised once per batch.
+    """List of dataset items -> batch dict. The inputs go through encoders.batch_inputs: absent modalities
+    become placeholders (zeros; "" for text, i.e. [CLS][SEP]; a blank text is absent, is_missing_text);
+    "present" records which is which. Text is tokenised once per batch.
     The synthetic dataset brings its own tokenizer when none is given. Skip mode: None items (nothing
     readable) are dropped, so B can be smaller than len(samples), even 0; the batch counts them in
     "skipped" and the kept items' undecodable files in "unreadable" (0-dim long tensors)."""
     tokenizer = tokenizer or _default_tokenizer(info)
     kept = [s for s in samples if s is not None]
-    B = len(kept)
-    present = torch.tensor([[not is_missing_text(s[m]) if m == "text" else s[m] is not None
-                             for m in info.modalities] for s in kept], dtype=torch.bool).view(B, 2)  # (B, 2)
+    inputs = batch_inputs({m: [s[m] for s in kept] for m in info.modalities}, tokenizer, info.image_size)
     labels = [s["label"] for s in kept]
     if info.multilabel:  # (B, C); torch.stack needs at least one tensor
         label = torch.stack(labels).float() if kept else torch.zeros(0, info.num_classes)
     else:
         label = torch.tensor(labels, dtype=torch.long)                                 # (B,)
     # skip mode's counts, () long: samples dropped, and the kept samples' files that failed to decode
-    # (a hand-built item, such as train.py's placeholder batch, has no "unreadable")
-    batch = {"present": present, "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-             "label": label, "skipped": torch.tensor(len(samples) - B),
-             "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept))}
-    for m in info.modalities:
-        if m == "text":
-            enc = tokenizer.encode_batch(["" if is_missing_text(s["text"]) else s["text"] for s in kept])
-            L = len(enc[0].ids) if enc else 0  # all padded to the longest text
-            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
-            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)
-        else:
-            placeholder = torch.zeros(input_shape(info, m))
-            rows = [placeholder if s[m] is None else s[m] for s in kept]
-            batch[m] = torch.stack(rows) if kept else torch.zeros(0, *placeholder.shape)  # (B, ...)
-    return batch
-
-
-def placeholder_sample(info):
-    """One sample with every modality missing: collate turns it into the paper's placeholders."""
-    label = torch.zeros(info.num_classes) if info.multilabel else 0
-    return {**{m: None for m in info.modalities}, "label": label, "index": 0}
+    # (a hand-built item, such as a notebook's demo sample, has no "unreadable")
+    return {"present": inputs.pop("present"), "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+            "label": label, "skipped": torch.tensor(len(samples) - len(kept)),
+            "unreadable": torch.tensor(sum(s.get("unreadable", 0) for s in kept)), **inputs}
 
 
 def drop_modalities(batch, present, info, tokenizer=None):
@@ -571,7 +543,8 @@ def drop_modalities(batch, present, info, tokenizer=None):
     out = dict(batch, present=present)
     if not gone.any():
         return out
-    blank = collate([placeholder_sample(info)], info, tokenizer)      # every input of batch size 1
+    # one sample missing every modality: each input's placeholder, batch size 1
+    blank = batch_inputs({m: [None] for m in info.modalities}, tokenizer or _default_tokenizer(info), info.image_size)
     for i, m in enumerate(info.modalities):
         rows = gone[:, i]
         for key in ("input_ids", "attention_mask") if m == "text" else (m,):
@@ -591,11 +564,11 @@ def seed_worker(worker_id):
     np.random.seed(seed)
 
 
-def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, pin_memory=None,
-                drop_last=False, sampler=None):
-    """DataLoader yielding batch dicts. Shuffling and the workers' RNGs follow `seed`; training's random
-    frames and crops follow the dataset's set_epoch, whatever the workers. pin_memory defaults to CUDA
-    being available. The synthetic dataset brings its own tokenizer when none is given."""
+def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, seed=0, sampler=None):
+    """DataLoader yielding batch dicts (collate, with the dataset's info). Shuffling and the workers' RNGs follow
+    `seed`; training's random frames and crops follow the dataset's set_epoch, whatever the workers. A short
+    last batch is kept; memory is pinned when there is a GPU to copy to. The synthetic dataset brings its own
+    tokenizer when none is given."""
     info = dataset.info
     tokenizer = tokenizer or _default_tokenizer(info)  # fail here, not inside a worker
     if num_workers > 0:  # each worker tokenises its own small batches: the Rust thread pool only contends
@@ -603,9 +576,8 @@ def make_loader(dataset, batch_size, shuffle, tokenizer=None, num_workers=0, see
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
         collate_fn=functools.partial(collate, info=info, tokenizer=tokenizer), num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
-        worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0)
+        pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -699,7 +671,7 @@ def synthetic_vocab():
 def synthetic_tokenizer(max_len=TEXT_MAX_LEN["synthetic"]):
     """The toy BERT's tokenizer, built in memory (weights/toy/bert/vocab.txt holds the same vocab)."""
     vocab = {w: i for i, w in enumerate(synthetic_vocab())}
-    return _bert_template(wordpiece_tokenizer(vocab), max_len, source="synthetic_vocab()")
+    return bert_template(wordpiece_tokenizer(vocab), max_len, source="synthetic_vocab()")
 
 
 def _generator(seed, stream):
@@ -750,7 +722,7 @@ class SyntheticDataset(MultimodalDataset):
     """Image + text of a synthetic design, generated in memory from the data's `seed` (milliseconds, no
     download): each sample's (a, b, c) drawn from the design's joint table, then a blob and a sentence."""
 
-    def __init__(self, name, split, n=None, present=None, limit=None, seed=0):
+    def __init__(self, name, split, n=None, limit=None, seed=0):
         n = SYNTHETIC_SIZES[split] if n is None else n
         g = _generator(seed, split)
         joint = synthetic_joint(name)                                          # (4, 4, C)
@@ -759,80 +731,15 @@ class SyntheticDataset(MultimodalDataset):
         quadrant, group, labels = cell // (len(KEYWORDS) * C), (cell // C) % len(KEYWORDS), cell % C
         images, texts = _draw_blobs(quadrant, g), _write_sentences(group, g)
         n = n if limit is None else min(limit, n)
-        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n],
-                         present=present)
+        super().__init__(dataset_info(name), split, {"image": images[:n], "text": texts[:n]}, labels[:n])
 
     def read(self, modality, source, generator=None):
         return source  # already the model input
 
 
 # -----------------------------------------------------------------------------
-# 6. Preprocessing: each encoder gets exactly what it was pretrained on
-
-# Images and video frames: transformers' CLIPImageProcessor, as the CLIP checkpoints' preprocessor_config.json sets it
-IMAGE_SIZE = 224
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-WHITE = (255, 255, 255, 255)
-# The modes of 8 bits a channel, read as CLIPImageProcessor reads them (Pillow's conversion to RGB)
-EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
-# Grey images beyond 8 bits, by the value that means white. Converted to RGB as they are, Pillow (and so
-# CLIPImageProcessor) clips them at 255: a 16-bit PNG turns white, a float TIFF in [0, 1] black. They are
-# read by their range instead, into the 8 bits CLIP's preprocessing and pretraining work in. Pillow opens a
-# 16-bit PNG as "I;16" ("I" in older versions): "I" is read as 16-bit too, and a value beyond it refused.
-FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
-# The centre crop keeps 1/ratio of a long image, after resizing its *shortest* side to 224: a 1 x 20000 PNG
-# became a 224 x 4.5M image (4.3 GB) to keep 0.005% of it. Beyond 20:1 (a panorama is ~4:1, a 1080p frame
-# 16:9) the crop shows too little of the picture to be a sample of it: such images are refused.
-MAX_ASPECT_RATIO = 20
-
-
-def image_problem(pil):
-    """Why clip_image cannot read `pil` (its mode or its shape), or None. Needs only the header, so the
-    datasets ask it when they are built."""
-    if pil.mode not in EIGHT_BIT_MODES and pil.mode not in FULL_SCALE:
-        return (f"image mode {pil.mode!r} is not supported: expected one of {', '.join(EIGHT_BIT_MODES)} "
-                f"(8 bits a channel), or grey {', '.join(FULL_SCALE)} (16-bit, or float in [0, 1])")
-    w, h = pil.size
-    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-        return (f"{w} x {h} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1: CLIP's 224 x 224 centre crop "
-                f"would keep too little of it (crop or pad it nearer to square)")
-    return None
-
-
-def to_8_bit(pil):
-    """A grey image of a FULL_SCALE mode -> "L", its values scaled so that full scale is 255."""
-    x = np.asarray(pil, dtype=np.float64)                                         # (H, W)
-    top = FULL_SCALE[pil.mode]
-    if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= top):
-        raise ValueError(f"image mode {pil.mode!r} with values in [{x.min():g}, {x.max():g}]: expected "
-                         f"{'[0, 1]' if pil.mode == 'F' else f'0..{top}'} (white at {top})")
-    return Image.fromarray(np.rint(x * (255 / top)).astype(np.uint8))
-
-
-def clip_image(pil, size=IMAGE_SIZE):
-    """PIL image -> (3, size, size) float, as CLIPImageProcessor: shortest side to size (bicubic),
-    centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy ViT's 32).
-    16-bit and float grey images are first read by their range (FULL_SCALE); other modes and aspect ratios
-    above MAX_ASPECT_RATIO raise a ValueError naming them."""
-    problem = image_problem(pil)
-    if problem:
-        raise ValueError(problem)
-    if pil.mode in FULL_SCALE:
-        pil = to_8_bit(pil)
-    if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
-        has_alpha = "A" in pil.getbands() or "transparency" in pil.info
-        if has_alpha:
-            pil = Image.alpha_composite(Image.new("RGBA", pil.size, WHITE), pil.convert("RGBA"))
-        pil = pil.convert("RGB")
-    w, h = pil.size
-    long = int(size * max(w, h) / min(w, h))  # transformers truncates, so do we
-    pil = pil.resize((size, long) if w <= h else (long, size), Image.Resampling.BICUBIC)
-    left, top = (pil.width - size) // 2, (pil.height - size) // 2
-    pil = pil.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255  # (3, size, size) in [0, 1]
-    return (x - CLIP_MEAN) / CLIP_STD
-
+# 6. Reading files: video frames and WAVs, into the preprocessing each encoder was pretrained on (encoders.py:
+#    clip_image, fbank)
 
 # Training-time frame augmentation: the audio-video baselines the paper follows (sec. 4.2, OGM-GE)
 # use torchvision's RandomResizedCrop(224) + RandomHorizontalFlip; the image-text setting uses none.
@@ -860,8 +767,7 @@ def augment_frame(pil, generator):
     return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil
 
 
-# Video: 3 frames per clip (sec. 4.2), each through the image transform
-NUM_FRAMES = 3
+# Video: NUM_FRAMES (3) frames per clip (sec. 4.2), each through the image transform
 FRAME_SUFFIXES = (".jpg", ".jpeg")
 
 
@@ -895,82 +801,6 @@ def read_frames(folder, generator=None):
     return torch.stack(frames)
 
 
-# Audio: AST's Kaldi-compatible log-mel filterbank, matching transformers'
-# ASTFeatureExtractor numpy path: no dither, no whole-clip mean subtraction.
-SAMPLE_RATE = 16_000
-FRAME_LENGTH = 400   # 25 ms
-FRAME_SHIFT = 160    # 10 ms
-N_FFT = 512          # frame zero-padded to the next power of two, as Kaldi does
-NUM_MEL_BINS = 128
-MEL_LOW_HZ, MEL_HIGH_HZ = 20.0, SAMPLE_RATE / 2
-PREEMPHASIS = 0.97
-LOG_FLOOR = 1.192092955078125e-07  # float32 eps, Kaldi's floor before the log
-MAX_FRAMES = 1024    # ~10.24 s
-AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet statistics of the AST checkpoint
-
-
-def kaldi_mel(hz):
-    return 1127.0 * torch.log1p(hz / 700.0)
-
-
-@functools.lru_cache(maxsize=1)
-def mel_filterbank():
-    """(N_FFT//2+1, NUM_MEL_BINS) float64: triangles evenly spaced on Kaldi's mel scale, drawn in
-    mel space, unnormalised. (Filter 3 is narrower than the FFT bin spacing and all zero, as in Kaldi.)"""
-    edges = torch.linspace(kaldi_mel(torch.tensor(MEL_LOW_HZ)), kaldi_mel(torch.tensor(MEL_HIGH_HZ)),
-                           NUM_MEL_BINS + 2, dtype=torch.float64)                     # (130,)
-    bin_mel = kaldi_mel(torch.arange(N_FFT // 2 + 1, dtype=torch.float64) * SAMPLE_RATE / N_FFT)[:, None]
-    left, centre, right = edges[:-2], edges[1:-1], edges[2:]                            # (128,) each
-    rising = (bin_mel - left) / (centre - left)                                         # (257, 128)
-    falling = (right - bin_mel) / (right - centre)
-    return torch.minimum(rising, falling).clamp(min=0)
-
-
-def fbank(waveform, sample_rate):
-    """1-D float waveform in [-1, 1] -> (MAX_FRAMES, NUM_MEL_BINS) normalised log-mel, as
-    ASTFeatureExtractor. Another sample rate is resampled to 16 kHz first."""
-    if waveform.dim() != 1:
-        raise ValueError(f"fbank expects a 1-D (mono) waveform, got shape {tuple(waveform.shape)}")
-    if sample_rate != SAMPLE_RATE:
-        waveform = resample(waveform, sample_rate, SAMPLE_RATE)
-    if waveform.numel() < FRAME_LENGTH:
-        raise ValueError(f"audio has {waveform.numel()} samples, fewer than one {FRAME_LENGTH}-sample window")
-    frames = waveform.double().unfold(0, FRAME_LENGTH, FRAME_SHIFT)       # (T, 400), no centring
-    frames = frames - frames.mean(dim=1, keepdim=True)                    # DC removal per frame
-    first = frames[:, :1] * (1 - PREEMPHASIS)                             # Kaldi: x[0] - 0.97 x[0]
-    frames = torch.cat([first, frames[:, 1:] - PREEMPHASIS * frames[:, :-1]], dim=1)
-    frames = frames * torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64)  # = np.hanning
-    power = torch.fft.rfft(frames, n=N_FFT).abs() ** 2                    # (T, 257)
-    logmel = (power @ mel_filterbank()).clamp(min=LOG_FLOOR).log()        # (T, 128)
-    logmel = logmel[:MAX_FRAMES]
-    logmel = torch.nn.functional.pad(logmel, (0, 0, 0, MAX_FRAMES - logmel.shape[0]))  # zeros in log space
-    return ((logmel - AST_MEAN) / (2 * AST_STD)).float()                 # (1024, 128)
-
-
-# Resampling: the windowed-sinc interpolation of torchaudio.functional.resample (its default,
-# "sinc_interp_hann"): low-pass at RESAMPLE_ROLLOFF x the lower Nyquist, RESAMPLE_WIDTH zero crossings
-# each side. Accuracy 44.1 kHz -> 16 kHz: tones up to ~3 kHz land within 5e-4 of the exact 16 kHz
-# signal; tones within ~1.5 kHz of the new 8 kHz Nyquist are attenuated (transition band).
-RESAMPLE_ROLLOFF, RESAMPLE_WIDTH = 0.99, 6
-
-
-def resample(waveform, orig_rate, new_rate):
-    """1-D waveform at orig_rate -> 1-D waveform at new_rate (polyphase conv1d, one filter per phase)."""
-    g = math.gcd(int(orig_rate), int(new_rate))
-    orig, new = int(orig_rate) // g, int(new_rate) // g
-    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
-    width = math.ceil(RESAMPLE_WIDTH * orig / cutoff)
-    taps = torch.arange(-width, width + orig, dtype=torch.float64)[None] / orig         # (1, K)
-    t = (taps - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff         # (new, K)
-    t = t.clamp(-RESAMPLE_WIDTH, RESAMPLE_WIDTH)
-    window = torch.cos(t * math.pi / RESAMPLE_WIDTH / 2) ** 2
-    kernel = torch.sinc(t) * window * cutoff / orig                                     # (new, K)
-    x = torch.nn.functional.pad(waveform.double()[None, None], (width, width + orig))   # (1, 1, N+pad)
-    y = torch.nn.functional.conv1d(x, kernel[:, None], stride=orig)                     # (1, new, N/orig)
-    out = y[0].t().reshape(-1)                                                          # phases interleaved
-    return out[:math.ceil(new * waveform.numel() / orig)].to(waveform.dtype)
-
-
 def read_wav(path):
     """WAV -> (1-D float32 waveform, sample rate); several channels are averaged to mono. A float WAV
     holding NaN or Inf is refused here: its features would be NaN and train the model to NaN."""
@@ -994,58 +824,6 @@ def read_audio(source):
         return read_wav(source)
     waveform, rate = read_wav(source.path)
     return waveform[round(source.start * rate):round(source.end * rate)], rate
-
-
-# Text: uncased WordPiece, [CLS] ... [SEP], truncated to the dataset's max length (sec. 4.2)
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's vocab.txt order
-
-
-def wordpiece_tokenizer(vocab):
-    """A BERT-uncased tokenizer from a {token: id} vocab (lowercase + strip accents, BERT splitting)."""
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = BertNormalizer(lowercase=True)  # strip_accents follows lowercase, as in BERT
-    tok.pre_tokenizer = BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    return tok
-
-
-def load_tokenizer(path, max_len):
-    """`path`: a checkpoint folder with tokenizer.json or vocab.txt, or either file. Returns a
-    tokenizers.Tokenizer adding [CLS] ... [SEP], truncating to max_len (specials included) and
-    right-padding with [PAD] to the longest text of each encode_batch call."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / f for f in ("tokenizer.json", "vocab.txt") if (path / f).is_file()]
-        if not found:
-            raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist (expected tokenizer.json or vocab.txt)")
-    if path.suffix == ".json":
-        tok = Tokenizer.from_file(str(path))
-    else:
-        tok = wordpiece_tokenizer(WordPiece.read_file(str(path)))
-    return _bert_template(tok, max_len, source=path)
-
-
-def is_missing_text(text):
-    """None, "" and whitespace-only texts are all a missing text. The paper's placeholder for a missing text
-    is the empty string, so a blank text carries nothing a missing one does not: it is marked absent (U2A
-    then uses the other modality's mask token) rather than encoded as a present [CLS][SEP]."""
-    return text is None or (isinstance(text, str) and not text.strip())
-
-
-def _bert_template(tok, max_len, source):
-    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
-    missing = [t for t, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(f"tokenizer {source} lacks the BERT special tokens {missing}")
-    # set here rather than trusted from tokenizer.json, whose padding/truncation settings vary
-    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]",
-                                            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
-    tok.enable_truncation(max_length=max_len)
-    tok.enable_padding(direction="right", pad_id=ids["[PAD]"], pad_token="[PAD]")  # to the longest
-    return tok
 
 
 # =============================================================================

@@ -15,17 +15,32 @@ and models/audio_spectrogram_transformer/modeling_audio_spectrogram_transformer.
 All three share one `Attention`, `MLP` and `Block`; they differ only in their embeddings and norm placement.
 `from_pretrained` reads the published safetensors files directly (no transformers at runtime).
 
+After the encoders, what they read (one home for each encoder's input contract): the preprocessing each was
+pretrained on (`clip_image`: CLIPImageProcessor; `load_tokenizer`: BERT's uncased WordPiece with [CLS] ... [SEP];
+`fbank`: ASTFeatureExtractor's Kaldi log-mel), and `batch_inputs`, which stacks one modality's inputs into the
+batch keys its encoder reads (MODALITY_INPUTS), with the paper's placeholder (zeros, "") for a missing one.
+
 There is no dropout anywhere in this file: the encoders are frozen, so their dropout would only add noise;
 the LoRA branch's own dropout (lora.py) is U2A's only regulariser.
 """
+import functools
 import json
+import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from tokenizers.processors import TemplateProcessing
 
 INIT_STD = 0.02  # random init only matters without a checkpoint (tests); from_pretrained overwrites it all
 
@@ -442,3 +457,255 @@ def load_weights(model, checkpoint, file, prefixes, skip, renames):
     if missing:
         raise KeyError(f"{file}: missing weights for {missing} (key prefix {prefix!r}): not a complete "
                        f"{type(model).__name__} checkpoint")
+
+
+# ==========================================================================================================
+# What the encoders read: the preprocessing each was pretrained on, and batches of its inputs
+#
+# An encoder only reads inputs made as in its pretraining, so that preprocessing lives here, beside the encoders
+# (as CLIP's repository keeps its `_transform` beside the model): CLIP's image transform, BERT's WordPiece with
+# its [CLS] ... [SEP] template, AST's Kaldi log-mel. data.py reads the datasets' files through it and
+# u2a.predict a user's own inputs; batch_inputs (the end of the file) stacks them into the keys each encoder
+# reads, with the paper's placeholder in place of a missing input.
+# ----------------------------------------------------------------------------------------------------------
+
+# Images and video frames, for the ViT: transformers' CLIPImageProcessor, as the CLIP checkpoints'
+# preprocessor_config.json sets it
+IMAGE_SIZE = 224
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+WHITE = (255, 255, 255, 255)
+# The modes of 8 bits a channel, read as CLIPImageProcessor reads them (Pillow's conversion to RGB)
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# Grey images beyond 8 bits, by the value that means white. Converted to RGB as they are, Pillow (and so
+# CLIPImageProcessor) clips them at 255: a 16-bit PNG turns white, a float TIFF in [0, 1] black. They are
+# read by their range instead, into the 8 bits CLIP's preprocessing and pretraining work in. Pillow opens a
+# 16-bit PNG as "I;16" ("I" in older versions): "I" is read as 16-bit too, and a value beyond it refused.
+FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+# The centre crop keeps 1/ratio of a long image, after resizing its *shortest* side to 224: a 1 x 20000 PNG
+# became a 224 x 4.5M image (4.3 GB) to keep 0.005% of it. Beyond 20:1 (a panorama is ~4:1, a 1080p frame
+# 16:9) the crop shows too little of the picture to be a sample of it: such images are refused.
+MAX_ASPECT_RATIO = 20
+
+
+def image_problem(pil):
+    """Why clip_image cannot read `pil` (its mode or its shape), or None. Needs only the header, so the
+    datasets ask it when they are built."""
+    if pil.mode not in EIGHT_BIT_MODES and pil.mode not in FULL_SCALE:
+        return (f"image mode {pil.mode!r} is not supported: expected one of {', '.join(EIGHT_BIT_MODES)} "
+                f"(8 bits a channel), or grey {', '.join(FULL_SCALE)} (16-bit, or float in [0, 1])")
+    w, h = pil.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return (f"{w} x {h} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1: CLIP's 224 x 224 centre crop "
+                f"would keep too little of it (crop or pad it nearer to square)")
+    return None
+
+
+def to_8_bit(pil):
+    """A grey image of a FULL_SCALE mode -> "L", its values scaled so that full scale is 255."""
+    x = np.asarray(pil, dtype=np.float64)                                         # (H, W)
+    top = FULL_SCALE[pil.mode]
+    if not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= top):
+        raise ValueError(f"image mode {pil.mode!r} with values in [{x.min():g}, {x.max():g}]: expected "
+                         f"{'[0, 1]' if pil.mode == 'F' else f'0..{top}'} (white at {top})")
+    return Image.fromarray(np.rint(x * (255 / top)).astype(np.uint8))
+
+
+def clip_image(pil, size=IMAGE_SIZE):
+    """PIL image -> (3, size, size) float, as CLIPImageProcessor: shortest side to size (bicubic),
+    centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy ViT's 32).
+    16-bit and float grey images are first read by their range (FULL_SCALE); other modes and aspect ratios
+    above MAX_ASPECT_RATIO raise a ValueError naming them."""
+    problem = image_problem(pil)
+    if problem:
+        raise ValueError(problem)
+    if pil.mode in FULL_SCALE:
+        pil = to_8_bit(pil)
+    if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
+        has_alpha = "A" in pil.getbands() or "transparency" in pil.info
+        if has_alpha:
+            pil = Image.alpha_composite(Image.new("RGBA", pil.size, WHITE), pil.convert("RGBA"))
+        pil = pil.convert("RGB")
+    w, h = pil.size
+    long = int(size * max(w, h) / min(w, h))  # transformers truncates, so do we
+    pil = pil.resize((size, long) if w <= h else (long, size), Image.Resampling.BICUBIC)
+    left, top = (pil.width - size) // 2, (pil.height - size) // 2
+    pil = pil.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255  # (3, size, size) in [0, 1]
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+# Text, for BERT: uncased WordPiece, [CLS] ... [SEP], truncated to the dataset's max length (sec. 4.2)
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's vocab.txt order
+
+
+def wordpiece_tokenizer(vocab):
+    """A BERT-uncased tokenizer from a {token: id} vocab (lowercase + strip accents, BERT splitting)."""
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = BertNormalizer(lowercase=True)  # strip_accents follows lowercase, as in BERT
+    tok.pre_tokenizer = BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def bert_template(tok, max_len, source):
+    """`tok` with BERT's [CLS] ... [SEP] template, truncating to max_len (specials included) and right-padding
+    with [PAD] to the longest text of each encode_batch call. source: named when a special token is missing."""
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer {source} lacks the BERT special tokens {missing}")
+    # set here rather than trusted from tokenizer.json, whose padding/truncation settings vary
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]",
+                                            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tok.enable_truncation(max_length=max_len)
+    tok.enable_padding(direction="right", pad_id=ids["[PAD]"], pad_token="[PAD]")  # to the longest
+    return tok
+
+
+def load_tokenizer(path, max_len):
+    """`path`: a checkpoint folder with tokenizer.json or vocab.txt, or either file. Returns a
+    tokenizers.Tokenizer adding [CLS] ... [SEP], truncating to max_len (specials included) and
+    right-padding with [PAD] to the longest text of each encode_batch call (bert_template)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f for f in ("tokenizer.json", "vocab.txt") if (path / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist (expected tokenizer.json or vocab.txt)")
+    if path.suffix == ".json":
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = wordpiece_tokenizer(WordPiece.read_file(str(path)))
+    return bert_template(tok, max_len, source=path)
+
+
+def is_missing_text(text):
+    """None, "" and whitespace-only texts are all a missing text. The paper's placeholder for a missing text
+    is the empty string, so a blank text carries nothing a missing one does not: it is marked absent (U2A
+    then uses the other modality's mask token) rather than encoded as a present [CLS][SEP]."""
+    return text is None or (isinstance(text, str) and not text.strip())
+
+
+# Audio, for AST: its Kaldi-compatible log-mel filterbank, matching transformers'
+# ASTFeatureExtractor numpy path: no dither, no whole-clip mean subtraction.
+SAMPLE_RATE = 16_000
+FRAME_LENGTH = 400   # 25 ms
+FRAME_SHIFT = 160    # 10 ms
+N_FFT = 512          # frame zero-padded to the next power of two, as Kaldi does
+NUM_MEL_BINS = 128
+MEL_LOW_HZ, MEL_HIGH_HZ = 20.0, SAMPLE_RATE / 2
+PREEMPHASIS = 0.97
+LOG_FLOOR = 1.192092955078125e-07  # float32 eps, Kaldi's floor before the log
+MAX_FRAMES = 1024    # ~10.24 s
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AudioSet statistics of the AST checkpoint
+
+
+def kaldi_mel(hz):
+    return 1127.0 * torch.log1p(hz / 700.0)
+
+
+@functools.lru_cache(maxsize=1)
+def mel_filterbank():
+    """(N_FFT//2+1, NUM_MEL_BINS) float64: triangles evenly spaced on Kaldi's mel scale, drawn in
+    mel space, unnormalised. (Filter 3 is narrower than the FFT bin spacing and all zero, as in Kaldi.)"""
+    edges = torch.linspace(kaldi_mel(torch.tensor(MEL_LOW_HZ)), kaldi_mel(torch.tensor(MEL_HIGH_HZ)),
+                           NUM_MEL_BINS + 2, dtype=torch.float64)                     # (130,)
+    bin_mel = kaldi_mel(torch.arange(N_FFT // 2 + 1, dtype=torch.float64) * SAMPLE_RATE / N_FFT)[:, None]
+    left, centre, right = edges[:-2], edges[1:-1], edges[2:]                            # (128,) each
+    rising = (bin_mel - left) / (centre - left)                                         # (257, 128)
+    falling = (right - bin_mel) / (right - centre)
+    return torch.minimum(rising, falling).clamp(min=0)
+
+
+def fbank(waveform, sample_rate):
+    """1-D float waveform in [-1, 1] -> (MAX_FRAMES, NUM_MEL_BINS) normalised log-mel, as
+    ASTFeatureExtractor. Another sample rate is resampled to 16 kHz first."""
+    if waveform.dim() != 1:
+        raise ValueError(f"fbank expects a 1-D (mono) waveform, got shape {tuple(waveform.shape)}")
+    if sample_rate != SAMPLE_RATE:
+        waveform = resample(waveform, sample_rate, SAMPLE_RATE)
+    if waveform.numel() < FRAME_LENGTH:
+        raise ValueError(f"audio has {waveform.numel()} samples, fewer than one {FRAME_LENGTH}-sample window")
+    frames = waveform.double().unfold(0, FRAME_LENGTH, FRAME_SHIFT)       # (T, 400), no centring
+    frames = frames - frames.mean(dim=1, keepdim=True)                    # DC removal per frame
+    first = frames[:, :1] * (1 - PREEMPHASIS)                             # Kaldi: x[0] - 0.97 x[0]
+    frames = torch.cat([first, frames[:, 1:] - PREEMPHASIS * frames[:, :-1]], dim=1)
+    frames = frames * torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64)  # = np.hanning
+    power = torch.fft.rfft(frames, n=N_FFT).abs() ** 2                    # (T, 257)
+    logmel = (power @ mel_filterbank()).clamp(min=LOG_FLOOR).log()        # (T, 128)
+    logmel = logmel[:MAX_FRAMES]
+    logmel = torch.nn.functional.pad(logmel, (0, 0, 0, MAX_FRAMES - logmel.shape[0]))  # zeros in log space
+    return ((logmel - AST_MEAN) / (2 * AST_STD)).float()                 # (1024, 128)
+
+
+# Resampling: the windowed-sinc interpolation of torchaudio.functional.resample (its default,
+# "sinc_interp_hann"): low-pass at RESAMPLE_ROLLOFF x the lower Nyquist, RESAMPLE_WIDTH zero crossings
+# each side. Accuracy 44.1 kHz -> 16 kHz: tones up to ~3 kHz land within 5e-4 of the exact 16 kHz
+# signal; tones within ~1.5 kHz of the new 8 kHz Nyquist are attenuated (transition band).
+RESAMPLE_ROLLOFF, RESAMPLE_WIDTH = 0.99, 6
+
+
+def resample(waveform, orig_rate, new_rate):
+    """1-D waveform at orig_rate -> 1-D waveform at new_rate (polyphase conv1d, one filter per phase)."""
+    g = math.gcd(int(orig_rate), int(new_rate))
+    orig, new = int(orig_rate) // g, int(new_rate) // g
+    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
+    width = math.ceil(RESAMPLE_WIDTH * orig / cutoff)
+    taps = torch.arange(-width, width + orig, dtype=torch.float64)[None] / orig         # (1, K)
+    t = (taps - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff         # (new, K)
+    t = t.clamp(-RESAMPLE_WIDTH, RESAMPLE_WIDTH)
+    window = torch.cos(t * math.pi / RESAMPLE_WIDTH / 2) ** 2
+    kernel = torch.sinc(t) * window * cutoff / orig                                     # (new, K)
+    x = torch.nn.functional.pad(waveform.double()[None, None], (width, width + orig))   # (1, 1, N+pad)
+    y = torch.nn.functional.conv1d(x, kernel[:, None], stride=orig)                     # (1, new, N/orig)
+    out = y[0].t().reshape(-1)                                                          # phases interleaved
+    return out[:math.ceil(new * waveform.numel() / orig)].to(waveform.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches: a modality's inputs -> the keys of a batch its encoder reads, placeholders where missing
+
+# The keys each modality's encoder reads (u2a.Branch), as batch_inputs writes them
+MODALITY_INPUTS = {
+    "image": ("image",),                          # (B, 3, H, W)
+    "video": ("video",),                          # (B, T, 3, H, W)
+    "audio": ("audio",),                          # (B, 1024, 128) fbank
+    "text": ("input_ids", "attention_mask"),      # (B, L), (B, L)
+}
+NUM_FRAMES = 3  # T: the frames of a video clip (sec. 4.2), each a CLIP image through the image ViT
+
+
+def input_shape(modality, image_size=IMAGE_SIZE):
+    """One sample's input to the encoder of an image, a video or an audio clip (a text has no fixed shape)."""
+    s = image_size
+    return {"image": (3, s, s), "video": (NUM_FRAMES, 3, s, s), "audio": (MAX_FRAMES, NUM_MEL_BINS)}[modality]
+
+
+def batch_inputs(inputs, tokenizer=None, image_size=IMAGE_SIZE):
+    """{modality: B preprocessed inputs, None where missing} -> "present" (B, M) bool (column i: the i-th
+    modality of `inputs` is there) and the keys each encoder reads (MODALITY_INPUTS). A missing input holds the
+    paper's placeholder (sec. 3): zeros for an image, a video or an audio clip, the empty text ([CLS][SEP])
+    for a text; a blank text is missing too (is_missing_text). The texts are tokenised together, padded to the
+    longest. image_size: the side of images and video frames (CLIP's 224, the toy ViT's 32).
+    The one place that builds a placeholder: data.collate and u2a.predict batch through it, and a batch of
+    one sample missing everything, {m: [None]}, is the placeholder batch (data.drop_modalities,
+    u2a.placeholder_tokens)."""
+    B = len(next(iter(inputs.values())))
+    samples = zip(*inputs.values())  # B tuples of M inputs
+    present = torch.tensor([[not (is_missing_text(x) if m == "text" else x is None) for m, x in zip(inputs, sample)]
+                            for sample in samples], dtype=torch.bool).view(B, len(inputs))  # (B, M)
+    batch = {"present": present}
+    for m, xs in inputs.items():
+        if m == "text":
+            enc = tokenizer.encode_batch(["" if is_missing_text(x) else x for x in xs])
+            L = len(enc[0].ids) if enc else 0  # all padded to the longest text
+            batch["input_ids"] = torch.tensor([e.ids for e in enc], dtype=torch.long).view(B, L)  # (B, L)
+            batch["attention_mask"] = torch.tensor([e.attention_mask for e in enc], dtype=torch.long).view(B, L)
+        else:
+            placeholder = torch.zeros(input_shape(m, image_size))
+            rows = [placeholder if x is None else x for x in xs]
+            batch[m] = torch.stack(rows) if rows else torch.zeros(0, *placeholder.shape)  # (B, ...)
+    return batch

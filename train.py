@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import encoders
 import u2a
 from u2a import U2AConfig, modality_dropout, u2a_loss
 
@@ -263,7 +264,7 @@ def text_tokenizer(args, info):
     """The text encoder's own WordPiece tokenizer (its folder's vocab.txt)."""
     if "text" not in info.modalities:
         return None
-    return data.load_tokenizer(encoder_paths(args, ["text"])["text"], info.text_max_len)
+    return encoders.load_tokenizer(encoder_paths(args, ["text"])["text"], info.text_max_len)
 
 
 def set_missing_tables(sets, args, info):
@@ -370,8 +371,7 @@ def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
               f"samples had no modality left and are not scored; the others are scored without the file")
     placeholders = None
     if model.method.stand_in == "placeholder":  # the paper's placeholders (zeros / ""), through the encoders
-        blank = data.collate([data.placeholder_sample(info)], info, ctx.tokenizer)
-        placeholders = u2a.placeholder_tokens(model, to_device(blank, ctx.device))
+        placeholders = u2a.placeholder_tokens(model, ctx.tokenizer)
     scenarios, seed = data.test_scenarios(info, vars(args))
     results, analysis = u2a.evaluate_scenarios(model, feats, scenarios, placeholders, len(test_set), seed)
     (out / "missing_test").mkdir(parents=True, exist_ok=True)

@@ -55,18 +55,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import data
-from encoders import AST, BERT, ASTConfig, BERTConfig, ViT, ViTConfig
+from encoders import (AST, BERT, IMAGE_SIZE, MODALITY_INPUTS, ASTConfig, BERTConfig, ViT, ViTConfig, batch_inputs,
+                      clip_image, is_missing_text, load_tokenizer)
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
 from weights.download import CHECKPOINTS
 
-# Which keys of a batch (data.py's contract) each modality reads, and which encoder class reads them.
-MODALITY_INPUTS = {
-    "image": ("image",),                          # (B, 3, H, W)
-    "video": ("video",),                          # (B, T, 3, H, W)
-    "audio": ("audio",),                          # (B, 1024, 128) fbank
-    "text": ("input_ids", "attention_mask"),      # (B, L), (B, L)
-}
+# Which encoder class reads each modality (the keys of a batch it reads: encoders.MODALITY_INPUTS).
 MODALITY_ENCODER = {"image": ViT, "video": ViT, "audio": AST, "text": BERT}
 MODALITY_CONFIG = {"image": ViTConfig, "video": ViTConfig, "audio": ASTConfig, "text": BERTConfig}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # paper 4.2: query, key, value and output
@@ -224,7 +218,7 @@ class U2A(nn.Module):
     """The model a U2AConfig describes. encoders: {modality: encoder} for exactly two modalities, in the
     order (m1, m2) of the batch's "present" columns; default: loaded from config.encoders. The method
     (METHODS[config.method]) decides the stand-in for a missing modality: the other modality's MT, or the
-    encoder's CLS of the paper's placeholder input (the batch holds it: data.py's contract)."""
+    encoder's CLS of the paper's placeholder input (the batch holds it: encoders.batch_inputs)."""
 
     def __init__(self, config, encoders=None):
         super().__init__()
@@ -564,11 +558,26 @@ def from_checkpoint(path, encoders=None):
 # it has, and each scenario is then eq. 4-5 over the stored tokens: the same select_tokens + head as the
 # forward pass, exact, and ~20x cheaper than re-running the encoders per scenario.
 
+def model_batch(model, inputs, tokenizer=None):
+    """{modality: B inputs, None where missing} -> the batch `model` reads, on its device: encoders.batch_inputs
+    at the size of the model's image encoder, with `tokenizer` (default: the text encoder's own folder's,
+    truncating at the encoder's longest input)."""
+    if "text" in model.modalities and tokenizer is None:
+        bert = model.branches["text"].encoder
+        tokenizer = load_tokenizer(model.config.encoders["text"], bert.config.max_position_embeddings)
+    # the side of images and video frames: the model's ViT's own (a model without one never reads it)
+    sizes = [model.branches[m].encoder.config.image_size for m in model.modalities if m in ("image", "video")]
+    batch = batch_inputs({m: inputs[m] for m in model.modalities}, tokenizer, sizes[0] if sizes else IMAGE_SIZE)
+    device = model.head.weight.device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def placeholder_tokens(model, placeholder_batch):
-    """The naive baseline's stand-ins: each encoder's CLS on the paper's placeholders (a batch of one
-    sample whose every modality is the placeholder: zeros / ""), {modality: (1, D)}."""
-    cls, _ = model.encode(placeholder_batch)
+def placeholder_tokens(model, tokenizer=None):
+    """The naive baseline's stand-ins: each encoder's CLS on the paper's placeholders (one sample missing
+    every modality, which encoders.batch_inputs fills with zeros / ""), {modality: (1, D)}. tokenizer: the
+    run's (the placeholder text "" is [CLS][SEP] whatever its length limit); default: model_batch's."""
+    cls, _ = model.encode(model_batch(model, {m: [None] for m in model.modalities}, tokenizer))
     return {m: cls[m].float().cpu() for m in model.modalities}
 
 
@@ -642,17 +651,17 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
 
 def checked_image(image, size):
     """predict's image once a path or PIL image has been preprocessed: None, or a preprocessed
-    (3, size, size) float tensor (data.clip_image's output) that is finite -> float32."""
+    (3, size, size) float tensor (encoders.clip_image's output) that is finite -> float32."""
     if image is None:
         return None
-    accepted = f"a file path, a PIL image or a preprocessed (3, {size}, {size}) float tensor (data.clip_image)"
+    accepted = f"a file path, a PIL image or a preprocessed (3, {size}, {size}) float tensor (encoders.clip_image)"
     if not isinstance(image, torch.Tensor):
         hint = ": wrap an array of pixels with PIL.Image.fromarray" if type(image).__name__ == "ndarray" else ""
         raise TypeError(f"predict: image must be {accepted}, got {type(image).__name__}{hint}")
     if not image.is_floating_point():  # raw pixels: without CLIP's mean/std the encoder reads another image
         raise TypeError(f"predict: an image tensor must be preprocessed floats, got {image.dtype}: pass raw "
                         f"pixels as a PIL image (PIL.Image.fromarray) or a file path instead, or preprocess "
-                        f"them with data.clip_image")
+                        f"them with encoders.clip_image")
     if tuple(image.shape) != (3, size, size):
         raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
     bad = int((~torch.isfinite(image)).sum())
@@ -663,7 +672,7 @@ def checked_image(image, size):
 
 def checked_text(text):
     """predict's text argument -> one string, or None for a missing text (None, or blank:
-    data.is_missing_text). Anything else is refused here, rather than by the tokenizer, which reads a list as
+    encoders.is_missing_text). Anything else is refused here, rather than by the tokenizer, which reads a list as
     a text pair and fails on bytes with an error that names neither."""
     if text is None:
         return None
@@ -677,43 +686,35 @@ def checked_text(text):
     except UnicodeEncodeError as err:  # a lone surrogate, e.g. from a bad decode with errors="surrogateescape"
         raise ValueError(f"predict: text is not valid Unicode: {err.reason} at position {err.start} "
                          f"({text[err.start:err.end]!r})") from None
-    return None if data.is_missing_text(text) else text
+    return None if is_missing_text(text) else text
 
 
 @torch.no_grad()
 def predict(model, image=None, text=None, tokenizer=None):
     """[(class name, probability)] for one sample of an image-text model, most likely first: a softmax over
     the classes, or a sigmoid per class for a multi-label model (MM-IMDb genres).
-    image: a file path, a PIL image (both through CLIP's preprocessing, data.clip_image, at the image
+    image: a file path, a PIL image (both through CLIP's preprocessing, encoders.clip_image, at the image
     encoder's size) or a preprocessed (3, H, W) float tensor. text: a string. A missing one (None; for text
     also "" or whitespace only: the paper's placeholder for a missing text is "") is absent in `present`: U2A
     selects the other modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
     Other types, and NaN/Inf in an image tensor, are refused (checked_image, checked_text).
-    tokenizer: the run's (data.load_tokenizer(folder, max_len)); default: the text encoder's own folder's,
+    tokenizer: the run's (encoders.load_tokenizer(folder, max_len)); default: the text encoder's own folder's,
     truncating at the encoder's longest input."""
     if set(model.modalities) != {"image", "text"}:
         raise ValueError(f"predict takes an image and a text; this model reads {model.modalities}")
-    vit, bert = model.branches["image"].encoder, model.branches["text"].encoder
-    size = vit.config.image_size  # the encoder's own input size: CLIP's 224, the toy ViT's 32
+    size = model.branches["image"].encoder.config.image_size  # the encoder's own: CLIP's 224, the toy ViT's 32
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as pil:
-            image = data.clip_image(pil, size)                                # (3, size, size)
+            image = clip_image(pil, size)                                     # (3, size, size)
     elif isinstance(image, Image.Image):
-        image = data.clip_image(image, size)
+        image = clip_image(image, size)
     image, text = checked_image(image, size), checked_text(text)
     if image is None and text is None:
         raise ValueError("predict needs an image, a text or both (a blank text counts as missing)")
     config = model.config
-    tokenizer = tokenizer or data.load_tokenizer(config.encoders["text"], bert.config.max_position_embeddings)
-    info = data.DatasetInfo(name="predict", modalities=model.modalities, num_classes=len(config.class_names),
-                            class_names=config.class_names, multilabel=config.multilabel,
-                            metric="f1" if config.multilabel else "accuracy", text_max_len=None, has_val=False,
-                            image_size=size)
-    label = torch.zeros(info.num_classes) if info.multilabel else 0
-    batch = data.collate([{"image": image, "text": text, "label": label, "index": 0}], info, tokenizer)
-    device = model.head.weight.device
+    batch = model_batch(model, {"image": [image], "text": [text]}, tokenizer)  # one sample
     was_training = model.training
-    logits = model.eval()({k: v.to(device) for k, v in batch.items()}).logits[0].float()  # (C,)
+    logits = model.eval()(batch).logits[0].float()  # (C,)
     model.train(was_training)
     probs = logits.sigmoid() if config.multilabel else logits.softmax(0)
     return sorted(zip(config.class_names, probs.tolist()), key=lambda pair: -pair[1])

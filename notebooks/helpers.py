@@ -3,12 +3,12 @@ Plumbing shared by the notebooks: their set-up, pointers into the source, the to
 demo inputs.
 
 Nothing here computes a piece of U2A, and nothing here imports train.py (the command line): the model,
-token selection, scoring and preprocessing all come from the library modules (u2a.py, data.py); this file
-only finds files and builds the objects those modules expect, so that each notebook can say `load_run(folder)`
-instead of repeating twenty lines of set-up.
+token selection, scoring and preprocessing all come from the library modules (u2a.py, data.py, encoders.py);
+this file only finds files and builds the objects those modules expect, so that each notebook can say
+`load_run(folder)` instead of repeating twenty lines of set-up.
 
 Importing it is the notebooks' one set-up: Jupyter starts a notebook's kernel in the notebook's folder, and
-this puts the repository root on sys.path, so that the cell after it can `import data, u2a`.
+this puts the repository root on sys.path, so that the cell after it can `import data, encoders, u2a`.
 
 Read top to bottom: set-up -> where the code does a step -> the toy model -> a train.py run folder (its
 methods, model, stored test tokens, scenarios, log) -> the fused feature -> demo inputs for real datasets.
@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402  the library modules, from the repository root
+import encoders  # noqa: E402
 import u2a  # noqa: E402
 
 RUN_DIR = os.environ.get("U2A_RUN")  # a train.py run folder to read; None: the synthetic default
@@ -94,13 +95,7 @@ def run_tokenizer(model, info):
     """The tokenizer the run's text encoder was trained with: its folder's vocabulary, the dataset's length."""
     if "text" not in model.modalities:
         return None
-    return data.load_tokenizer(model.config.encoders["text"], info.text_max_len)
-
-
-def placeholder_batch(info, tokenizer):
-    """One sample whose every modality is the paper's placeholder (zeros / ""): the placeholder methods'
-    input for a missing modality, batched by data.collate as in training."""
-    return data.collate([data.placeholder_sample(info)], info, tokenizer)
+    return encoders.load_tokenizer(model.config.encoders["text"], info.text_max_len)
 
 
 def load_run(folder):
@@ -119,7 +114,7 @@ def load_run(folder):
     info = data.dataset_info(settings["data"])  # no data root: Food-101's class names come from the model
     placeholders = None
     if model.method.stand_in == "placeholder":
-        placeholders = u2a.placeholder_tokens(model, placeholder_batch(info, run_tokenizer(model, info)))
+        placeholders = u2a.placeholder_tokens(model, run_tokenizer(model, info))
     scenarios, seed = data.test_scenarios(info, settings)  # as train.py drew them for metrics.json
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return SimpleNamespace(folder=folder, metrics=metrics, tokens=load_file(str(tokens_file)), model=model,
@@ -174,14 +169,14 @@ def demo_image(i, size=(320, 240)):
 
 
 def demo_input(modality, i):
-    """One sample's model input for a modality, made by data.py's own preprocessing."""
+    """One sample's model input for a modality, made by the encoders' own preprocessing (encoders.py)."""
     if modality == "image":
-        return data.clip_image(demo_image(i))                                      # (3, 224, 224)
+        return encoders.clip_image(demo_image(i))                                  # (3, 224, 224)
     if modality == "video":
-        return torch.stack([data.clip_image(demo_image(i + t)) for t in range(data.NUM_FRAMES)])
+        return torch.stack([encoders.clip_image(demo_image(i + t)) for t in range(encoders.NUM_FRAMES)])
     if modality == "audio":
-        t = torch.arange(2 * data.SAMPLE_RATE) / data.SAMPLE_RATE                  # 2 s
-        return data.fbank(0.3 * torch.sin(2 * math.pi * 220 * (i + 1) * t), data.SAMPLE_RATE)  # (1024, 128)
+        t = torch.arange(2 * encoders.SAMPLE_RATE) / encoders.SAMPLE_RATE          # 2 s
+        return encoders.fbank(0.3 * torch.sin(2 * math.pi * 220 * (i + 1) * t), encoders.SAMPLE_RATE)  # (1024, 128)
     if modality == "text":
         return DEMO_TEXTS[i % len(DEMO_TEXTS)]
     raise ValueError(f"unknown modality {modality!r}")

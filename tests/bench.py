@@ -185,11 +185,11 @@ def build(full=True, encoder_dropout=True, seed=0, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Batches (data.py's contract)
+# Batches (the keys encoders.batch_inputs writes)
 
 def make_batch(ours, B, L, present=None, seed=0, device="cpu"):
     """Random images and right-padded texts of random length; present (B, 2) bool, default all True.
-    Missing slots hold data.py's placeholders: a zero image, the empty text [CLS][SEP]."""
+    Missing slots hold the paper's placeholders (encoders.batch_inputs): a zero image, the empty text [CLS][SEP]."""
     g = torch.Generator().manual_seed(seed)
     vit, bert = ours.branches["image"].encoder.config, ours.branches["text"].encoder.config
     if present is None:

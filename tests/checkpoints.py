@@ -115,7 +115,7 @@ def save_run_encoders(weights, folders, words):
     folder = os.path.join(weights, folders["text"])
     bert.save_pretrained(folder)
     write_vocab(folder, vocab)
-    save_ast(os.path.join(weights, folders["audio"]), seed=2)  # ast_config: 1024 x 128 input, as data.fbank
+    save_ast(os.path.join(weights, folders["audio"]), seed=2)  # ast_config: 1024 x 128 input, as encoders.fbank
     return weights
 
 

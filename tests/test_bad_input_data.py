@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import encoders
 from test_data import (SR, assert_broken_first_wav_found_at_build, make_ave, make_cremad, make_food101, make_ks,
                        make_mmimdb, write_clip, write_wav)
 
@@ -25,21 +26,21 @@ def grey_gradient(w=96, h=64):
 
 def test_16_bit_and_float_images_are_read_by_their_range(tmp_path):
     grey = grey_gradient()
-    expected = data.clip_image(Image.fromarray(grey))  # the 8-bit picture: CLIPImageProcessor's path
+    expected = encoders.clip_image(Image.fromarray(grey))  # the 8-bit picture: CLIPImageProcessor's path
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG: v * 257 is v / 255
     Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tif")  # float TIFF in [0, 1]
     for file, mode in [("deep.png", "I;16"), ("float.tif", "F")]:
         with Image.open(tmp_path / file) as pil:
             assert pil.mode == mode
-            torch.testing.assert_close(data.clip_image(pil), expected, atol=0, rtol=0)
+            torch.testing.assert_close(encoders.clip_image(pil), expected, atol=0, rtol=0)
     # a float image outside [0, 1] and a 32-bit one beyond 16 bits have no range to read them by
     Image.fromarray(grey.astype(np.float32)).save(tmp_path / "float255.tif")
     with Image.open(tmp_path / "float255.tif") as pil, pytest.raises(ValueError, match=r"mode 'F'.* \[0, 1\]"):
-        data.clip_image(pil)
+        encoders.clip_image(pil)
     with pytest.raises(ValueError, match=r"mode 'I'.* 0\.\.65535"):
-        data.clip_image(Image.fromarray(grey.astype(np.int32) * 1000))
+        encoders.clip_image(Image.fromarray(grey.astype(np.int32) * 1000))
     with pytest.raises(ValueError, match=r"image mode 'La' is not supported"):
-        data.clip_image(Image.new("La", (32, 32)))
+        encoders.clip_image(Image.new("La", (32, 32)))
     # the datasets read images through the same function
     root = make_food101(tmp_path / "food", per_class=(1, 1))
     shutil.copyfile(tmp_path / "deep.png", root / "images" / "test" / "baklava" / "baklava_0.jpg")
@@ -49,9 +50,9 @@ def test_16_bit_and_float_images_are_read_by_their_range(tmp_path):
 def test_absurd_aspect_ratios_are_refused_and_normal_ones_match_the_processor(tmp_path):
     # 1 x 500 would be resized to 224 x 112000 first (75 MB; 1 x 20000: 4.3 GB) to keep a 224 x 224 crop
     with pytest.raises(ValueError, match=r"1 x 500 pixels.*aspect ratio above 20:1"):
-        data.clip_image(Image.new("RGB", (1, 500)))
+        encoders.clip_image(Image.new("RGB", (1, 500)))
     with pytest.raises(ValueError, match=r"500 x 1 pixels"):
-        data.clip_image(Image.new("L", (500, 1)))
+        encoders.clip_image(Image.new("L", (500, 1)))
     root = make_food101(tmp_path / "food", per_class=(1, 1))
     Image.new("RGB", (2000, 10)).save(root / "images" / "test" / "ramen" / "ramen_0.jpg", format="PNG")
     with pytest.raises(ValueError, match=r"food101/test: 1 of 3 image files cannot be used \(e.g. .*ramen_0.jpg: "
@@ -66,7 +67,7 @@ def test_absurd_aspect_ratios_are_refused_and_normal_ones_match_the_processor(tm
     rng = np.random.default_rng(1)
     for w, h in [(20, 400), (460, 23)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        torch.testing.assert_close(data.clip_image(img), Processor()(img, return_tensors="pt")["pixel_values"][0],
+        torch.testing.assert_close(encoders.clip_image(img), Processor()(img, return_tensors="pt")["pixel_values"][0],
                                    atol=1e-2, rtol=0)
 
 

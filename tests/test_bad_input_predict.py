@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import data
+import encoders
 import u2a
 from lora import LoRALinear
 
@@ -136,9 +137,9 @@ def test_predict_reads_a_photo_at_the_toy_encoders_size(tmp_path):
     photo.save(tmp_path / "photo.png")
     by_path = u2a.predict(trained, image=tmp_path / "photo.png", text="a sunny scene")
     by_pil = u2a.predict(trained, image=photo, text="a sunny scene")
-    by_tensor = u2a.predict(trained, image=data.clip_image(photo, 32), text="a sunny scene")
+    by_tensor = u2a.predict(trained, image=encoders.clip_image(photo, 32), text="a sunny scene")
     assert probabilities(by_path) == probabilities(by_pil) == pytest.approx(probabilities(by_tensor), abs=1e-6)
-    assert data.clip_image(photo).shape == (3, 224, 224)  # CLIP's own size stays the default
+    assert encoders.clip_image(photo).shape == (3, 224, 224)  # CLIP's own size stays the default
 
 
 def test_clip_image_at_another_size_matches_clip_image_processor():
@@ -152,7 +153,7 @@ def test_clip_image_at_another_size_matches_clip_image_processor():
     for w, h in [(50, 40), (31, 90), (32, 32)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         ref = processor(img, return_tensors="pt")["pixel_values"][0]
-        torch.testing.assert_close(data.clip_image(img, 32), ref, atol=1e-2, rtol=0)
+        torch.testing.assert_close(encoders.clip_image(img, 32), ref, atol=1e-2, rtol=0)
 
 
 # -----------------------------------------------------------------------------

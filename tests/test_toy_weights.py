@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data import load_tokenizer, synthetic_tokenizer, synthetic_unimodal, synthetic_vocab
-from encoders import BERT, ViT
+from data import synthetic_tokenizer, synthetic_unimodal, synthetic_vocab
+from encoders import BERT, ViT, load_tokenizer
 from weights.make_toy import (FILES, TOY_DIR, PretrainConfig, bert_features, hub_state_dict, make_toy as build,
                               toy_bert_config, toy_vit_config, unimodal_data, vit_features)
 

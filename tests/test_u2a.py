@@ -1,5 +1,7 @@
 """U2A itself (paper section 3): token selection (eq. 4), loss (eq. 6-7), skipping missing encoders,
 video frames, parameter counts, modality dropout, and that it learns."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import encoders
 from encoders import AST, ASTConfig, BERT, BERTConfig, ViT, ViTConfig
 from lora import LoRALinear
 import u2a
@@ -332,9 +335,32 @@ def test_predict_refuses_no_input_and_an_image_of_the_wrong_size():
     model = toy_model("u2a")
     with pytest.raises(ValueError, match="an image, a text or both"):
         predict(model)
-    photo = data.clip_image(Image.new("RGB", (50, 40), (200, 30, 30)))  # preprocessed for CLIP: 224 x 224
+    photo = encoders.clip_image(Image.new("RGB", (50, 40), (200, 30, 30)))  # preprocessed for CLIP: 224 x 224
     with pytest.raises(ValueError, match=r"takes \(3, 32, 32\) images, got \(3, 224, 224\)"):
         predict(model, image=photo, text="a sunny scene")  # a path or PIL image is read at 32 px instead
+
+
+def test_placeholder_tokens_are_the_cls_of_what_a_training_batch_holds_for_a_missing_input():
+    """The naive baseline's stand-ins, as train.py and the notebooks get them (u2a.placeholder_tokens), are
+    the CLS outputs of exactly the placeholders data.collate puts in a training batch for a missing input."""
+    model = toy_model("naive")
+    info = data.dataset_info("synthetic")
+    tokenizer = encoders.load_tokenizer(TOY / "bert", info.text_max_len)
+    got = u2a.placeholder_tokens(model, tokenizer)
+    blank = data.collate([{"image": None, "text": None, "label": 0, "index": 0}], info, tokenizer)
+    with torch.no_grad():
+        cls, _ = model.encode(blank)
+    assert list(got) == ["image", "text"] and got["image"].shape == (1, model.head.in_features)
+    assert all(torch.equal(got[m], cls[m].float()) for m in got)
+    default = u2a.placeholder_tokens(model)  # the text encoder's own tokenizer: the same [CLS][SEP]
+    assert all(torch.equal(got[m], default[m]) for m in got)
+
+
+def test_the_method_module_does_not_import_the_data_module():
+    """u2a.py (the method) reads batches through encoders.py alone: importing it leaves data.py unloaded."""
+    out = subprocess.run([sys.executable, "-c", "import u2a, sys; print('data' in sys.modules)"],
+                         cwd=TOY.parent.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # -----------------------------------------------------------------------------

@@ -217,7 +217,7 @@ def _make_toy(dest, cfg):
     bert = BERT(toy_bert_config())
     accuracy["bert"] = pretrain(bert, bert_features, "text", len(KEYWORDS), cfg)
     save(bert, os.path.join(dest, "bert"), extra_config={"pad_token_id": synthetic_vocab().index("[PAD]")})
-    with open(os.path.join(dest, "bert", "vocab.txt"), "w") as f:  # what load_tokenizer reads
+    with open(os.path.join(dest, "bert", "vocab.txt"), "w") as f:  # what encoders.load_tokenizer reads
         f.write("\n".join(synthetic_vocab()) + "\n")
 
     seconds = time.time() - start
