@@ -98,10 +98,10 @@ def stream_seed(seed, stream, *keys):
     The streams of train.py, each independent of every other: "missing/<split>" (the missing tables),
     "sampler"/epoch (each epoch's order), "modality_dropout"/step, "sample"/epoch/index (random frames and
     crops of one sample: the same whichever DataLoader worker reads it), "lora_dropout"/rank (each DDP
-    process draws its own masks), "init" (LoRA and head initialisation, the same on every process); and
-    of the data itself (make_dataset's seed, not the run's): "val_carve". The synthetic generator keeps its
-    own older scheme (_generator): the toy encoders were pretrained on its draws (weights/make_toy.py) and
-    the README's measured numbers come from them.
+    process draws its own masks), "init" (LoRA and head initialisation, the same on every process),
+    "loader"/epoch and "eval_loader" (the DataLoaders' own seeds); and of the data itself (the data's seed,
+    not the run's): "val_carve", and "synthetic"/<split or modality> (the synthetic samples of
+    SyntheticDataset and the toy encoders' pre-training data of synthetic_unimodal).
     A hash, not `seed + offset`: with offsets, two streams of one run that both draw randperm(n) drew the
     same permutation (epoch 0's order was then sorted by the training missing table), and seed 1's first
     stream was seed 0's second."""
@@ -658,8 +658,6 @@ FILLERS = ["a", "the", "photo", "of", "this", "shows", "some", "very", "with", "
            "my", "old", "new", "small", "big", "one", "scene"]
 SYNTHETIC_WORDS = FILLERS + [w for group in KEYWORDS for w in group]
 SENTENCE_WORDS = (6, 12)  # min, max words
-SEED_STREAMS = {"train": 0, "val": 1, "test": 2, "image": 3, "text": 4}  # disjoint generator seeds
-SEED_STRIDE = len(SEED_STREAMS)
 
 
 def synthetic_vocab():
@@ -675,7 +673,9 @@ def synthetic_tokenizer(max_len=TEXT_MAX_LEN["synthetic"]):
 
 
 def _generator(seed, stream):
-    return torch.Generator().manual_seed(seed * SEED_STRIDE + SEED_STREAMS[stream])
+    """The synthetic data's generator: stream is a split ("train", "val", "test") or a modality's
+    pre-training data ("image", "text"), each its own keyed stream of the data's seed."""
+    return torch.Generator().manual_seed(stream_seed(seed, "synthetic", stream))
 
 
 def _draw_blobs(quadrant, g):

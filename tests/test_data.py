@@ -500,6 +500,19 @@ def test_synthetic_unimodal_streams():
     assert data.synthetic_vocab()[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+
+def test_the_synthetic_data_draws_from_stream_seed():
+    """One mechanism for every draw: each synthetic split and each modality's pre-training data is the keyed
+    stream stream_seed(data seed, "synthetic", split or modality), not an older seed * 5 + offset scheme."""
+    joint = data.synthetic_joint("synthetic").flatten()
+    for seed in (0, 3):
+        g = torch.Generator().manual_seed(data.stream_seed(seed, "synthetic", "val"))
+        cell = torch.multinomial(joint, data.SYNTHETIC_SIZES["val"], replacement=True, generator=g)
+        assert torch.equal(data.make_dataset("synthetic", None, "val", seed=seed).labels, cell % 2)  # 2 classes
+    g = torch.Generator().manual_seed(data.stream_seed(1, "synthetic", "image"))
+    expected = torch.randint(len(data.QUADRANTS), (50,), generator=g)
+    assert torch.equal(data.synthetic_unimodal("image", 50, seed=1)[1], expected)
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_unknown_names_and_missing_files_raise_clear_errors(tmp_path, roots):

@@ -100,7 +100,7 @@ class PretrainConfig:
     seed: int = 0            # model init and batch order
 
 
-TRAIN_SEED, EVAL_SEED = 0, 1  # seeds of synthetic_unimodal; the bimodal sets use other generator streams
+TRAIN_SEED, EVAL_SEED = 0, 1  # seeds of synthetic_unimodal; the bimodal sets draw other streams (data._generator)
 
 
 def pretrain(encoder, features, modality, num_classes, cfg):
