@@ -165,6 +165,11 @@ class DatasetInfo:
     has_val: bool       # False -> "val" is carved from train
     image_size: int = 224  # side of image/video frames (the synthetic toy ViT takes 32)
 
+    @property
+    def headline(self):
+        """The paper's headline score of this dataset, a key of u2a.scores: F1-macro for MM-IMDb, else accuracy."""
+        return "f1_macro" if self.multilabel else "accuracy"
+
 
 # Every DatasetInfo field but name, num_classes (len(class_names)) and text_max_len (TEXT_MAX_LEN).
 # Food-101's class names are its folder names under <root>/images/train: [] here, read by dataset_info.
@@ -1412,7 +1417,7 @@ def paper_result(name, trained, tested):
 def print_tables(results, info, train_setting, title):
     """One run's results (u2a.evaluate_scenarios) as the paper's tables: Table 4 (a whole modality missing),
     Tables 3 and 6 (missing ratios), Figure 2. train_setting: the training (rate, type)."""
-    key, (m1, m2) = ("f1_macro" if info.multilabel else "accuracy"), info.modalities
+    key, (m1, m2) = info.headline, info.modalities
     label = "F1-macro / F1-micro" if info.multilabel else "accuracy (%)"
     fmt = lambda r: f"{r['f1_macro']:6.2f} / {r['f1_micro']:6.2f}" if info.multilabel else f"{r['accuracy']:6.2f}"
     group = lambda g: [(name, r) for name, r in results.items() if g in r["groups"]]
@@ -1433,7 +1438,7 @@ def summarize(runs, info, trained):
     """{method: {scenario: {"mean", "sd", "n", "paper"}}} of the headline metric over the runs' seeds (runs:
     {(seed, method): metrics.json}, methods in the order they came; trained: the training's present shares).
     sd is the sample SD (n - 1), and None for one run: one run measures no spread."""
-    key, summary = "f1_macro" if info.multilabel else "accuracy", {}
+    key, summary = info.headline, {}
     for method in dict.fromkeys(method for _, method in runs):
         per_seed = [metrics["scenarios"] for (_, m), metrics in runs.items() if m == method]
         summary[method] = {}
@@ -1489,7 +1494,7 @@ def summary_markdown(summary, shares, info, trained, seeds, notes):
     m1, m2 = info.modalities
     ceiling = bayes_ceiling(info.name) if info.name in SYNTHETIC else None
     cell = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f} (n={s['n']})" if s["sd"] is not None else f"{s['mean']:.2f} (n=1)"
-    lines = [f"# {info.name}: test {'f1_macro' if info.multilabel else 'accuracy'} (%), mean ± sample SD (n) over "
+    lines = [f"# {info.name}: test {info.headline} (%), mean ± sample SD (n) over "
              f"seeds {' '.join(map(str, seeds))}", "",
              "Trained on " + " + ".join(f"{m} {share:g}%" for m, share in trained.items()) + "; each row a test "
              "scenario (the % of test samples that have each modality).", "",

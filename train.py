@@ -353,7 +353,7 @@ def validate(model, val_set, args, ctx):
     if feats is None:
         return -math.inf
     logits = u2a.scenario_logits(model, feats, feats["present"])
-    return u2a.scores(logits, feats["labels"], ctx.info.multilabel)[u2a.headline(ctx.info.multilabel)]
+    return u2a.scores(logits, feats["labels"], ctx.info.multilabel)[ctx.info.headline]
 
 
 def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
@@ -534,7 +534,7 @@ def train(args, method, out, sets, ctx):
                 u2a.save_checkpoint(out / "best.safetensors", model, meta())
             u2a.save_checkpoint(last, model, meta(), optimizer)
             append_log(out / "log.jsonl", {"step": step, "epoch": epoch, "val": score})
-            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {u2a.headline(info.multilabel)} {score:.2f} "
+            print(f"{method} epoch {epoch + 1}/{args.epochs}: val {info.headline} {score:.2f} "
                   f"(best {best:.2f}), loss {loss:.3f}"
                   + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
                      if unreadable else ""))
@@ -762,7 +762,7 @@ def evaluate_only(args, given, proc):
                         f"is of the --seed / --method given; leave them out to evaluate every one")
     if proc.rank > 0:
         return {}
-    print(f"\n== Summary: {info.name}, test {u2a.headline(info.multilabel)} (%), evaluated {root} ==")
+    print(f"\n== Summary: {info.name}, test {info.headline} (%), evaluated {root} ==")
     return report(runs, info, ev, args.out if "out" in given else root if root.is_dir() else root.parent,
                   {"test": len(test_set)})
 
@@ -828,7 +828,7 @@ def train_and_report(args, given, proc):
         t0, runs = time.time(), run_pairs(args, sets, ctx)
         if proc.rank > 0:
             return None
-        print(f"\n== Summary: {args.data}, test {u2a.headline(info.multilabel)} (%), {time.time() - t0:.0f} s, "
+        print(f"\n== Summary: {args.data}, test {info.headline} (%), {time.time() - t0:.0f} s, "
               f"run folder {args.out} ==")
         return report(runs, info, args, args.out, {split: len(ds) for split, ds in sets.items()})
     finally:
