@@ -376,8 +376,9 @@ def check_missing_settings(settings, given=()):
     problems = [f"--{k.replace('_', '-')} {settings[k]!r}: expected {types} ({settings['data']}'s modalities)"
                 for k in ("train_missing_type", "test_missing_type")
                 if settings[k] is not None and settings[k] not in (*modalities, "both")]
-    rates = {"train": settings["train_missing_rate"], "test": test_setting(settings)[0]}
-    kinds = {"train": settings["train_missing_type"], "test": test_setting(settings)[1]}
+    test_rate, test_type = test_setting(settings)
+    rates = {"train": settings["train_missing_rate"], "test": test_rate}
+    kinds = {"train": settings["train_missing_type"], "test": test_type}
     problems += [f"--{split}-missing-rate {rates[split]} needs --{split}-missing-type ({types})"
                  for split in rates if rates[split] and kinds[split] is None]
     problems += [f"--{split}-missing-type {settings[f'{split}_missing_type']} without a --{split}-missing-rate: "

@@ -796,7 +796,8 @@ def train_and_report(args, given, proc):
     with as_user_errors():
         data.check_missing_settings(vars(args), given)
         check_inputs(args)
-        info, paths = info_of(args), encoder_paths(args, data.dataset_info(args.data).modalities)
+        info = info_of(args)
+        paths = encoder_paths(args, info.modalities)
         sets, tokenizer = build_splits(args, info), text_tokenizer(args, info)
         for ckpt in u2a.run_files(args.out, ["last.safetensors"]) if args.resume else []:  # same data, encoders
             check_same_run(info, u2a.open_checkpoint(ckpt)[1]["model"], paths, ckpt)

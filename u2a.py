@@ -460,7 +460,7 @@ def checkpoint_file(path):
         raise FileNotFoundError(f"checkpoint {path} not found: {expected}")
     if (path / "best.safetensors").is_file():
         return path / "best.safetensors"
-    found = [f / "best.safetensors" for f in run_folders(path)[1:] if (f / "best.safetensors").is_file()]
+    found = run_files(path, ["best.safetensors"])  # not at the top: in the folder's runs
     if len(found) == 1:
         return found[0]
     if found:  # which method the caller wants is theirs to say
