@@ -273,6 +273,15 @@ def save_missing_table(path, table, **settings):
         json.dump({**settings, "n": len(table), "counts": counts, "present": table.int().tolist()}, f)
 
 
+def save_test_tables(folder, scenarios, n, seed):
+    """Each test scenario's table for n samples, as <folder>/missing_test/<scenario>.json."""
+    (Path(folder) / "missing_test").mkdir(parents=True, exist_ok=True)
+    for sc in scenarios:
+        name = "".join(c if c.isalnum() else "_" for c in sc.name).strip("_")
+        save_missing_table(Path(folder) / "missing_test" / f"{name}.json", sc.table(n, seed), scenario=sc.name,
+                           seed=seed)
+
+
 def load_missing_table(path):
     with open(path) as f:
         content = json.load(f)
@@ -498,6 +507,9 @@ def make_dataset(name, root, split, train=False, limit=None, on_error="raise", s
     if limit is not None:
         sources, labels = {m: s[:limit] for m, s in sources.items()}, labels[:limit]
     sources, labels, available = _check_files(info, split, sources, labels, on_error)
+    if not labels:  # a carve too small for one validation sample, or every sample skipped: found before training
+        raise ValueError(f"{name}/{split} has no samples (data root {root}, limit {limit}); expected "
+                         f"{EXPECTED_LAYOUT[name]}")
     if info.multilabel:  # genre index lists -> (n, C) multi-hot
         targets = torch.zeros(len(labels), info.num_classes)
         for i, genres in enumerate(labels):
@@ -1374,7 +1386,7 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # Appendix C. The paper's tables: its U2A numbers, and a run's scores in the same rows (train.py prints them
-# after each run and writes the summary over seeds beside the paper's numbers)
+# after each run, and summary_report's summary over seeds beside the paper's numbers after all)
 # -----------------------------------------------------------------------------
 
 # The paper's U2A results in its headline metric (% accuracy; MM-IMDb: F1-macro): (dataset, % of (m1, m2)
@@ -1512,6 +1524,16 @@ def summary_markdown(summary, shares, info, trained, seeds, notes):
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines + ["", "Where this setting differs from the paper's:"] + [f"- {n}" for n in notes]) + "\n"
 
+
+def summary_report(runs, info, train_setting, notes):
+    """The summary over seeds of runs {(seed, method): metrics.json}, with the lesson table printed first.
+    train_setting: the training's (missing rate, type); notes: setting_notes. -> (summary: summarize's, for
+    summary.json; summary_markdown's text, for summary.md)."""
+    trained = present_shares(info.modalities, *train_setting)
+    summary, seeds = summarize(runs, info, trained), sorted({seed for seed, _ in runs})
+    shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
+    print(lesson_table(summary, shares, info))
+    return summary, summary_markdown(summary, shares, info, trained, seeds, notes)
 
 if __name__ == "__main__":
     main()

@@ -9,9 +9,10 @@ paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun 
     python train.py --eval-only runs/food101-.../    # a run folder or checkpoint; settings come from it
     python train.py --resume --out runs/food101-.../ # continue a run as it was configured
 
-Read top to bottom: defaults (one recipe row per dataset) -> the learning-rate schedule -> the run folder ->
-set-up (devices, checks, data, model, optimizer) -> evaluation over the paper's scenarios -> the summary over
-seeds -> one training step (eq. 7) -> train(), the loop with the epoch's end in it -> the command line -> main.
+Read top to bottom: defaults (one recipe row per dataset) -> the learning-rate schedule -> set-up (devices,
+the checks made before anything is written, data, model) -> evaluation over the paper's scenarios -> the
+summary over seeds -> one training step (eq. 7) -> train(), the loop with the epoch's end in it -> the command
+line -> main.
 
 Every random draw of a run is keyed by the run's seed through data.stream_seed (the missing tables, each
 epoch's order, modality dropout and LoRA dropout per step, frames and crops per sample), so a run is the
@@ -25,7 +26,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -101,6 +102,11 @@ def settings(given, saved=None):
     return args
 
 
+def vars_json(args):
+    """The settings as config.json and every checkpoint save them: what settings() reads back."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 # -----------------------------------------------------------------------------
 # Learning rate (Table 5): 0.1x during the warm-up epochs, then polynomial decay with power 0.9. Our choice
 # where the paper is silent: after warm-up the factor starts at 1.0 and decays over the remaining steps.
@@ -113,23 +119,7 @@ def lr_factor(step, total_steps, warmup_steps):
 
 
 # -----------------------------------------------------------------------------
-# The run folder: u2a.run_folder's layout, u2a.save_checkpoint's files (no pickle anywhere), log.jsonl
-
-def write_json(path, obj):
-    u2a.write_text(path, json.dumps(obj, indent=1))  # whole or not at all
-
-
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def vars_json(args):
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-# -----------------------------------------------------------------------------
-# Set-up: devices, DDP, precision; the inputs checked before anything is written; data, model, optimizer
+# Set-up: devices, DDP, precision; the inputs checked before anything is written (set_up); data, model config
 
 @dataclass
 class Context:
@@ -138,8 +128,21 @@ class Context:
     world: int
     device: torch.device
     info: data.DatasetInfo = None
-    tokenizer: object = None     # the text encoder's (text_tokenizer); None without a text modality
+    tokenizer: object = None     # the text encoder's own WordPiece (its vocab.txt); None without text
     autocast: object = nullcontext()
+
+    def progress(self, iterable, desc):
+        """A progress bar on rank 0 only (TQDM_DISABLE=1 silences it: `disable` is left to tqdm there)."""
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **({"disable": True} if self.rank else {}))
+
+    def all_sum(self, t):
+        """Sum a tensor over the DDP processes (in place); the identity for one process."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def to_device(self, batch):
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def setup_distributed(args):
@@ -164,30 +167,10 @@ def autocast_for(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def progress(iterable, ctx, desc):
-    """A progress bar on rank 0 only (TQDM_DISABLE=1 silences it: `disable` is left to tqdm there)."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **({} if ctx.rank == 0 else {"disable": True}))
-
-
-def all_sum(t, ctx):
-    """Sum a tensor over the DDP processes (in place); the identity for one process."""
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def seed_step(seed, rank, step):
     """Step `step` of process `rank` draws its LoRA dropout masks from its own stream: independent across
     processes, and the same after a resume."""
     torch.manual_seed(data.stream_seed(seed, "lora_dropout", rank, step))
-
-
-def info_of(args):
-    return data.dataset_info(args.data, args.data_root)
 
 
 def encoder_paths(args, modalities):
@@ -225,47 +208,6 @@ def check_inputs(args):
         raise UserError("cannot start:\n  - " + "\n  - ".join(problems))
 
 
-def check_encoders_fit(paths, info, tokenizer):
-    """The encoders ({modality: folder}) take the dataset's image size and every token id of its tokenizer."""
-    problems = []
-    for m, folder in paths.items():
-        config, config_file = u2a.encoder_config(m, folder), Path(folder) / "config.json"
-        if m in ("image", "video") and config.image_size != info.image_size:
-            problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
-                            f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
-        if m == "text" and tokenizer.get_vocab_size() > config.vocab_size:
-            problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
-                            f"{config_file}); {info.name}'s tokenizer gives {tokenizer.get_vocab_size()}")
-    if problems:
-        toy = "" if RECIPES[info.name]["pretrained"] == "toy" else \
-            " (weights/make_toy.py's toy encoders fit only the synthetic data)"
-        raise UserError("the encoders do not fit the data: " + "; ".join(problems) + ". Point --weights at the "
-                        f"encoders made for {info.name}{toy}")
-
-
-def check_same_run(info, trained, paths, ckpt):
-    """A resumed or evaluated checkpoint's classes, and (`paths`: where they are now) its encoders: the ones
-    `trained` (its "model" metadata) records."""
-    if list(info.class_names) != list(trained["class_names"]):
-        differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], info.class_names)) if a != b]
-        raise UserError(f"{ckpt} was trained on {len(trained['class_names'])} classes "
-                        f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
-                        f"{len(info.class_names)} classes (first differences: {differ[:3]})")
-    differ = [m for m, expected in trained.get("encoder_configs", {}).items()
-              if paths and asdict(u2a.encoder_config(m, paths[m])) != expected]
-    if differ:
-        raise UserError(f"{ckpt} was trained with other {' and '.join(differ)} encoders than those at "
-                        f"{', '.join(str(paths[m]) for m in differ)} (their config.json differs); point --weights "
-                        f"at the encoders the run was trained with")
-
-
-def text_tokenizer(args, info):
-    """The text encoder's own WordPiece tokenizer (its folder's vocab.txt)."""
-    if "text" not in info.modalities:
-        return None
-    return encoders.load_tokenizer(encoder_paths(args, ["text"])["text"], info.text_max_len)
-
-
 def set_missing_tables(sets, args, info):
     """The train/val missing tables of the run's seed (section 4.4.1): each seed draws its own on the same data."""
     for split in ("train", "val"):
@@ -279,14 +221,26 @@ def set_missing_tables(sets, args, info):
 def build_splits(args, info, splits=("train", "val", "test")):
     """Every split, built and checked before the first step: a broken test split is found now, not after
     hours of training. The data is the same for every run seed (make_dataset's own data seed)."""
-    sets = {}
-    for split in splits:
-        sets[split] = data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
-                                        on_error=args.on_error)
-        if len(sets[split]) == 0:
-            raise UserError(f"{args.data}/{split} has no samples (data root {args.data_root}, --limit "
-                            f"{args.limit}); expected {data.EXPECTED_LAYOUT.get(args.data, 'generated data')}")
+    sets = {split: data.make_dataset(args.data, args.data_root, split, train=split == "train", limit=args.limit,
+                                     on_error=args.on_error) for split in splits}
     return set_missing_tables(sets, args, info)
+
+
+def set_up(args, given, proc, splits, checkpoints=()):
+    """Everything a run reads, checked before anything is written: the settings, the data root and the
+    encoders, each split, the checkpoints it continues or evaluates (same classes, same encoders), and that
+    the encoders fit the data. -> (Context, {split: dataset})"""
+    with as_user_errors():
+        data.check_missing_settings(vars(args), given)
+        check_inputs(args)
+        info = data.dataset_info(args.data, args.data_root)
+        paths = encoder_paths(args, info.modalities)
+        sets = build_splits(args, info, splits)
+        tokenizer = encoders.load_tokenizer(paths["text"], info.text_max_len) if "text" in paths else None
+        for ckpt in checkpoints:
+            u2a.check_trained_on(ckpt, info.class_names, paths)
+        u2a.check_encoders_fit(paths, info, tokenizer)
+    return replace(proc, info=info, tokenizer=tokenizer, autocast=autocast_for(proc.device, args.precision)), sets
 
 
 def model_config(args, info, method):
@@ -296,44 +250,19 @@ def model_config(args, info, method):
                      align_stop_grad=args.align_stop_grad)
 
 
-def make_optimizer(model, args):
-    """AdamW (Table 5) over trainable parameters only. Where the paper is silent, as nanoGPT: decay on matrices
-    (LoRA factors, head weight), none on vectors (biases; the CLS/MT tokens, at --token-lr-scale x the lr)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    token = lambda n: n.endswith((".cls", ".mt"))
-    groups = [dict(params=[p for n, p in named if p.dim() >= 2], weight_decay=args.weight_decay, lr_scale=1.0),
-              dict(params=[p for n, p in named if p.dim() < 2 and not token(n)], weight_decay=0.0, lr_scale=1.0),
-              dict(params=[p for n, p in named if token(n)], weight_decay=0.0, lr_scale=args.token_lr_scale)]
-    return torch.optim.AdamW(groups, lr=args.lr, eps=ADAMW_EPS)
-
-
 # -----------------------------------------------------------------------------
 # Evaluation: a split is encoded once and every scenario scored from the stored tokens (u2a.py, "Scoring
 # the paper's scenarios"). Under DDP each process encodes every world-th sample and the tokens are gathered:
 # no process idles at a barrier through a long validation (NCCL's watchdog).
 
-@torch.no_grad()
 def encode_split(model, dataset, args, ctx, desc):
     """-> dict of CPU tensors, in sample order: cls/mt per modality (n, D), labels, present, index, and
     "unreadable" (an int): the files that failed to decode in on_error="skip" mode. Samples left with no
     modality are absent (their index is not in "index"); None when not one sample could be read."""
-    model.eval()
     shard = list(range(ctx.rank, len(dataset), ctx.world))
     loader = data.make_loader(dataset, max(1, args.batch_size // ctx.world) * 4, False, ctx.tokenizer,
                               args.workers, data.stream_seed(args.seed, "eval_loader"), sampler=shard)
-    parts = {"labels": [], "present": [], "index": [], "unreadable": []}
-    for batch in progress(loader, ctx, desc):
-        parts["unreadable"].append(batch["unreadable"].reshape(1))
-        if len(batch["index"]) == 0:  # every sample of the batch was skipped
-            continue
-        batch = to_device(batch, ctx.device)
-        with ctx.autocast:
-            cls, mt = model.encode(batch)
-        for m in model.modalities:
-            parts.setdefault(f"cls.{m}", []).append(cls[m].float().cpu())
-            parts.setdefault(f"mt.{m}", []).append(mt[m].float().cpu())
-        for key, name in (("labels", "label"), ("present", "present"), ("index", "index")):
-            parts[key].append(batch[name].cpu())
+    parts = u2a.encode_batches(model, ctx.progress(loader, desc), ctx.device, ctx.autocast)
     if ctx.world > 1:
         gathered = [None] * ctx.world
         dist.all_gather_object(gathered, parts)
@@ -373,16 +302,12 @@ def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
         placeholders = u2a.placeholder_tokens(model, ctx.tokenizer)
     scenarios, seed = data.test_scenarios(info, vars(args))
     results, analysis = u2a.evaluate_scenarios(model, feats, scenarios, placeholders, len(test_set), seed)
-    (out / "missing_test").mkdir(parents=True, exist_ok=True)
-    for sc in scenarios:
-        name = "".join(c if c.isalnum() else "_" for c in sc.name).strip("_")
-        data.save_missing_table(out / "missing_test" / f"{name}.json", sc.table(len(test_set), seed),
-                                scenario=sc.name, seed=seed)
+    data.save_test_tables(out, scenarios, len(test_set), seed)
     metrics = {"method": model.config.method, "data": info.name, "checkpoint": str(ckpt),
                "train_seconds": round(train_seconds, 1), "class_names": info.class_names,
                "test_samples": len(test_set), "test_skipped": skipped, "test_unreadable": unreadable,
                "scenarios": results, **analysis}
-    write_json(out / "metrics.json", metrics)
+    u2a.write_json(out / "metrics.json", metrics)
     if len(feats["labels"]) * model.head.in_features <= 50_000_000:
         save_file({k: v.contiguous() for k, v in feats.items()}, str(out / "test_tokens.safetensors"))
     return metrics
@@ -396,23 +321,19 @@ TABLE5_KEYS = ("lr", "epochs", "batch_size", "warmup_epochs", "weight_decay", "r
 
 
 def report(runs, info, args, folder, counts):
-    """The summary over seeds of runs {(seed, method): metrics}: printed, and written as summary.json and
-    summary.md (counts: {split: samples loaded}). -> the runs as the run folder holds them: {method: metrics}
-    for one seed, {seed: {method: metrics}} for several."""
+    """The summary over seeds of runs {(seed, method): metrics} (data.summary_report), with the settings that
+    differ from Table 5 (counts: {split: samples loaded}). -> the runs as the run folder holds them:
+    {method: metrics} for one seed, {seed: {method: metrics}} for several."""
     runs = dict(sorted(runs.items(), key=lambda run: list(u2a.METHODS).index(run[0][1])))  # naive first, u2a last
-    trained = data.present_shares(info.modalities, args.train_missing_rate or 0.0, args.train_missing_type)
-    summary, seeds = data.summarize(runs, info, trained), sorted({seed for seed, _ in runs})
-    shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
     table5 = defaults(info.name)[0]
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (paper: {table5[k]})" for k in TABLE5_KEYS
                if getattr(args, k) != table5[k]]
-    text = data.summary_markdown(summary, shares, info, trained, seeds,
-                                 data.setting_notes(info, counts, args.limit, changed))
-    print(data.lesson_table(summary, shares, info))
+    summary, text = data.summary_report(runs, info, (args.train_missing_rate or 0.0, args.train_missing_type),
+                                        data.setting_notes(info, counts, args.limit, changed))
     print("\n" + text + f"(written to {folder / 'summary.json'} and {folder / 'summary.md'})")
-    write_json(folder / "summary.json", summary)
+    u2a.write_json(folder / "summary.json", summary)
     u2a.write_text(folder / "summary.md", text)
-    if len(seeds) == 1:
+    if len({seed for seed, _ in runs}) == 1:
         return {method: metrics for (_, method), metrics in runs.items()}
     nested = {}
     for (seed, method), metrics in runs.items():
@@ -440,8 +361,8 @@ def train_step(learner, batch, lr, ctx, may_be_empty=False):
     for group in learner.optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     present, config = batch["present"], learner.model.config
-    counts = all_sum(torch.stack([present.new_tensor(len(present), dtype=torch.float),
-                                  present.all(1).sum().float()]), ctx)      # (2,) samples, complete samples
+    counts = ctx.all_sum(torch.stack([present.new_tensor(len(present), dtype=torch.float),
+                                      present.all(1).sum().float()]))  # (2,) samples, complete samples
     if may_be_empty and counts[0].item() == 0:
         return torch.zeros(3, device=present.device)
     with ctx.autocast:
@@ -469,7 +390,7 @@ def train(args, method, out, sets, ctx):
                                     type=args.train_missing_type, seed=data.stream_seed(args.seed, f"missing/{split}"))
     torch.manual_seed(data.stream_seed(args.seed, "init"))  # the same initialisation on every process
     model = u2a.U2A(model_config(args, info, method)).to(ctx.device)
-    optimizer = make_optimizer(model, args)
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, args.token_lr_scale, ADAMW_EPS)
     if ctx.rank == 0:
         print(f"{method}: {model.parameter_table()}")
     step, best, best_step = 0, -math.inf, -1
@@ -499,10 +420,10 @@ def train(args, method, out, sets, ctx):
         sampler = data.EpochSampler(len(sets["train"]), args.batch_size, args.seed, epoch, (ctx.rank, ctx.world), skip)
         loader = data.make_loader(sets["train"], args.batch_size // ctx.world, False, ctx.tokenizer, args.workers,
                                   data.stream_seed(args.seed, "loader", epoch), sampler=sampler)
-        bar = progress(loader, ctx, f"{method} epoch {epoch + 1}/{args.epochs}")
+        bar = ctx.progress(loader, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
             faults += torch.stack([batch["skipped"], batch["unreadable"]])
-            batch = to_device(batch, ctx.device)
+            batch = ctx.to_device(batch)
             if use_dropout:  # section 3, drawn from the step (the same on every process); a dropped input holds
                 # the placeholder, as a missing one does (what the placeholder methods encode)
                 g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", step))
@@ -513,27 +434,27 @@ def train(args, method, out, sets, ctx):
             nonfinite += ~torch.isfinite(losses).all()
             step, seen = step + 1, seen + len(batch["label"]) * ctx.world
             if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:  # the only place the loop waits for the GPU
-                if all_sum(nonfinite.clone(), ctx).item() > 0:  # stop before a NaN checkpoint is written
+                if ctx.all_sum(nonfinite.clone()).item() > 0:  # stop before a NaN checkpoint is written
                     raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopped before writing "
                                         f"a checkpoint (the last good one, if any: {last}). Check the inputs (a "
                                         f"file with NaN/Inf values) or lower --lr")
-                loss, task, align = all_sum(losses, ctx).tolist()  # each process holds its share of eq. 7
+                loss, task, align = ctx.all_sum(losses).tolist()  # each process holds its share of eq. 7
                 if ctx.rank == 0:
                     sps = round(seen / (time.time() - t0), 1)
-                    append_log(out / "log.jsonl", {"step": step, "epoch": epoch, "loss": loss, "task": task,
-                                                   "align": align, "lr": lr, "samples_per_s": sps})
+                    u2a.append_log(out, {"step": step, "epoch": epoch, "loss": loss, "task": task, "align": align,
+                                         "lr": lr, "samples_per_s": sps})
                     bar.set_postfix(loss=f"{loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}", sps=f"{sps:.0f}")
             if args.save_every and step % args.save_every == 0 and ctx.rank == 0:
                 u2a.save_checkpoint(last, model, meta(), optimizer)
         # the epoch's end: validation, best.safetensors when it improved, last.safetensors always
         score = validate(model, sets["val"], args, ctx)
-        skipped, unreadable = all_sum(faults.to(ctx.device), ctx).tolist()
+        skipped, unreadable = ctx.all_sum(faults.to(ctx.device)).tolist()
         if ctx.rank == 0:
             if score > best or best_step < 0:
                 best, best_step = score, step
                 u2a.save_checkpoint(out / "best.safetensors", model, meta())
             u2a.save_checkpoint(last, model, meta(), optimizer)
-            append_log(out / "log.jsonl", {"step": step, "epoch": epoch, "val": score})
+            u2a.append_log(out, {"step": step, "epoch": epoch, "val": score})
             print(f"{method} epoch {epoch + 1}/{args.epochs}: val {info.headline} {score:.2f} "
                   f"(best {best:.2f}), loss {loss:.3f}"
                   + (f"; skipped so far: {unreadable} unreadable files, {skipped} samples with none left"
@@ -693,23 +614,17 @@ def parse_args(argv=None):
     given = vars(p.parse_args(argv))
     check_args(p, given)
     absolute(given)
-    saved, path = None, given["out"] / "config.json" if given.get("resume") else None
-    if path and not path.is_file():
-        raise UserError(f"--resume: {given['out']} holds no run to resume (no {path})")
-    try:
-        saved = json.loads(path.read_text()) if path else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"--resume: {path} is not valid JSON ({err}); it holds the run's settings: restore it "
-                        f"(train.py wrote it as indented JSON), or start a new run with another --out") from None
-    if path and not isinstance(saved, dict):
-        raise UserError(f"--resume: {path} holds a JSON {type(saved).__name__}, not the run's settings "
-                        f"(an object); restore it, or start a new run with another --out")
-    if saved and "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
-        saved["seeds"] = [saved["seed"]]
+    saved = None
+    if given.get("resume"):
+        try:
+            saved = u2a.run_config(given["out"])
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"--resume: {err}") from None
     run = defaults(saved.get("data", DEFAULT_DATA))[0] if saved else {}
     clash = [k for k in run if k in given and str(given[k]) != str(saved.get(k))]
     if clash:
-        raise UserError(f"--resume continues the run as it was configured; these settings differ from {path}: "
+        raise UserError(f"--resume continues the run as it was configured; these settings differ from "
+                        f"{given['out'] / 'config.json'}: "
                         + ", ".join(f"{as_flag(k, given[k])} (run: {as_flag(k, saved.get(k))})" for k in clash))
     args = settings(given, saved)
     check_method_flags(p, args, given)
@@ -741,17 +656,10 @@ def evaluate_only(args, given, proc):
             continue
         ev.out = args.out / ckpt.parent.relative_to(root) if "out" in given and root.is_dir() else \
             given.get("out", ckpt.parent)  # under --out, in the evaluated folder's layout
-        paths = encoder_paths(ev, meta["model"]["encoders"]) if "weights" in given else None
-        with as_user_errors():
-            data.check_missing_settings(vars(ev), given)
-            check_inputs(ev)
-            info = info_of(ev)
-            check_same_run(info, meta["model"], None, ckpt)
-            tokenizer = text_tokenizer(ev, info)
-            test_set = build_splits(ev, info, ("test",))["test"]
-            check_encoders_fit(paths or meta["model"]["encoders"], info, tokenizer)
-            model = u2a.from_checkpoint(ckpt, paths).to(proc.device)  # other encoders under --weights: refused
-        ctx = replace(proc, info=info, tokenizer=tokenizer, autocast=autocast_for(proc.device, ev.precision))
+        ctx, sets = set_up(ev, given, proc, ("test",), [ckpt])
+        with as_user_errors():  # a checkpoint that holds NaN: refused
+            model = u2a.from_checkpoint(ckpt, encoder_paths(ev, ctx.info.modalities)).to(proc.device)
+        info, test_set = ctx.info, sets["test"]
         metrics = evaluate_test(model, test_set, ev, ctx, ev.out, ckpt)
         runs[(ev.seed, meta["model"]["method"])] = metrics
         if proc.rank == 0:
@@ -793,19 +701,12 @@ def train_and_report(args, given, proc):
     """Everything checked before anything is written, then every pair trained in the locked run folder."""
     if args.batch_size % proc.world:
         raise UserError(f"--batch-size {args.batch_size} must divide by the {proc.world} processes")
-    with as_user_errors():
-        data.check_missing_settings(vars(args), given)
-        check_inputs(args)
-        info = info_of(args)
-        paths = encoder_paths(args, info.modalities)
-        sets, tokenizer = build_splits(args, info), text_tokenizer(args, info)
-        for ckpt in u2a.run_files(args.out, ["last.safetensors"]) if args.resume else []:  # same data, encoders
-            check_same_run(info, u2a.open_checkpoint(ckpt)[1]["model"], paths, ckpt)
-        check_encoders_fit(paths, info, tokenizer)
+    ctx, sets = set_up(args, given, proc, ("train", "val", "test"),
+                       u2a.run_files(args.out, ["last.safetensors"]) if args.resume else [])
     if len(sets["train"]) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(sets['train'])} samples)")
-    ctx = replace(proc, info=info, tokenizer=tokenizer, autocast=autocast_for(proc.device, args.precision))
+    info = ctx.info
     if args.out is None:  # one folder for the run, named on rank 0 and shared with the other processes
         name = [Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if proc.world > 1:
@@ -818,7 +719,7 @@ def train_and_report(args, given, proc):
             lock = u2a.lock_run_folder(args.out)
         for folder in u2a.run_folders(args.out) if args.resume else []:
             u2a.cut_log_at_checkpoint(folder)
-        write_json(args.out / "config.json", vars_json(args))
+        u2a.write_json(args.out / "config.json", vars_json(args))
         print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
               f"samples; {args.precision} on {proc.device}" + (f" x {proc.world} processes" if proc.world > 1 else ""))
         if args.pretrained == "toy":

@@ -45,6 +45,7 @@ Choices the paper leaves open, made here:
 import json
 import os
 import socket
+from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -140,6 +141,23 @@ def encoder_config(modality, folder):
     without one), without loading the weights: enough to check that it fits the data."""
     config_file, config_class = Path(folder) / "config.json", MODALITY_CONFIG[modality]
     return config_class.from_json(config_file) if config_file.is_file() else config_class()
+
+
+def check_encoders_fit(folders, info, tokenizer):
+    """Before training: the encoders ({modality: folder}) take the data's image size (info: data.py's
+    DatasetInfo) and every token id of its tokenizer (None without text); a ValueError names each misfit."""
+    problems = []
+    for m, folder in folders.items():
+        config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
+        if m in ("image", "video") and config.image_size != info.image_size:
+            problems.append(f"the {m} encoder at {folder} takes {config.image_size}x{config.image_size} images "
+                            f"(image_size in {config_file}); {info.name} feeds it {info.image_size}x{info.image_size}")
+        if m == "text" and tokenizer.get_vocab_size() > config.vocab_size:
+            problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
+                            f"{config_file}); {info.name}'s tokenizer gives {tokenizer.get_vocab_size()}")
+    if problems:
+        raise ValueError(f"the encoders do not fit the data: {'; '.join(problems)}. Point --weights at the encoders "
+                         f"made for {info.name} (weights/make_toy.py's toy encoders fit only the synthetic data)")
 
 
 # -----------------------------------------------------------------------------
@@ -298,6 +316,17 @@ class U2A(nn.Module):
     def parameter_table(self):
         return parameter_table(self)
 
+    def configure_optimizer(self, lr, weight_decay, token_lr_scale=1.0, eps=1e-8):
+        """AdamW (Table 5) over the trained parameters only. Where the paper is silent, as nanoGPT: decay on
+        matrices (LoRA factors, head weight), none on vectors (biases; the CLS/MT tokens, which learn at
+        token_lr_scale x lr). Each group's "lr_scale" is its share of the run's lr at a step."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        token = lambda n: n.endswith((".cls", ".mt"))
+        groups = [dict(params=[p for n, p in named if p.dim() >= 2], weight_decay=weight_decay, lr_scale=1.0),
+                  dict(params=[p for n, p in named if p.dim() < 2 and not token(n)], weight_decay=0.0, lr_scale=1.0),
+                  dict(params=[p for n, p in named if token(n)], weight_decay=0.0, lr_scale=token_lr_scale)]
+        return torch.optim.AdamW(groups, lr=lr, eps=eps)
+
 
 # -----------------------------------------------------------------------------
 # The loss: task loss + lambda * alignment of mask tokens (eq. 6-7)
@@ -401,6 +430,35 @@ def write_text(path, text):
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def append_log(folder, record):
+    """One line of the run's log.jsonl (a step's losses, an epoch's validation score)."""
+    with open(Path(folder) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_config(out):
+    """The settings train.py saved in run folder `out` (its config.json), to resume the run as it was
+    configured. A missing or damaged file raises FileNotFoundError or ValueError saying how to go on."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} holds no run to resume (no {path})")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it holds the run's settings: restore it (train.py "
+                         f"wrote it as indented JSON), or start a new run with another --out") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not the run's settings (an object); "
+                         f"restore it, or start a new run with another --out")
+    if "seed" in saved and "seeds" not in saved:  # a folder of a version with one seed per command
+        saved["seeds"] = [saved["seed"]]
+    return saved
 
 
 def lock_run_folder(out):
@@ -539,6 +597,24 @@ def saved_config(meta, path):
     return U2AConfig(**saved)
 
 
+def check_trained_on(path, class_names, encoders=None):
+    """Before a checkpoint's model is resumed or evaluated: it was trained on these classes (the data's, in
+    label order) and, given `encoders` ({modality: folder} where they are now), with encoders of the same
+    config. A ValueError says which differ: found now, before anything is written."""
+    trained = open_checkpoint(path)[1]["model"]
+    if list(class_names) != list(trained["class_names"]):
+        differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], class_names)) if a != b]
+        raise ValueError(f"{path} was trained on {len(trained['class_names'])} classes "
+                         f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
+                         f"{len(class_names)} classes (first differences: {differ[:3]})")
+    differ = [m for m, expected in trained.get("encoder_configs", {}).items()
+              if encoders and asdict(encoder_config(m, encoders[m])) != expected]
+    if differ:
+        raise ValueError(f"{path} was trained with other {' and '.join(differ)} encoders than those at "
+                         f"{', '.join(str(encoders[m]) for m in differ)} (their config.json differs); point "
+                         f"--weights at the encoders the run was trained with")
+
+
 def from_checkpoint(path, encoders=None):
     """The trained model of a checkpoint, rebuilt from the file alone, in eval mode. path: the file, or a
     run folder holding one (checkpoint_file). encoders: {modality: folder} where the pretrained encoders are
@@ -580,6 +656,29 @@ def placeholder_tokens(model, tokenizer=None):
     run's (the placeholder text "" is [CLS][SEP] whatever its length limit); default: model_batch's."""
     cls, _ = model.encode(model_batch(model, {m: [None] for m in model.modalities}, tokenizer))
     return {m: cls[m].float().cpu() for m in model.modalities}
+
+
+@torch.no_grad()
+def encode_batches(model, batches, device, autocast=nullcontext()):
+    """A split's tokens, encoded once: {"cls.<m>", "mt.<m>": [(b, D) per batch], "labels", "present",
+    "index": [per batch], "unreadable": [(1,) per batch]}, CPU float tensors kept per batch (so that DDP
+    processes can gather them before one torch.cat). batches: data.make_loader's; "unreadable" counts the
+    files that failed to decode (on_error="skip"), and a batch whose samples were all skipped adds no tokens."""
+    model.eval()
+    parts = {"labels": [], "present": [], "index": [], "unreadable": []}
+    for batch in batches:
+        parts["unreadable"].append(batch["unreadable"].reshape(1))
+        if len(batch["index"]) == 0:
+            continue
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            cls, mt = model.encode(batch)
+        for m in model.modalities:
+            parts.setdefault(f"cls.{m}", []).append(cls[m].float().cpu())
+            parts.setdefault(f"mt.{m}", []).append(mt[m].float().cpu())
+        for key, name in (("labels", "label"), ("present", "present"), ("index", "index")):
+            parts[key].append(batch[name].cpu())
+    return parts
 
 
 @torch.no_grad()

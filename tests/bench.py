@@ -16,7 +16,7 @@ input with a placeholder, runs both encoders on every sample, and so does ours w
 What a training step is, and how it matches train.py's (the figures are meant to predict train.py's speed):
   - the same autocast: on CUDA torch.autocast("cuda", dtype=torch.bfloat16) around forward and loss, as
     train.autocast_for (--dtype fp32 turns it off; on the CPU the default is fp32, as train.py's);
-  - the same optimizer, train.make_optimizer (AdamW, decay on matrices only, the Food-101 recipe's lr), the
+  - the same optimizer, U2A.configure_optimizer (AdamW, decay on matrices only, the Food-101 recipe's lr), the
     same loss, u2a.u2a_loss with the paper's lambda, and the paper's LoRA rank, alpha and dropout (train.PAPER);
   - --compile: torch.compile(model) with default settings on our U2A module for the training step, no DDP, as
     train.py --compile; evals stay eager, as train.py's evaluation does. The reference stays eager: it is the
@@ -52,7 +52,6 @@ from transformers.masking_utils import create_bidirectional_mask
 
 import checkpoints  # tests/checkpoints.py: random-weight checkpoints in the hub layouts
 import train
-from encoders import BERT, ViT
 from lora import LoRALinear
 from u2a import U2A, U2AConfig, U2AOutput, u2a_loss
 
@@ -69,7 +68,7 @@ RANK, ALPHA, LORA_DROPOUT = train.PAPER["rank"], train.PAPER["alpha"], train.PAP
 LAM = train.PAPER["lam"]  # eq. 7, weight of the alignment loss
 OPTIMIZER = argparse.Namespace(lr=train.RECIPES["food101"]["lr"], weight_decay=train.PAPER["weight_decay"],
                                token_lr_scale=train.RECIPES["food101"]["token_lr_scale"])
-# (what train.make_optimizer reads of train.py's arguments)
+# (what train.py gives U2A.configure_optimizer)
 MISSING_RATE = 0.7       # eval: share of samples missing the text (then, separately, the image)
 WARMUP, REPEATS = 2, 5
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak (no sparsity); --peak-tflops changes it
@@ -231,7 +230,9 @@ def autocast(device, dtype):
 
 
 def make_optimizer(model):
-    return train.make_optimizer(model, OPTIMIZER)
+    """U2A.configure_optimizer with train.py's arguments, for our model and the reference alike."""
+    return U2A.configure_optimizer(model, OPTIMIZER.lr, OPTIMIZER.weight_decay, OPTIMIZER.token_lr_scale,
+                                   train.ADAMW_EPS)
 
 
 def train_step(model, opt, batch, amp=nullcontext()):
@@ -479,7 +480,7 @@ def print_header(args, worst, seconds):
     print(f"U2A: ours (encoders.py + lora.py + u2a.py) vs reference (transformers {transformers.__version__} "
           f"CLIPVisionModel + BertModel, sdpa; peft {peft.__version__} LoRA)")
     print(f"{models}, LoRA r={RANK} alpha={ALPHA:g} dropout={LORA_DROPOUT} on q/k/v/out, CLS + MT tokens, sum "
-          f"fusion, {NUM_CLASSES}-way head; loss CE + {LAM} * alignment MSE; train.make_optimizer's AdamW "
+          f"fusion, {NUM_CLASSES}-way head; loss CE + {LAM} * alignment MSE; U2A.configure_optimizer's AdamW "
           f"(lr {OPTIMIZER.lr:g}, decay {OPTIMIZER.weight_decay:g} on matrices)")
     print(f"same weights: eval logits agree, max |diff| {worst:.1e} (built and checked in {seconds:.0f} s)")
     print(f"train-mode dropout: ours LoRA's only (its frozen encoders have none); reference LoRA's + "

@@ -215,13 +215,20 @@ def test_relative_data_root_is_stored_absolute_and_a_moved_copy_is_taken(food_ru
     assert (run / "log.jsonl").read_text() == log
 
 
+def test_a_split_with_no_samples_is_refused_before_anything_is_written(tmp_path, published_weights):
+    root = test_data.make_food101(tmp_path / "food", per_class=(1, 1))  # val: 10% of 3 samples rounds to none
+    with pytest.raises(train.UserError, match="food101/val has no samples"):
+        train.main(food_args(root, published_weights, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_weights_holding_other_encoders_than_the_trained_ones_are_refused(tmp_path):
     out = tmp_path / "run"
     train.main(SMALL + ["--out", str(out)])
     other = toy_weights(tmp_path / "other")
     config_file = other / "toy" / "vit" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "layer_norm_eps": 1e-6}))
-    with pytest.raises(train.UserError, match="is not the one this model was trained on"):
+    with pytest.raises(train.UserError, match="trained with other image encoders than those at .*other/toy/vit"):
         train.main(["--eval-only", str(out), "--weights", str(other)])
     log = (out / "log.jsonl").read_text()
     with pytest.raises(train.UserError, match="trained with other image encoders than those at .*other/toy/vit"):

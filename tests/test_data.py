@@ -239,6 +239,13 @@ def test_the_val_carve_is_a_stream_of_its_own():
     assert val == sorted(expected[:round(data.VAL_SHARE * n)].tolist())
 
 
+def test_a_split_with_no_samples_is_refused_when_made(tmp_path):
+    root = make_food101(tmp_path / "food", per_class=(1, 1))  # 3 training samples: 10% of them rounds to none
+    assert len(data.make_dataset("food101", root, "train")) == 3
+    with pytest.raises(ValueError, match=r"food101/val has no samples \(data root .*food"):
+        data.make_dataset("food101", root, "val")
+
+
 def test_limit_takes_the_first_samples(roots):
     full = data.make_dataset("food101", roots["food101"], "test")
     short = data.make_dataset("food101", roots["food101"], "test", limit=4)

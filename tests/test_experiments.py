@@ -63,7 +63,7 @@ def test_the_seed_drives_training_not_the_data(grid):
     for seed in (0, 1):
         args, _ = train.parse_args(["--limit", "200", "--seed", str(seed), "--train-missing-rate", "0.7",
                                     "--train-missing-type", "both"])
-        sets = train.build_splits(args, train.info_of(args))
+        sets = train.build_splits(args, data.dataset_info(args.data, args.data_root))
         if seed == 0:
             first = sets
             continue
@@ -81,7 +81,7 @@ def test_two_run_seeds_carve_the_same_validation_split_from_a_real_layout(tmp_pa
     splits = []
     for seed in (0, 1):
         args, _ = train.parse_args(["--data", "food101", "--data-root", str(root), "--seed", str(seed)])
-        sets = train.build_splits(args, train.info_of(args))
+        sets = train.build_splits(args, data.dataset_info(args.data, args.data_root))
         splits.append({split: (ds.sources, ds.labels.tolist()) for split, ds in sets.items()})
     assert splits[0] == splits[1] and len(splits[0]["val"][1]) > 0
 

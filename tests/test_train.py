@@ -69,6 +69,12 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert len(saved["mt_cls_mse_per_class"]["image->text"]) == len(data.synthetic_class_names("synthetic"))
     table = data.load_missing_table(out / "missing_train.json")
     assert int((~table).sum()) == 32 and table.any(1).all()  # 50% of 64, none loses both
+    scenarios, seed = data.test_scenarios(data.dataset_info("synthetic"), json.loads((out / "config.json").read_text()))
+    tables = sorted((out / "missing_test").glob("*.json"))
+    assert len(tables) == len(scenarios) == len(saved["scenarios"])  # one per scenario, each as it was scored
+    for sc in scenarios:
+        path = out / "missing_test" / ("".join(c if c.isalnum() else "_" for c in sc.name).strip("_") + ".json")
+        assert torch.equal(data.load_missing_table(path), sc.table(saved["test_samples"], seed)), sc.name
     printed = capsys.readouterr().out
     assert "Table 4" in printed and "Figure 2" in printed and "toy" in printed.lower()
     # the checkpoint holds only what training changed, plus where the frozen encoders came from
@@ -109,9 +115,9 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 
 def test_checkpoint_round_trip(tmp_path):
     args, _ = train.parse_args(SMALL)
-    info = train.info_of(args)
+    info = data.dataset_info(args.data, args.data_root)
     model = u2a.U2A(train.model_config(args, info, "u2a"))
-    opt = train.make_optimizer(model, args)
+    opt = model.configure_optimizer(args.lr, args.weight_decay, args.token_lr_scale)
     batch = next(iter(data.make_loader(data.make_dataset("synthetic", None, "train", limit=8), 8, False)))
     loss, _, _ = train.u2a_loss(model(batch), batch["label"])
     loss.backward()
@@ -119,7 +125,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "ckpt.safetensors"
     u2a.save_checkpoint(path, model, {"step": 1, "config": train.vars_json(args)}, opt)
     fresh = u2a.U2A(train.model_config(args, info, "u2a"))
-    fresh_opt = train.make_optimizer(fresh, args)
+    fresh_opt = fresh.configure_optimizer(args.lr, args.weight_decay, args.token_lr_scale)
     meta = u2a.load_trained(fresh, path, fresh_opt)
     assert meta["step"] == 1
     for (n, a), b in zip(model.named_parameters(), fresh.parameters()):

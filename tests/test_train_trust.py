@@ -128,7 +128,7 @@ def test_the_global_alignment_mean_does_not_depend_on_how_a_batch_is_split():
 def test_training_missing_table_and_first_epoch_order_are_uncorrelated():
     args, _ = train.parse_args(["--data", "synthetic", "--limit", "1000", "--train-missing-rate", "0.7",
                                 "--train-missing-type", "text"])
-    sets = train.build_splits(args, train.info_of(args), ("train",))
+    sets = train.build_splits(args, data.dataset_info(args.data, args.data_root), ("train",))
     text_missing = (~sets["train"].present[:, 1]).float()
     order = data.EpochSampler(len(text_missing), args.batch_size, args.seed, 0).indices
     first, last = text_missing[order[:300]].mean().item(), text_missing[order[-300:]].mean().item()
