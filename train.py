@@ -286,8 +286,9 @@ def validate(model, val_set, args, ctx):
 
 
 def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
-    """Test-set evaluation of a trained model over every scenario of the paper; rank 0 writes metrics.json,
-    the scenarios' missing tables and (small enough) the test tokens for the notebooks."""
+    """Test-set evaluation of a trained model over every scenario of the paper; rank 0 prints the paper's
+    tables and writes metrics.json, the scenarios' missing tables and (small enough) the test tokens for the
+    notebooks."""
     feats = encode_split(model, test_set, args, ctx, "test")
     if feats is None:
         raise UserError(f"test: not one of the {len(test_set)} samples could be read (--on-error skip)")
@@ -308,6 +309,8 @@ def evaluate_test(model, test_set, args, ctx, out, ckpt, train_seconds=0.0):
                "test_samples": len(test_set), "test_skipped": skipped, "test_unreadable": unreadable,
                "scenarios": results, **analysis}
     u2a.write_json(out / "metrics.json", metrics)
+    data.print_tables(results, info, (args.train_missing_rate, args.train_missing_type),
+                      f"{metrics['method']}, seed {args.seed}" + (f", {ckpt}" if args.eval_only else ""))
     if len(feats["labels"]) * model.head.in_features <= 50_000_000:
         save_file({k: v.contiguous() for k, v in feats.items()}, str(out / "test_tokens.safetensors"))
     return metrics
@@ -482,7 +485,7 @@ def make_parser():
     p = argparse.ArgumentParser(description=__doc__, epilog=epilog, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a, per = p.add_argument, "(default: per dataset, below)"
-    a("--data", help=f"one of {', '.join(data.DATASETS)} (default: {DEFAULT_DATA})")
+    a("--data", choices=data.DATASETS, help=f"the dataset (default: {DEFAULT_DATA})")
     a("--data-root", help="dataset folder (default: data/<name>/)")
     a("--weights", type=Path, help=f"folder of pretrained checkpoints (default: {WEIGHTS_DIR})")
     a("--out", type=Path, help="run folder (default: runs/<data>-<time>/)")
@@ -541,8 +544,6 @@ RANGES = {
 def check_args(p, given):
     """Argument errors, before anything is read or written."""
     out, eval_only, gpu = given.get("out"), given.get("eval_only"), given.get("gpu")
-    if "data" in given and given["data"] not in data.DATASETS:
-        p.error(f"unknown dataset {given['data']!r}: expected one of {', '.join(data.DATASETS)}")
     for key, (ok, expected) in RANGES.items():
         if key in given and not ok(given[key]):
             p.error(f"--{key.replace('_', '-')} must be {expected}, got {given[key]}")
@@ -662,9 +663,6 @@ def evaluate_only(args, given, proc):
         info, test_set = ctx.info, sets["test"]
         metrics = evaluate_test(model, test_set, ev, ctx, ev.out, ckpt)
         runs[(ev.seed, meta["model"]["method"])] = metrics
-        if proc.rank == 0:
-            data.print_tables(metrics["scenarios"], info, (ev.train_missing_rate, ev.train_missing_type),
-                              f"{metrics['method']}, seed {ev.seed}, {ckpt}")
     if not runs:
         raise UserError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, found))}) "
                         f"is of the --seed / --method given; leave them out to evaluate every one")
@@ -691,9 +689,6 @@ def run_pairs(args, sets, ctx):
             continue
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
         runs[(seed, method)] = train(run_args, method, out, set_missing_tables(sets, run_args, ctx.info), ctx)
-        if ctx.rank == 0:
-            data.print_tables(runs[(seed, method)]["scenarios"], ctx.info,
-                              (args.train_missing_rate, args.train_missing_type), f"{method}, seed {seed}")
     return runs
 
 
