@@ -660,17 +660,15 @@ def evaluate_only(args, given, proc):
         ctx, sets = set_up(ev, given, proc, ("test",), [ckpt])
         with as_user_errors():  # a checkpoint that holds NaN: refused
             model = u2a.from_checkpoint(ckpt, encoder_paths(ev, ctx.info.modalities)).to(proc.device)
-        info, test_set = ctx.info, sets["test"]
-        metrics = evaluate_test(model, test_set, ev, ctx, ev.out, ckpt)
-        runs[(ev.seed, meta["model"]["method"])] = metrics
+        runs[(ev.seed, meta["model"]["method"])] = evaluate_test(model, sets["test"], ev, ctx, ev.out, ckpt)
     if not runs:
         raise UserError(f"--eval-only {root}: none of its checkpoints ({', '.join(map(str, found))}) "
                         f"is of the --seed / --method given; leave them out to evaluate every one")
     if proc.rank > 0:
         return {}
-    print(f"\n== Summary: {info.name}, test {info.headline} (%), evaluated {root} ==")
-    return report(runs, info, ev, args.out if "out" in given else root if root.is_dir() else root.parent,
-                  {"test": len(test_set)})
+    print(f"\n== Summary: {ev.data}, test {ctx.info.headline} (%), evaluated {root} ==")
+    return report(runs, ctx.info, ev, args.out if "out" in given else root if root.is_dir() else root.parent,
+                  {"test": len(sets["test"])})
 
 
 def run_pairs(args, sets, ctx):
@@ -709,12 +707,8 @@ def train_and_report(args, given, proc):
         args.out = name[0]
     lock = None
     if proc.rank == 0:  # only now, every check passed: a failed start leaves no empty run folder behind
-        args.out.mkdir(parents=True, exist_ok=True)
         with as_user_errors():  # another live run's folder
-            lock = u2a.lock_run_folder(args.out)
-        for folder in u2a.run_folders(args.out) if args.resume else []:
-            u2a.cut_log_at_checkpoint(folder)
-        u2a.write_json(args.out / "config.json", vars_json(args))
+            lock = u2a.open_run_folder(args.out, vars_json(args), args.resume)
         print(f"{args.data}: train {len(sets['train'])}, val {len(sets['val'])}, test {len(sets['test'])} "
               f"samples; {args.precision} on {proc.device}" + (f" x {proc.world} processes" if proc.world > 1 else ""))
         if args.pretrained == "toy":

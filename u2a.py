@@ -506,6 +506,18 @@ def cut_log_at_checkpoint(folder):
     write_text(log, "".join(kept))
 
 
+def open_run_folder(out, config, resume=False):
+    """Make `out` the folder of one live run: created, locked (lock_run_folder), on a resume each run's log cut
+    back to its checkpoint (cut_log_at_checkpoint), and its settings `config` written as config.json.
+    -> the lock file, for the run to remove when it ends."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(out)
+    for folder in run_folders(out) if resume else []:
+        cut_log_at_checkpoint(folder)
+    write_json(Path(out) / "config.json", config)
+    return lock
+
+
 def checkpoint_file(path):
     """The checkpoint file `path` names: the file itself, or in a train.py run folder its best.safetensors
     (the validation-selected model), at the top or in the folder's one run (run_folders)."""
