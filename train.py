@@ -699,7 +699,6 @@ def train_and_report(args, given, proc):
     if len(sets["train"]) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set "
                         f"({len(sets['train'])} samples)")
-    info = ctx.info
     if args.out is None:  # one folder for the run, named on rank 0 and shared with the other processes
         name = [Path("runs") / f"{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if proc.world > 1:
@@ -719,9 +718,9 @@ def train_and_report(args, given, proc):
         t0, runs = time.time(), run_pairs(args, sets, ctx)
         if proc.rank > 0:
             return None
-        print(f"\n== Summary: {args.data}, test {info.headline} (%), {time.time() - t0:.0f} s, "
+        print(f"\n== Summary: {args.data}, test {ctx.info.headline} (%), {time.time() - t0:.0f} s, "
               f"run folder {args.out} ==")
-        return report(runs, info, args, args.out, {split: len(ds) for split, ds in sets.items()})
+        return report(runs, ctx.info, args, args.out, {split: len(ds) for split, ds in sets.items()})
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
