@@ -1386,7 +1386,7 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # Appendix C. The paper's tables: its U2A numbers, and a run's scores in the same rows (train.py prints them
-# after each run, and summary_report's summary over seeds beside the paper's numbers after all)
+# after each run; summary_report makes the summary over seeds, beside the paper's numbers)
 # -----------------------------------------------------------------------------
 
 # The paper's U2A results in its headline metric (% accuracy; MM-IMDb: F1-macro): (dataset, % of (m1, m2)
@@ -1534,6 +1534,7 @@ def summary_report(runs, info, train_setting, notes):
     shares = {name: r["shares"] for metrics in runs.values() for name, r in metrics["scenarios"].items()}
     print(lesson_table(summary, shares, info))
     return summary, summary_markdown(summary, shares, info, trained, seeds, notes)
+
 
 if __name__ == "__main__":
     main()
