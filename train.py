@@ -141,9 +141,6 @@ class Context:
             dist.all_reduce(t)
         return t
 
-    def to_device(self, batch):
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
 
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise one process. -> Context (rank, world, device)."""
@@ -426,7 +423,7 @@ def train(args, method, out, sets, ctx):
         bar = ctx.progress(loader, f"{method} epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
             faults += torch.stack([batch["skipped"], batch["unreadable"]])
-            batch = ctx.to_device(batch)
+            batch = u2a.to_device(batch, ctx.device)
             if use_dropout:  # section 3, drawn from the step (the same on every process); a dropped input holds
                 # the placeholder, as a missing one does (what the placeholder methods encode)
                 g = torch.Generator().manual_seed(data.stream_seed(args.seed, "modality_dropout", step))

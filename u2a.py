@@ -647,6 +647,11 @@ def from_checkpoint(path, encoders=None):
 # it has, and each scenario is then eq. 4-5 over the stored tokens: the same select_tokens + head as the
 # forward pass, exact, and ~20x cheaper than re-running the encoders per scenario.
 
+def to_device(batch, device):
+    """A batch's tensors on `device` (its other entries as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def model_batch(model, inputs, tokenizer=None):
     """{modality: B inputs, None where missing} -> the batch `model` reads, on its device: encoders.batch_inputs
     at the size of the model's image encoder, with `tokenizer` (default: the text encoder's own folder's,
@@ -657,8 +662,7 @@ def model_batch(model, inputs, tokenizer=None):
     # the side of images and video frames: the model's ViT's own (a model without one never reads it)
     sizes = [model.branches[m].encoder.config.image_size for m in model.modalities if m in ("image", "video")]
     batch = batch_inputs({m: inputs[m] for m in model.modalities}, tokenizer, sizes[0] if sizes else IMAGE_SIZE)
-    device = model.head.weight.device
-    return {k: v.to(device) for k, v in batch.items()}
+    return to_device(batch, model.head.weight.device)
 
 
 @torch.no_grad()
@@ -682,7 +686,7 @@ def encode_batches(model, batches, device, autocast=nullcontext()):
         parts["unreadable"].append(batch["unreadable"].reshape(1))
         if len(batch["index"]) == 0:
             continue
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast:
             cls, mt = model.encode(batch)
         for m in model.modalities:
