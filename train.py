@@ -205,13 +205,17 @@ def check_inputs(args):
         raise UserError("cannot start:\n  - " + "\n  - ".join(problems))
 
 
-def set_missing_tables(sets, args, info):
-    """The train/val missing tables of the run's seed (section 4.4.1): each seed draws its own on the same data."""
-    for split in ("train", "val"):
-        if split in sets and args.train_missing_rate:
-            seed = data.stream_seed(args.seed, f"missing/{split}")
+def set_missing_tables(sets, args, info, out=None):
+    """The train/val missing tables of the run's seed (section 4.4.1): each seed draws its own on the same data.
+    With `out`, each is also written as out/missing_<split>.json, with the seed it was drawn with."""
+    for split in [s for s in ("train", "val") if s in sets]:
+        seed = data.stream_seed(args.seed, f"missing/{split}")
+        if args.train_missing_rate:
             sets[split].set_present(data.missing_table(len(sets[split]), args.train_missing_rate,
                                                        args.train_missing_type, seed, info.modalities))
+        if out is not None:
+            data.save_missing_table(out / f"missing_{split}.json", sets[split].present, rate=args.train_missing_rate,
+                                    type=args.train_missing_type, seed=seed)
     return sets
 
 
@@ -380,14 +384,13 @@ def train_step(learner, batch, lr, ctx, may_be_empty=False):
 # One run: set-up, the loop, the end of each epoch (validation, checkpoints), then test
 
 def train(args, method, out, sets, ctx):
-    """Train one method on seed args.seed, keep the checkpoint of the best validation score (model selection
-    on validation, never on test), then evaluate it on test. Continues from last.safetensors on --resume."""
+    """Train one method on seed args.seed and that seed's missing tables, keep the checkpoint of the best validation
+    score (model selection on validation, never on test), then evaluate it on test. Continues from
+    last.safetensors on --resume."""
     info, last = ctx.info, out / "last.safetensors"
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "val"):
-            data.save_missing_table(out / f"missing_{split}.json", sets[split].present, rate=args.train_missing_rate,
-                                    type=args.train_missing_type, seed=data.stream_seed(args.seed, f"missing/{split}"))
+    set_missing_tables(sets, args, info, out if ctx.rank == 0 else None)  # this seed's tables, on every process
     torch.manual_seed(data.stream_seed(args.seed, "init"))  # the same initialisation on every process
     model = u2a.U2A(model_config(args, info, method)).to(ctx.device)
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, args.token_lr_scale, ADAMW_EPS)
@@ -683,7 +686,7 @@ def run_pairs(args, sets, ctx):
             runs[(seed, method)] = json.loads((out / "metrics.json").read_text())
             continue
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        runs[(seed, method)] = train(run_args, method, out, set_missing_tables(sets, run_args, ctx.info), ctx)
+        runs[(seed, method)] = train(run_args, method, out, sets, ctx)
     return runs
 
 

@@ -69,6 +69,8 @@ def test_cli_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert len(saved["mt_cls_mse_per_class"]["image->text"]) == len(data.synthetic_class_names("synthetic"))
     table = data.load_missing_table(out / "missing_train.json")
     assert int((~table).sum()) == 32 and table.any(1).all()  # 50% of 64, none loses both
+    recorded = json.loads((out / "missing_train.json").read_text())  # the seed it names draws it again
+    assert torch.equal(table, data.missing_table(64, 0.5, "both", recorded["seed"], ("image", "text")))
     scenarios, seed = data.test_scenarios(data.dataset_info("synthetic"), json.loads((out / "config.json").read_text()))
     tables = {json.loads(p.read_text())["scenario"]: data.load_missing_table(p)
               for p in (out / "missing_test").glob("*.json")}
