@@ -192,7 +192,7 @@ def check_inputs(args):
     if args.data_root is not None and not Path(args.data_root).is_dir():
         problems.append(f"no dataset at --data-root {args.data_root}: " + (
             "the run's data was there; if it moved, pass --data-root NEWDIR" if saved else
-            f"expected {data.EXPECTED_LAYOUT[args.data]} (README.md, 'Datasets', says where to get it)"))
+            f"expected {data.EXPECTED_LAYOUT[args.data]} (README.md, 'Data', says where to get it)"))
     missing = {m: p / "model.safetensors" for m, p in encoder_paths(args, data.dataset_info(args.data).modalities)
                .items() if not (p / "model.safetensors").is_file()}
     if missing:

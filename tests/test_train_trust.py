@@ -3,6 +3,7 @@ a fault gives a clear error early (or a counted skip), never a silent wrong resu
 the issue that asked for it; most run train.py as a user does (train.main or the command line)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,8 @@ def test_missing_data_and_weights_are_reported_together_and_leave_no_folder(tmp_
         train.main(["--data", "food101", "--data-root", str(tmp_path / "none"), "--weights", str(tmp_path / "nope")])
     assert "no dataset at --data-root" in str(err.value) and "python weights/download.py" in str(err.value)
     assert not (tmp_path / "runs").exists()
+    section = re.search(r"README\.md, '([^']+)'", str(err.value)).group(1)  # the section it sends the user to
+    assert re.search(rf"^#+ {re.escape(section)}\b", (ROOT / "README.md").read_text(), re.M), section
 
 
 @pytest.mark.parametrize("fault", ["no test split file", "class folder missing in test", "empty test split"])
