@@ -389,7 +389,8 @@ def check_missing_settings(settings, given=()):
     rates = {"train": settings["train_missing_rate"], "test": test_rate}
     kinds = {"train": settings["train_missing_type"], "test": test_type}
     problems += [f"--{split}-missing-rate {rates[split]} needs --{split}-missing-type ({types})"
-                 for split in rates if rates[split] and kinds[split] is None]
+                 for split in rates if rates[split] and kinds[split] is None
+                 and settings[f"{split}_missing_rate"] is not None]  # a test rate left out is train's: one problem
     problems += [f"--{split}-missing-type {settings[f'{split}_missing_type']} without a --{split}-missing-rate: "
                  f"give the rate too (the paper's is {PAPER_MISSING_RATE}), or leave the type out"
                  for split in rates if f"{split}_missing_type" in given and not rates[split]]

@@ -150,6 +150,15 @@ def test_missing_modality_flags_are_checked_together_before_training(argv, messa
     assert not trained and not (tmp_path / "runs").exists()
 
 
+def test_a_training_rate_without_type_names_only_the_flag_given():
+    """The test setting follows the training one when left out: its consequence is not a second problem,
+    named by flags the user never typed."""
+    with pytest.raises(train.UserError) as err:
+        train.main(SMALL + ["--train-missing-rate", "0.7"])
+    assert "--train-missing-rate 0.7 needs --train-missing-type" in str(err.value)
+    assert "--test-missing" not in str(err.value)
+
+
 def test_a_test_type_that_the_data_lacks_is_refused_before_evaluating(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main(SMALL + ["--out", str(out)])
