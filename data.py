@@ -1233,8 +1233,10 @@ def index_release(source, skip):
     return found
 
 
-def copy_split_lists(name, splits, files, root):
-    """Each split list, found by its name under RAW, copied to OUT (where the readers look for it)."""
+def find_split_lists(name, splits, files, root):
+    """{list file name: its one path under RAW, or None when only OUT holds it (a rerun)}, every list found
+    before anything is written."""
+    found = {}
     for split in splits:
         file = SPLIT_FILES[name].format(split=split)
         paths = [p for p in files.get(file, []) if p.resolve() != root / file]  # OUT may lie in RAW, or be it
@@ -1243,8 +1245,8 @@ def copy_split_lists(name, splits, files, root):
         if not paths and not (root / file).is_file():
             raise FileNotFoundError(f"{name}: no split list {file} under the source or in {root}: it comes from "
                                     f"{LIST_SOURCES[name]}; put it in the source folder")
-        if paths:
-            shutil.copyfile(paths[0], root / file)
+        found[file] = paths[0] if paths else None
+    return found
 
 
 def find_clips(name, splits, files, root):
@@ -1346,10 +1348,13 @@ def prepare(name, source, root, workers=1):
     source, root = Path(source).resolve(), Path(root).resolve()
     if not source.is_dir():
         raise FileNotFoundError(f"{name}: source {source} is not a directory (the release as downloaded)")
-    root.mkdir(parents=True, exist_ok=True)
     splits = ("test", "val", "train") if dataset_info(name).has_val else ("test", "train")
     files = index_release(source, skip=root)
-    copy_split_lists(name, splits, files, root)
+    lists = find_split_lists(name, splits, files, root)
+    root.mkdir(parents=True, exist_ok=True)  # only now: a release without its lists leaves no OUT behind
+    for file, path in lists.items():  # copied to OUT, where the readers look for them
+        if path is not None:
+            shutil.copyfile(path, root / file)
     clips, no_video = find_clips(name, splits, files, root)
     work = functools.partial(prepare_clip, name=name, root=root)
     results = []

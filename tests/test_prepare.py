@@ -235,3 +235,13 @@ def test_the_command_line_and_a_missing_pyav(releases, tmp_path, monkeypatch, ca
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
     with pytest.raises(ImportError, match=r"pip install av"):
         data.prepare("ave", releases["ave"], tmp_path / "none")
+
+
+def test_a_release_without_its_split_lists_is_refused_and_leaves_no_root(tmp_path):
+    raw = tmp_path / "raw"
+    make_cremad_release(raw)
+    for listed in raw.rglob("*.csv"):
+        listed.unlink()
+    with pytest.raises(FileNotFoundError, match="no split list test.csv under the source"):
+        data.prepare("cremad", raw, tmp_path / "cremad", workers=1)
+    assert not (tmp_path / "cremad").exists()  # a failed start writes nothing
