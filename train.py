@@ -2,7 +2,7 @@
 Train and evaluate U2A (paper section 4) on one dataset, then report every missing-modality scenario of the
 paper. Runs as a plain script, on one CPU, one GPU, or several through torchrun (DDP).
 
-    python train.py                                  # offline default: 4 methods, toy encoders, ~2 min on CPU
+    python train.py                                  # offline default: 4 methods, toy encoders, 2-4 min on CPU
     python train.py --data food101 --gpu 0           # the paper's recipe (Table 5) on UPMC Food-101
     python train.py --data food101 --gpu 0 --seed 0 1 2 --method u2a naive   # 6 runs; summary.md: mean ± SD
     torchrun --nproc_per_node 2 train.py --data mmimdb
@@ -51,7 +51,7 @@ AS_WRITTEN = dict(mt_init="cls", align_stop_grad=False, token_lr_scale=1.0, pret
 IMAGE_TEXT = dict(lr=1e-3, epochs=10, batch_size=8, method=["u2a"], **AS_WRITTEN)
 AUDIO_VIDEO = dict(lr=5e-5, epochs=100, batch_size=4, method=["u2a"], **AS_WRITTEN)
 # Not the paper's: the toy default (the synthetic designs, generated in memory: no data root) trains the four
-# methods side by side in about a minute and a half on a CPU, on one thread (the toy encoders' matrices are
+# methods side by side in 1.5-3.5 minutes on a CPU, on one thread (the toy encoders' matrices are
 # tiny: on a busy 2-core machine a second thread ran the default several times slower). Its token settings
 # are those under which the toy's MTs learned to estimate the other modality's CLS on most seeds (README, "The
 # default run": not on seed 2); with the settings above, on the toy, the MTs stayed copies of their own CLS,
