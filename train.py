@@ -472,6 +472,11 @@ def train(args, method, out, sets, ctx):
 # -----------------------------------------------------------------------------
 # Command line. The options' defaults are defaults() and settings(): the parser keeps only what was given.
 
+def user_path(text):
+    """A path flag, `~` read as the home folder: bash expands `--out ~/x` but leaves `--out=~/x` alone."""
+    return Path(text).expanduser()
+
+
 def make_parser():
     rows = {"image-text": IMAGE_TEXT, "audio-video": AUDIO_VIDEO, "toy": TOY}
     epilog = "\n".join(["defaults per dataset (Table 5; toy: the synthetic data, offline):"] + [
@@ -486,9 +491,9 @@ def make_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a, per = p.add_argument, "(default: per dataset, below)"
     a("--data", choices=data.DATASETS, help=f"the dataset (default: {DEFAULT_DATA})")
-    a("--data-root", help="dataset folder (default: data/<name>/)")
-    a("--weights", type=Path, help=f"folder of pretrained checkpoints (default: {WEIGHTS_DIR})")
-    a("--out", type=Path, help="run folder (default: runs/<data>-<time>/)")
+    a("--data-root", type=user_path, help="dataset folder (default: data/<name>/)")
+    a("--weights", type=user_path, help=f"folder of pretrained checkpoints (default: {WEIGHTS_DIR})")
+    a("--out", type=user_path, help="run folder (default: runs/<data>-<time>/)")
     a("--gpu", type=int, help="CUDA device index (one process); without it the run uses the CPU")
     a("--precision", choices=("bf16", "fp16", "fp32"),
       help="autocast precision (default: bf16 on GPUs that support it natively, else fp32)")
@@ -517,7 +522,7 @@ def make_parser():
     a("--align-stop-grad", action=argparse.BooleanOptionalAction, help="eq. 6's CLS targets as constants " + per)
     a("--token-lr-scale", type=float, help="the CLS/MT tokens' learning rate over --lr " + per)
     a("--limit", type=int, help="use the first N samples of each split")
-    a("--eval-only", type=Path, metavar="RUN", help="evaluate a checkpoint or run folder, no training")
+    a("--eval-only", type=user_path, metavar="RUN", help="evaluate a checkpoint or run folder, no training")
     a("--resume", action="store_true", help="continue the run in --out as it was configured")
     a("--save-every", type=int, help="also checkpoint every N steps (default: 0, each epoch)")
     a("--workers", type=int, help="DataLoader processes (default: 0 for the toy data, else up to 4)")

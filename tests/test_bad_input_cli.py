@@ -199,6 +199,21 @@ def test_relative_weights_are_stored_absolute_and_a_moved_copy_is_taken_on_resum
     assert json.loads((tmp_path / "run" / "config.json").read_text())["weights"] == str((tmp_path / "moved").resolve())
 
 
+def test_a_tilde_the_shell_left_unexpanded_is_the_home_folder(tmp_path, monkeypatch):
+    """bash expands `--out ~/x` but not `--out=~/x`: a literal ~ would make a folder named "~" in the working
+    directory (and a download hint pointing into it)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    toy_weights(tmp_path / "home" / "w")
+    train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--weights=~/w", "--out=~/runs/r"])
+    assert (tmp_path / "home" / "runs" / "r" / "metrics.json").is_file() and not (tmp_path / "~").exists()
+    config = json.loads((tmp_path / "home" / "runs" / "r" / "config.json").read_text())
+    assert config["weights"] == str((tmp_path / "home" / "w").resolve())
+    args, given = train.parse_args(["--data", "food101", "--data-root=~/food", "--eval-only=~/runs/r"])
+    assert str(args.data_root) == str((tmp_path / "home" / "food").resolve())
+    assert given["eval_only"] == tmp_path / "home" / "runs" / "r"
+
+
 def test_relative_data_root_is_stored_absolute_and_a_moved_copy_is_taken(food_run, tmp_path, monkeypatch):
     config = json.loads((food_run / "run" / "config.json").read_text())
     assert config["data_root"] == str((food_run / "food").resolve())
