@@ -1345,7 +1345,7 @@ def prepare(name, source, root, workers=1):
     if name not in PREPARE_DATASETS:
         raise ValueError(f"prepare: {name!r} is not a video release; expected one of {', '.join(PREPARE_DATASETS)}")
     import_av()  # before any work: the install hint, not a traceback per clip
-    source, root = Path(source).resolve(), Path(root).resolve()
+    source, root = Path(source).expanduser().resolve(), Path(root).expanduser().resolve()  # bash leaves `--root=~/x`
     if not source.is_dir():
         raise FileNotFoundError(f"{name}: source {source} is not a directory (the release as downloaded)")
     splits = ("test", "val", "train") if dataset_info(name).has_val else ("test", "train")

@@ -182,6 +182,18 @@ def test_unreachable_endpoint_gives_offline_message(tmp_path, capsys):
     assert err.startswith("error: Could not download") and "Traceback" not in err
 
 
+def test_a_tilde_in_dest_is_the_home_folder(tmp_path, monkeypatch):
+    """`--dest=~/w` reaches the script unexpanded (bash expands `--dest ~/w` only): not a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(dl.DownloadError) as e:
+        dl.download(["bert"], "~/w", endpoint=f"http://127.0.0.1:{port}")
+    assert str(tmp_path / "home" / "w" / "bert-base-uncased") in str(e.value) and not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("how", ["--endpoint", "HF_ENDPOINT"])
 def test_cli_fetches_into_checkpoint_folders(hub, tmp_path, monkeypatch, how):
     config = b'{"hidden_size": 8}'

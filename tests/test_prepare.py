@@ -245,3 +245,15 @@ def test_a_release_without_its_split_lists_is_refused_and_leaves_no_root(tmp_pat
     with pytest.raises(FileNotFoundError, match="no split list test.csv under the source"):
         data.prepare("cremad", raw, tmp_path / "cremad", workers=1)
     assert not (tmp_path / "cremad").exists()  # a failed start writes nothing
+
+
+def test_a_tilde_in_source_and_root_is_the_home_folder(releases, tmp_path, monkeypatch):
+    """`--root=~/ave` reaches data.py unexpanded (bash expands `--root ~/ave` only): not a folder named "~"."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "AVE_Dataset").symlink_to(releases["ave"])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    summary = data.prepare("ave", "~/AVE_Dataset", "~/prepared-ave", workers=1)
+    assert summary["done"] == 4 and (home / "prepared-ave" / "trainSet.txt").is_file()
+    assert not (tmp_path / "~").exists()

@@ -237,6 +237,7 @@ def offline_message(reason, endpoint, weights_dir):
 def download(names=tuple(CHECKPOINTS), dest=Path(__file__).resolve().parent, endpoint=None,
              revision=DEFAULT_REVISION):
     """Fetch every file of the named checkpoints into dest/<folder>/; returns {name: folder}."""
+    dest = Path(dest).expanduser()  # `--dest=~/w`: bash expands `~` in `--dest ~/w` only
     unknown = [n for n in names if n not in CHECKPOINTS]
     if unknown:
         raise ValueError(f"unknown checkpoint(s) {unknown}; known: {', '.join(CHECKPOINTS)}")
@@ -244,7 +245,7 @@ def download(names=tuple(CHECKPOINTS), dest=Path(__file__).resolve().parent, end
     folders = {}
     for name in names:
         ck = CHECKPOINTS[name]
-        folder = Path(dest) / ck.folder
+        folder = dest / ck.folder
         use_pins = revision in (DEFAULT_REVISION, ck.pinned_at)  # pins describe the files at that commit
         for filename in ck.files:
             size, sha256 = ck.pins.get(filename, (None, None)) if use_pins else (None, None)
