@@ -563,6 +563,13 @@ def check_args(p, given):
         p.error("--resume and --eval-only exclude each other")
     if eval_only is not None and not eval_only.exists():
         p.error(f"--eval-only {eval_only}: no such checkpoint or run folder")
+    evaluated = eval_only if eval_only is None or eval_only.is_dir() else eval_only.parent
+    trained = [f for f in u2a.RUN_FILES if f != "metrics.json"]  # what an evaluation's own output lacks
+    if evaluated is not None and out is not None and out.resolve() != evaluated.resolve() and \
+            u2a.run_files(out, trained):
+        p.error(f"--out {out} holds another run ({u2a.run_files(out, trained)[0]}): --eval-only would write its "
+                f"results beside that run's checkpoints; choose another --out, or leave it out (each checkpoint's "
+                f"folder)")
     if gpu is not None and "RANK" in os.environ:
         p.error("--gpu is for one process: under torchrun each process uses cuda:LOCAL_RANK (choose the "
                 "GPUs with CUDA_VISIBLE_DEVICES)")

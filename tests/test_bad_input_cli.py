@@ -109,6 +109,22 @@ def test_out_holding_a_run_is_refused_without_resume(tmp_path, capsys):
     assert "choose another --out" in capsys.readouterr().err
 
 
+def test_eval_only_into_another_runs_folder_is_refused(tmp_path, capsys):
+    """--eval-only A --out B, B a trained run: A's metrics.json and summary would land beside B's checkpoint
+    and config (and make an unfinished B look finished to --resume)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(a)])
+    train.main(SMALL + ["--epochs", "1", "--method", "naive", "--out", str(b)])
+    metrics = (b / "metrics.json").read_text()
+    with pytest.raises(SystemExit) as err:
+        train.main(["--eval-only", str(a), "--out", str(b)])
+    assert err.value.code == 2 and f"--out {b} holds another run" in capsys.readouterr().err
+    assert (b / "metrics.json").read_text() == metrics
+    train.main(["--eval-only", str(a / "best.safetensors"), "--out", str(a)])  # its own folder: as by default
+    for _ in range(2):  # a folder of evaluations only is written again
+        train.main(["--eval-only", str(a), "--out", str(tmp_path / "eval")])
+
+
 # -----------------------------------------------------------------------------
 # 11, 12, 13. Every numeric flag is range-checked, and the missing-modality flags checked together, before
 # anything is read or written
