@@ -556,20 +556,19 @@ def check_args(p, given):
         p.error("--resume needs --out: the run folder to continue")
     if out is not None and out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file: give a folder for the run")
-    if out is not None and not given.get("resume") and eval_only is None and u2a.run_files(out):
-        p.error(f"--out {out} holds a run ({u2a.run_files(out)[0]}): `--resume --out {out}` continues it; "
+    held = u2a.run_files(out) if out is not None else []  # the run files already in --out
+    if held and not given.get("resume") and eval_only is None:
+        p.error(f"--out {out} holds a run ({held[0]}): `--resume --out {out}` continues it; "
                 f"to start a new run, choose another --out")
     if given.get("resume") and eval_only:
         p.error("--resume and --eval-only exclude each other")
     if eval_only is not None and not eval_only.exists():
         p.error(f"--eval-only {eval_only}: no such checkpoint or run folder")
+    trained = [f for f in held if f.name != "metrics.json"]  # an evaluation writes metrics.json alone of these
     evaluated = eval_only if eval_only is None or eval_only.is_dir() else eval_only.parent
-    trained = [f for f in u2a.RUN_FILES if f != "metrics.json"]  # what an evaluation's own output lacks
-    if evaluated is not None and out is not None and out.resolve() != evaluated.resolve() and \
-            u2a.run_files(out, trained):
-        p.error(f"--out {out} holds another run ({u2a.run_files(out, trained)[0]}): --eval-only would write its "
-                f"results beside that run's checkpoints; choose another --out, or leave it out (each checkpoint's "
-                f"folder)")
+    if trained and evaluated is not None and out.resolve() != evaluated.resolve():
+        p.error(f"--out {out} holds another run ({trained[0]}): --eval-only would write its results beside that "
+                f"run's checkpoints; choose another --out, or leave it out (each checkpoint's folder)")
     if gpu is not None and "RANK" in os.environ:
         p.error("--gpu is for one process: under torchrun each process uses cuda:LOCAL_RANK (choose the "
                 "GPUs with CUDA_VISIBLE_DEVICES)")

@@ -113,8 +113,8 @@ def test_eval_only_into_another_runs_folder_is_refused(tmp_path, capsys):
     """--eval-only A --out B, B a trained run: A's metrics.json and summary would land beside B's checkpoint
     and config (and make an unfinished B look finished to --resume)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(a)])
-    train.main(SMALL + ["--epochs", "1", "--method", "naive", "--out", str(b)])
+    train.main(SMALL + ["--out", str(a)])  # u2a
+    train.main(SMALL + ["--method", "naive", "--out", str(b)])
     metrics = (b / "metrics.json").read_text()
     with pytest.raises(SystemExit) as err:
         train.main(["--eval-only", str(a), "--out", str(b)])
@@ -221,7 +221,7 @@ def test_a_tilde_the_shell_left_unexpanded_is_the_home_folder(tmp_path, monkeypa
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     toy_weights(tmp_path / "home" / "w")
-    train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--weights=~/w", "--out=~/runs/r"])
+    train.main(SMALL + ["--weights=~/w", "--out=~/runs/r"])
     assert (tmp_path / "home" / "runs" / "r" / "metrics.json").is_file() and not (tmp_path / "~").exists()
     config = json.loads((tmp_path / "home" / "runs" / "r" / "config.json").read_text())
     assert config["weights"] == str((tmp_path / "home" / "w").resolve())
