@@ -74,12 +74,21 @@ class NonFiniteLoss(UserError, FloatingPointError):
     """The loss became NaN or infinite: bad inputs or too high a learning rate, the user's to fix."""
 
 
+def native_bf16(gpu):
+    """Whether the GPU this process will use (--gpu, or LOCAL_RANK under torchrun) computes bf16 natively:
+    compute capability 8 (Ampere) or later. Older ones (T4, V100) have no bf16 tensor cores: PyTorch emulates
+    bf16 there (torch.cuda.is_bf16_supported() says yes), so their default stays fp32."""
+    if not torch.cuda.is_available() or (gpu is None and "RANK" not in os.environ):
+        return False
+    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", 0)) if gpu is None else gpu)[0] >= 8
+
+
 def defaults(name, gpu=None):
     """Every option left out, in three parts: the run's settings (a resumed run keeps them, refuses others),
     its places and extra test setting (kept unless given again: data and encoders may move), this call's own."""
     run = {**PAPER, "data": name, "limit": None, "seeds": [0], "train_missing_rate": 0.0, "train_missing_type": None,
            "modality_dropout": "auto", "on_error": "raise", "threads": None,
-           "precision": "bf16" if gpu is not None and torch.cuda.is_bf16_supported() else "fp32"}
+           "precision": "bf16" if native_bf16(gpu) else "fp32"}
     places = {"data_root": f"data/{name}", "weights": WEIGHTS_DIR, "test_missing_rate": None,
               "test_missing_type": None}  # None: the training setting
     invocation = {"out": None, "eval_only": None, "resume": False, "gpu": gpu, "compile": False, "save_every": 0,
@@ -575,6 +584,10 @@ def check_args(p, given):
     if gpu is not None and not torch.cuda.is_available():
         p.error(f"--gpu {gpu}: CUDA is not available on this machine (torch {torch.__version__}); "
                 f"drop --gpu to run on the CPU")
+    if gpu is not None and gpu >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        p.error(f"--gpu {gpu}: this machine has {n} CUDA device{'s' if n > 1 else ''} (index "
+                f"{'0' if n == 1 else f'0 to {n - 1}'})")
 
 
 def check_method_flags(p, args, given):

@@ -207,6 +207,28 @@ def test_precision_default_and_choice():
         assert torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((7, 5), "fp32")])
+def test_the_default_precision_is_bf16_on_every_gpu_that_computes_it_natively(capability, expected, monkeypatch):
+    # Seen: under torchrun the default was fp32 on any GPU (only --gpu asked for bf16), and a T4 or V100
+    # (compute capability 7, bf16 emulated) got bf16. The GPU asked about is the one the process will use.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert train.parse_args(["--gpu", "2"])[0].precision == expected
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train.parse_args([])[0].precision == expected
+    assert asked == [2, 3]
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--gpu", "1"])
+    assert "--gpu 1: this machine has 1 CUDA device (index 0)" in capsys.readouterr().err
+
+
 def test_threads_are_decided_after_parsing_either_form_of_data(monkeypatch):
     assert train.parse_args(["--data=synthetic"])[0].threads == 1
     assert train.parse_args(["--data=food101"])[0].threads is None
