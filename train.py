@@ -405,10 +405,10 @@ def train(args, method, out, sets, ctx):
     optimizer = model.configure_optimizer(args.lr, args.weight_decay, args.token_lr_scale, ADAMW_EPS)
     if ctx.rank == 0:
         print(f"{method}: {model.parameter_table()}")
-    step, best, best_step = 0, -math.inf, -1
+    step, best, best_step, spent = 0, -math.inf, -1, 0.0  # spent: seconds of training before this process
     if args.resume and last.is_file():
         meta = u2a.load_trained(model, last, optimizer)
-        step, best, best_step = meta["step"], meta["best"], meta["best_step"]
+        step, best, best_step, spent = meta["step"], meta["best"], meta["best_step"], meta.get("train_seconds", 0)
         if ctx.rank == 0:
             print(f"resumed {last} at step {step}")
     wrapped = torch.compile(model) if args.compile else model
@@ -417,7 +417,8 @@ def train(args, method, out, sets, ctx):
             wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True)  # a dropped or absent modality leaves its branch without gradients
     learner = Learner(model, wrapped, optimizer, torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16"))
-    meta = lambda: {"step": step, "best": best, "best_step": best_step, "data": args.data, "config": vars_json(args)}
+    meta = lambda: {"step": step, "best": best, "best_step": best_step, "train_seconds": spent + time.time() - t0,
+                    "data": args.data, "config": vars_json(args)}
     complete = bool(sets["train"].present.all())  # section 3: dropout on a complete training set only
     use_dropout = model.method.dropout and (args.modality_dropout == "on" or complete)
     steps_per_epoch = len(sets["train"]) // args.batch_size
@@ -475,7 +476,7 @@ def train(args, method, out, sets, ctx):
             dist.barrier()  # best.safetensors is written before any process reads it
     # the validation-selected model, with the encoders where they are now (a resumed run may have moved them)
     model = u2a.from_checkpoint(out / "best.safetensors", encoder_paths(args, info.modalities)).to(ctx.device)
-    return evaluate_test(model, sets["test"], args, ctx, out, out / "best.safetensors", time.time() - t0)
+    return evaluate_test(model, sets["test"], args, ctx, out, out / "best.safetensors", spent + time.time() - t0)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,17 +156,19 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     run = SMALL + ["--epochs", "2", "--method", "u2a", "--save-every", "1"]
     train.main(run + ["--out", str(tmp_path / "whole")])
 
-    real_loss, calls = train.u2a_loss, {"n": 0}
+    real_loss, calls, hour = train.u2a_loss, {"n": 0}, {"offset": 0}
 
     def crash_at_step_6(*a, **k):
         calls["n"] += 1
+        hour["offset"] = 3600 if calls["n"] >= 3 else 0  # the crashed run's clock: an hour passes at step 3
         if calls["n"] == 6:  # mid-way through epoch 2 (4 steps per epoch)
             raise KeyboardInterrupt
         return real_loss(*a, **k)
     monkeypatch.setattr(train, "u2a_loss", crash_at_step_6)
+    monkeypatch.setattr(train.time, "time", lambda real=time.time: real() + hour["offset"])
     with pytest.raises(KeyboardInterrupt):
         train.main(run + ["--out", str(tmp_path / "crashed")])
-    monkeypatch.setattr(train, "u2a_loss", real_loss)
+    monkeypatch.undo()
     assert json.loads(_meta(tmp_path / "crashed" / "last.safetensors"))["step"] == 5
     # No RNG state is saved: every draw is keyed by (seed, stream, step), so the global RNGs' state at resume
     # does not matter. Set them to something else than the crashed process left to show it.
@@ -178,6 +181,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     assert whole.keys() == resumed.keys()
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
+    # the run's training time counts the crashed part too (seen: metrics.json said the resumed part alone)
+    assert json.loads((tmp_path / "crashed" / "metrics.json").read_text())["train_seconds"] >= 3600
 
 
 def _meta(path):
