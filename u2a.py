@@ -614,11 +614,16 @@ def check_trained_on(path, class_names, encoders=None):
     label order) and, given `encoders` ({modality: folder} where they are now), with encoders of the same
     config. A ValueError says which differ: found now, before anything is written."""
     trained = open_checkpoint(path)[1]["model"]
-    if list(class_names) != list(trained["class_names"]):
-        differ = [(i, a, b) for i, (a, b) in enumerate(zip(trained["class_names"], class_names)) if a != b]
-        raise ValueError(f"{path} was trained on {len(trained['class_names'])} classes "
-                         f"({', '.join(trained['class_names'][:5])}, ...) of its dataset; the data given has "
-                         f"{len(class_names)} classes (first differences: {differ[:3]})")
+    there, here = list(trained["class_names"]), list(class_names)
+    if here != there:
+        lost, added = [c for c in there if c not in here], [c for c in here if c not in there]
+        differ = ([f"not in the data given: {', '.join(lost[:5])}"] if lost else []) + \
+                 ([f"in the data given, not in the checkpoint: {', '.join(added[:5])}"] if added else [])
+        if not differ:  # the same names in another order: each label would mean another class
+            i = next(i for i, (a, b) in enumerate(zip(there, here)) if a != b)
+            differ = [f"the same classes in another label order (first: label {i} is {there[i]} there, {here[i]} here)"]
+        raise ValueError(f"{path} was trained on {len(there)} classes ({', '.join(there[:5])}, ...) of its dataset; "
+                         f"the data given has {len(here)}: {'; '.join(differ)}")
     differ = [m for m, expected in trained.get("encoder_configs", {}).items()
               if encoders and asdict(encoder_config(m, encoders[m])) != expected]
     if differ:

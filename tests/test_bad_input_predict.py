@@ -4,6 +4,7 @@ text, inputs of undocumented types or with NaN/Inf are refused by name, a checkp
 from another version of u2a is refused naming the tensor or field, a run folder is accepted where it holds one
 checkpoint, and a photo is preprocessed at the size of the model's own image encoder."""
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -231,3 +232,18 @@ def test_a_checkpoint_from_another_version_names_the_fields_that_do_not_fit(tmp_
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"), metadata={"u2a": json.dumps({})})
     with pytest.raises(ValueError, match="no model config"):
         u2a.from_checkpoint(tmp_path / "foreign.safetensors")
+
+
+def test_a_checkpoint_on_other_classes_says_which_differ(tmp_path):
+    # seen: data with the checkpoint's classes but the last (a Food-101 download without its last class folder)
+    # was refused with "first differences: []"
+    model, path = toy_model(), tmp_path / "best.safetensors"
+    u2a.save_checkpoint(path, model)
+    names = model.config.class_names
+    with pytest.raises(ValueError, match=f"not in the data given: {re.escape(names[-1])}$"):
+        u2a.check_trained_on(path, names[:-1])
+    with pytest.raises(ValueError, match="in the data given, not in the checkpoint: extra$"):
+        u2a.check_trained_on(path, names + ["extra"])
+    with pytest.raises(ValueError, match=re.escape(f"the same classes in another label order (first: label 0 is "
+                                                   f"{names[0]} there, {names[-1]} here)")):
+        u2a.check_trained_on(path, names[::-1])
