@@ -198,7 +198,10 @@ def check_inputs(args):
     """The data root and the pretrained weights, together: one start reports every fix. A resumed or evaluated
     run looks where its config says they were: if they moved, the fix is to say where they are now."""
     saved, problems = args.resume or args.eval_only is not None, []
-    if args.data_root is not None and not Path(args.data_root).is_dir():
+    if args.data_root is not None and args.data not in data.EXPECTED_LAYOUT:  # no layout: the synthetic data
+        problems.append(f"--data-root {args.data_root}: the {args.data} data is generated in memory and reads no "
+                        f"files; leave --data-root out")
+    elif args.data_root is not None and not Path(args.data_root).is_dir():
         problems.append(f"no dataset at --data-root {args.data_root}: " + (
             "the run's data was there; if it moved, pass --data-root NEWDIR" if saved else
             f"expected {data.EXPECTED_LAYOUT[args.data]} (README.md, 'Data', says where to get it)"))

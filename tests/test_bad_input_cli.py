@@ -230,6 +230,17 @@ def test_a_tilde_the_shell_left_unexpanded_is_the_home_folder(tmp_path, monkeypa
     assert given["eval_only"] == tmp_path / "home" / "runs" / "r"
 
 
+@pytest.mark.parametrize("where", ["a folder", "nowhere"])
+def test_a_data_root_for_the_synthetic_data_is_refused(where, tmp_path):
+    """Seen: the synthetic data (generated in memory) took --data-root of a folder without a word, and of a missing
+    path crashed with KeyError: 'synthetic'."""
+    root = tmp_path if where == "a folder" else tmp_path / "nowhere"
+    with pytest.raises(train.UserError, match=f"--data-root {re.escape(str(root))}: the synthetic data is generated "
+                                              f"in memory"):
+        train.main(SMALL + ["--data-root", str(root), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_relative_data_root_is_stored_absolute_and_a_moved_copy_is_taken(food_run, tmp_path, monkeypatch):
     config = json.loads((food_run / "run" / "config.json").read_text())
     assert config["data_root"] == str((food_run / "food").resolve())
