@@ -1440,13 +1440,14 @@ def print_tables(results, info, train_setting, title):
     label = "F1-macro / F1-micro" if info.multilabel else "accuracy (%)"
     fmt = lambda r: f"{r['f1_macro']:6.2f} / {r['f1_micro']:6.2f}" if info.multilabel else f"{r['accuracy']:6.2f}"
     group = lambda g: [(name, r) for name, r in results.items() if g in r["groups"]]
-    print(f"\n== {title}: {info.name}, {label} ==\nTable 4 (trained on complete data, one modality missing at test)")
+    rate, kind = train_setting
+    training = f"{kind} missing {100 * rate:g}%" if rate else "complete"
+    print(f"\n== {title}: {info.name}, {label} ==\nTable 4 (training: {training}; one modality missing at test)")
     print(f"  {'available':<16}{'missing':<12}{label}")
     for _, r in group("complete") + group("table4"):
         avail = [m for m in (m1, m2) if r["shares"][m] > 0]
         print(f"  {' + '.join(avail):<16}{', '.join(m for m in (m1, m2) if m not in avail) or '-':<12}{fmt(r)}")
-    rate, kind = train_setting
-    print(f"Tables 3 and 6 (training: {f'{kind} missing {100 * rate:g}%' if rate else 'complete'}; test:)")
+    print(f"Tables 3 and 6 (training: {training}; test:)")
     for name, r in group("table3") + [x for x in group("table6") if "table3" not in x[1]["groups"]]:
         print(f"  {name:<28}{fmt(r)}")
     sweep = sorted((r for _, r in group("figure2")), key=lambda r: r["shares"][m2])

@@ -177,6 +177,18 @@ def test_tables_3_and_6_follow_the_training_setting():
     assert data.paper_result("mmimdb", trained(0.5, "both"), {"image": 75.0, "text": 75.0}) is None  # not the paper's eta
 
 
+@pytest.mark.parametrize("rate, kind, training", [(0.0, None, "complete"), (0.7, "both", "both missing 70%")])
+def test_a_runs_printed_tables_say_how_it_was_trained(rate, kind, training, capsys):
+    """Seen: a run trained with both modalities 70% missing printed "Table 4 (trained on complete data, ...)"."""
+    info = data.dataset_info("synthetic")
+    results = {sc.name: {"groups": list(sc.groups), "shares": sc.shares, "accuracy": 50.0}
+               for sc in data.eval_scenarios(info, rate, kind)}
+    data.print_tables(results, info, (rate, kind), "u2a, seed 0")
+    printed = capsys.readouterr().out
+    assert f"Table 4 (training: {training}; one modality missing at test)" in printed
+    assert f"Tables 3 and 6 (training: {training}; test:)" in printed and "complete data" not in printed
+
+
 def test_the_library_finds_the_runs_of_a_multi_seed_folder(grid):
     """u2a.run_folders is the one description of the layout: train.py writes by it, u2a.checkpoint_file and
     the notebooks' helpers read by it."""
