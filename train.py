@@ -424,6 +424,9 @@ def train(args, method, out, sets, ctx):
                     "data": args.data, "config": vars_json(args)}
     complete = bool(sets["train"].present.all())  # section 3: dropout on a complete training set only
     use_dropout = model.method.dropout and (args.modality_dropout == "on" or complete)
+    if model.method.dropout and not use_dropout and ctx.rank == 0:  # else it would train as naive does, unsaid
+        print(f"{method}: no modality dropout: the training set already misses modalities (section 3); "
+              f"--modality-dropout on drops anyway")
     steps_per_epoch = len(sets["train"]) // args.batch_size
     total, warmup = steps_per_epoch * args.epochs, steps_per_epoch * args.warmup_epochs
     nonfinite = torch.zeros((), device=ctx.device)  # non-finite losses since the last check, counted on the device

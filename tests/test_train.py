@@ -290,3 +290,16 @@ def test_each_method_trains_as_its_table_row_says(tmp_path):
         assert dropped_some == u2a.METHODS[method].dropout, method
         assert {w for _, w, _ in steps} == {args.lam if u2a.METHODS[method].align else 0.0}
         assert steps[0][2] == [1.0, 1.0, args.token_lr_scale]  # matrices, biases, CLS/MT tokens
+
+
+def test_a_dropout_method_on_an_incomplete_training_set_says_it_does_not_drop(tmp_path, capsys):
+    """Section 3: no dropout when the training set already misses modalities. Seen: placeholder-dropout then
+    printed naive's numbers to the digit without a word on why."""
+    missing = ["--train-missing-rate", "0.5", "--train-missing-type", "both"]
+    train.main(SMALL + missing + ["--method", "placeholder-dropout", "naive", "--out", str(tmp_path / "auto")])
+    said = [line for line in capsys.readouterr().out.splitlines() if "no modality dropout" in line]
+    assert said == ["placeholder-dropout: no modality dropout: the training set already misses modalities "
+                    "(section 3); --modality-dropout on drops anyway"]
+    train.main(SMALL + missing + ["--method", "placeholder-dropout", "--modality-dropout", "on",
+                                  "--out", str(tmp_path / "on")])
+    assert "no modality dropout" not in capsys.readouterr().out
