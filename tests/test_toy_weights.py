@@ -109,6 +109,14 @@ def test_make_toy_writes_loadable_folders_deterministically(tmp_path):
     BERT.from_pretrained(str(tmp_path / "a" / "bert"))
 
 
+def test_a_tilde_in_dest_is_the_home_folder(tmp_path, monkeypatch):
+    """`--dest=~/toy` reaches the script unexpanded (bash expands `--dest ~/toy` only): not a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    build("~/toy", TINY)
+    assert (tmp_path / "home" / "toy" / "vit" / "model.safetensors").is_file() and not (tmp_path / "~").exists()
+
+
 def test_make_toy_writes_the_shipped_key_names(toy):
     """make_toy's renames (encoders.LAYOUTS run backwards) give exactly the keys of the shipped files."""
     for model, folder, prefix in ((toy["image"], VIT_DIR, "vision_model."), (toy["text"], BERT_DIR, "")):

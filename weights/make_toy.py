@@ -188,8 +188,9 @@ They are NOT CLIP ViT-B/16 and BERT-base: the paper's results need those (`pytho
 
 
 def make_toy(dest=TOY_DIR, cfg=None):
-    """Pre-train both toy encoders and write them under `dest`; returns {"vit": acc, "bert": acc}."""
-    cfg = cfg or PretrainConfig()
+    """Pre-train both toy encoders and write them under `dest` (`~`: the home folder, as the shell would have
+    read it); returns {"vit": acc, "bert": acc}."""
+    dest, cfg = os.path.expanduser(dest), cfg or PretrainConfig()
     was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)  # cheap on CPU: same files every run
     # One thread: these matrices are tiny, so more threads only add synchronisation (2 threads took 2-10x
