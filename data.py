@@ -1277,6 +1277,8 @@ def write_frames(video, folder, start=0.0, end=math.inf):
     folder.mkdir(parents=True)
     count, next_second = 0, start
     with av.open(str(video)) as container:
+        if not container.streams.video:  # an audio-only file: this clip fails, not the whole run (IndexError)
+            raise ValueError(f"{video} has no video track")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         first = stream.start_time or 0

@@ -224,6 +224,33 @@ def test_preparation_resumes_and_counts_what_failed(releases, tmp_path, capsys):
     assert len(data.list_frames(frames)) == CREMAD_SECONDS and not list(out.rglob("*.part"))
 
 
+def write_audio_only(path, seconds):
+    """A file with a sound track and no picture (an audio-only download, a damaged release file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        audio = out.add_stream("aac", rate=SOURCE_RATE)
+        audio.layout = "mono"
+        t = np.arange(seconds * SOURCE_RATE) / SOURCE_RATE
+        pcm = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        for start in range(0, len(pcm), 1024):
+            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = SOURCE_RATE, start
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode())
+
+
+def test_a_file_with_no_video_track_fails_its_clip_not_the_run(tmp_path):
+    """Seen: an audio-only .mp4 stopped the whole run with IndexError (streams.video[0]) from inside write_frames."""
+    raw = make_ks_release(tmp_path / "raw")
+    silent_film = next(raw.rglob("--4-0ihtnBU_000058_000068.mp4"))
+    write_audio_only(silent_film, 2)
+    summary = data.prepare("ks", raw, tmp_path / "ks", workers=1)
+    assert summary["done"] == 6
+    assert summary["failed"] == [f"--4-0ihtnBU_000058_000068: ValueError: {silent_film} has no video track"]
+    assert not list((tmp_path / "ks").rglob("*.part"))  # its audio, written first, is not left behind
+    assert not (tmp_path / "ks" / "audio" / "--4-0ihtnBU_000058_000068.wav").exists()
+
+
 def test_the_command_line_and_a_missing_pyav(releases, tmp_path, monkeypatch, capsys):
     run = subprocess.run([sys.executable, "data.py", "prepare", "ave", "--source", str(releases["ave"]),
                           "--root", str(tmp_path / "ave"), "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
