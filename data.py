@@ -1224,12 +1224,14 @@ class Clip:
 
 
 def index_release(source, skip):
-    """{file name: [paths]} of every file under `source`, recursively, sorted; `skip` (OUT) is not entered."""
+    """{file name: [paths]} of every file under `source`, recursively, sorted; `skip` (OUT) is not entered. The
+    name's suffix is lower-cased (X.MP4 is found as X.mp4), its stem not: YouTube ids differ by case alone."""
     found = {}
     for folder, dirs, files in os.walk(source):
         dirs[:] = sorted(d for d in dirs if Path(folder, d).resolve() != skip)
         for f in sorted(files):
-            found.setdefault(f, []).append(Path(folder, f))
+            stem, suffix = os.path.splitext(f)
+            found.setdefault(stem + suffix.lower(), []).append(Path(folder, f))
     return found
 
 

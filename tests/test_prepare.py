@@ -224,6 +224,21 @@ def test_preparation_resumes_and_counts_what_failed(releases, tmp_path, capsys):
     assert len(data.list_frames(frames)) == CREMAD_SECONDS and not list(out.rglob("*.part"))
 
 
+def test_upper_case_suffixes_are_found(tmp_path):
+    """Seen: X.FLV was reported as "no video", and for X.WAV the sound was taken from the video's MP3 track instead
+    of the release's WAV, without a word (a copy made on a case-insensitive disk, a camera's .MP4)."""
+    raw = make_cremad_release(tmp_path / "raw")
+    flv = raw / "VideoFlash" / "1001_DFA_ANG_XX.flv"
+    flv.rename(flv.with_suffix(".FLV"))
+    (raw / "AudioWAV" / "1001_IEO_HAP_HI.wav").unlink()  # its WAV, as .WAV and with a tone of its own
+    t = np.arange(CREMAD_SECONDS * SOURCE_RATE) / SOURCE_RATE
+    sf.write(raw / "AudioWAV" / "1001_IEO_HAP_HI.WAV", 0.3 * np.sin(2 * np.pi * 880 * t), SOURCE_RATE, subtype="PCM_16")
+    out = tmp_path / "cremad"
+    assert data.prepare("cremad", raw, out, workers=1) == {"done": 8, "skipped": 0, "failed": [], "no_video": []}
+    wave, rate = sf.read(out / "AudioWAV" / "1001_IEO_HAP_HI.wav")
+    assert abs(np.abs(np.fft.rfft(wave)).argmax() * rate / len(wave) - 880) < 1  # the release's WAV, not the FLV's
+
+
 def write_audio_only(path, seconds):
     """A file with a sound track and no picture (an audio-only download, a damaged release file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
