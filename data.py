@@ -800,11 +800,19 @@ def frame_indices(num_available, generator=None):
     return idx.clamp(max=num_available - 1).tolist()  # short clips repeat frames
 
 
+def frame_order(name):
+    """Sort key of a frame file: its numbers compared as numbers, so 2.jpg comes before 10.jpg (text order would
+    put frame_10 between frame_1 and frame_2 wherever the names are not zero-padded, as ffmpeg's %d writes them)."""
+    parts = re.split(r"(\d+)", name)  # text, number, text, ...: the odd places hold the numbers
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], name  # name: 01.jpg and 1.jpg, one order
+
+
 def list_frames(folder):
-    """A clip's extracted frames in time order (00001.jpg, frame_00001.jpg, ...); [] if no folder."""
+    """A clip's extracted frames in time order (00001.jpg, frame_00001.jpg, 1.jpg, ...); [] if no folder."""
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES))
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES)), key=frame_order)
+    return [os.path.join(folder, f) for f in names]
 
 
 def read_frames(folder, generator=None):

