@@ -956,7 +956,7 @@ def _read_mmimdb(root, split, info, on_error):
         _plain_name(movie, f'{split_path}: "{key}" entry {position}')
         meta_path = root / "dataset" / f"{movie}.json"
         try:
-            with open(meta_path) as f:
+            with open(meta_path, encoding=LIST_ENCODING) as f:  # JSON is UTF-8, whatever the locale's encoding
                 meta = json.load(f)
         except (OSError, ValueError) as err:  # the labels live in this file: no file, no sample
             if on_error == "raise":

@@ -2,8 +2,12 @@
 the data root, stray Food-101 folders, MM-IMDb movies without a genre list, WAVs too short to analyse and files
 that are not images. Each is found when the dataset is built, or refused where it is read, by name."""
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,8 @@ import data
 import encoders
 from test_data import (SR, assert_broken_first_wav_found_at_build, make_ave, make_cremad, make_food101, make_ks,
                        make_mmimdb, write_clip, write_wav)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- images (items 1, 15, 16)
@@ -160,6 +166,20 @@ def test_mmimdb_movie_without_a_plot_names_its_file(tmp_path):
     assert re.search(r"1 of 3 movies have no plot \(e.g. .*0001.json\)", messages)
     assert re.search(r"1 of 3 samples lack their text \(e.g. sample 0, with image .*0001.jpeg\)", messages)
     assert ds.present[0].tolist() == [True, False] and ds[0]["image"] is not None  # the image is still usable
+
+
+def test_mmimdb_movie_json_is_read_as_utf_8_whatever_the_locale(tmp_path):
+    """JSON is UTF-8 (RFC 8259), but the movie files were opened in the locale's encoding. Seen under an ASCII
+    locale (LC_ALL=C without UTF-8 coercion, as on some clusters): a plot with an accent refused the movie (skip mode
+    dropped it); under Windows' cp1252 the plot would have been read as mojibake, without a word."""
+    root = make_mmimdb(tmp_path / "mmimdb")
+    (root / "dataset" / "0001.json").write_text(json.dumps({"genres": ["Drama"], "plot": ["Amélie à Montmartre."]},
+                                                           ensure_ascii=False), encoding="utf-8")
+    script = (f"import data; print(ascii(data.make_dataset('mmimdb', {str(root)!r}, 'train').sources['text'][0]))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert run.stdout.strip() == ascii("Amélie à Montmartre.")
 
 
 # ----------------------------------------------------------------------------- short WAVs (item 14)
