@@ -59,7 +59,8 @@ Design choices (the paper leaves them open):
   - Food-101's hidden folders (.ipynb_checkpoints) are not classes; an empty class folder is an error.
   - an MM-IMDb movie JSON without a genre list is refused (skip mode: the movie is dropped); one without a plot,
     too (skip mode: its text is marked absent, its image kept).
-  - AVE's audio is cut to the event window of the split file, the window its frames come from.
+  - AVE's audio is cut to the event window of the split file, the window its frames come from; a WAV that ends
+    before its event does (truncated, or already cut to the event as PMR's extractWav_SE does) is named at build.
   - Food-101's titles CSV is read one record per line, so its one unclosed quote damages only its own title.
   - text is padded to the longest sequence in the batch (not to max_len): same outputs, less work.
 """
@@ -1111,6 +1112,9 @@ def is_lfs_pointer(path):
         return f.read(len(LFS_POINTER)) == LFS_POINTER
 
 
+EVENT_END_SLACK = 1.0  # seconds a whole-video WAV may end before its event does (a 10 s video's audio: 9.98 s)
+
+
 def samples_at_16k(frames, rate, source):
     """How many samples fbank gets from a WAV of `frames` samples at `rate`: after an AudioWindow's cut (as
     read_audio) and resampling to 16 kHz (as resample)."""
@@ -1146,7 +1150,14 @@ def _problem(modality, source):
     # padded: a few ms of sound is a failed extraction far more often than a sample, and padded with silence
     # it would pass for a present audio that holds nothing.
     n = samples_at_16k(header.frames, header.samplerate, source)
-    return f"too short: {n} samples at 16 kHz" if n < FRAME_LENGTH else None
+    if n < FRAME_LENGTH:
+        return f"too short: {n} samples at 16 kHz"
+    # AVE's window is cut from the whole video's audio. A WAV that ends well before its event does is a truncated
+    # extraction, or one already cut to the event (PMR's extractWav_SE): cut again, it would give the wrong seconds.
+    if isinstance(source, AudioWindow) and header.frames < (source.end - EVENT_END_SLACK) * header.samplerate:
+        seconds = header.frames / header.samplerate
+        return f"ends early: {seconds:.2f} s, the event is seconds {source.start}-{source.end}"
+    return None
 
 
 def _check_files(info, split, sources, labels, on_error):
@@ -1173,6 +1184,11 @@ def _check_files(info, split, sources, labels, on_error):
             elif kind == "too short":
                 message += (f"{m} files are shorter than one {FRAME_LENGTH}-sample window (25 ms at 16 kHz), "
                             f"the least a feature frame needs (e.g. {example}: {detail})")
+            elif kind == "ends early":
+                message += (f"{m} files end before their event does (e.g. {example}: {detail}): audio/<id>.wav must "
+                            f"hold the whole video's audio, which the event window is cut from; a WAV already cut to "
+                            f"its event (PMR's extractWav_SE) would be cut twice. Extract each video's whole audio "
+                            f"track (`python data.py prepare ave` does)")
             elif kind == "bad header":
                 header = "WAV" if m == "audio" else "image"
                 message += f"{m} files have no readable {header} header (e.g. {example}: {detail})"

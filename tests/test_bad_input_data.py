@@ -194,6 +194,22 @@ def test_wavs_shorter_than_one_analysis_window_are_found_when_the_dataset_is_bui
     assert ds[0]["audio"] is None and ds[1]["audio"].shape == (1024, 128)
 
 
+def test_an_ave_wav_already_cut_to_its_event_is_found_when_the_dataset_is_built(tmp_path):
+    """audio/<id>.wav is the whole video's audio, the event window is cut from it. Seen: a WAV already cut to its
+    event (PMR's extractWav_SE writes those), Bark at 3-7 s as a 4 s file, was cut again to seconds 3-4 of the
+    event, 1 s of the wrong sound, without a word."""
+    root = make_ave(tmp_path / "ave")
+    write_wav(root / "audio" / "vid2.wav", seconds=4)  # train: Bark, vid2, seconds 3-7
+    with pytest.raises(ValueError, match=r"ave/train: 1 of 4 audio files end before their event does .*vid2.wav.*"
+                                         r"4.00 s, the event is seconds 3-7"):
+        data.make_dataset("ave", root, "train")
+    with pytest.warns(UserWarning, match="end before their event does"):
+        ds = data.make_dataset("ave", root, "train", on_error="skip")
+    assert ds.present[:, 0].tolist() == [True, False, True, True]
+    write_wav(root / "audio" / "vid2.wav", seconds=6.5)  # an extraction a little short of the event's end is fine
+    assert data.make_dataset("ave", root, "train").present.all()
+
+
 def test_an_ave_event_window_past_the_end_of_its_wav_is_found_when_the_dataset_is_built(tmp_path):
     root = make_ave(tmp_path / "ave")
     write_wav(root / "audio" / "vid5.wav", seconds=3)  # test: Horse, vid5, seconds 4-10
