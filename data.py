@@ -1343,7 +1343,7 @@ def write_audio(source, path):
 
 def prepare_clip(clip, name, root):
     """One clip -> <audio dir>/<name>.wav and <frame dir>/<name>/. Both are written under PART names and renamed
-    into place, the frames last: a clip whose frame folder exists is whole, and an interrupted one is redone.
+    into place, the frames last: a clip whose WAV and frame folder both exist is whole, any other is redone.
     Returns "done", "skipped" (already prepared) or the error that stopped it."""
     av = import_av()
     audio_dir, frame_dir = (root / d for d in AV_DIRS[name])
@@ -1360,6 +1360,9 @@ def prepare_clip(clip, name, root):
         write_audio(clip.audio, part_wav)
         write_frames(clip.video, part_frames, clip.start, clip.end)
         os.replace(part_wav, wav)
+        # frames left without their WAV (the audio folder removed, say) are no whole clip: replaced, as os.replace
+        # cannot put a folder over one that is not empty
+        shutil.rmtree(frames, ignore_errors=True)
         os.replace(part_frames, frames)
     except (av.FFmpegError, OSError, ValueError) as err:  # a corrupt or odd file fails this clip, not the run
         part_wav.unlink(missing_ok=True)

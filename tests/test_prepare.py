@@ -4,6 +4,7 @@ and a training run works on it. Also: 1 frame a second from the right seconds, 1
 corrupt videos, git-lfs pointers and clips with no video. Needs PyAV (requirements-dev.txt)."""
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,19 @@ def test_preparation_resumes_and_counts_what_failed(releases, tmp_path, capsys):
     again = data.prepare("cremad", raw, out, workers=1)
     assert (again["done"], again["skipped"], len(again["failed"])) == (1, 4, 2)
     assert len(data.list_frames(frames)) == CREMAD_SECONDS and not list(out.rglob("*.part"))
+
+
+def test_a_clip_with_frames_but_no_wav_is_redone(releases, tmp_path):
+    """Seen: a rerun after the audio folder was removed (to extract the sound again) wrote every WAV, then reported
+    every clip failed, "OSError: Directory not empty" (the .part frames could not replace the frames left there);
+    the run after that called them all already prepared."""
+    out = tmp_path / "cremad"
+    data.prepare("cremad", releases["cremad"], out, workers=1)
+    shutil.rmtree(out / "AudioWAV")
+    assert data.prepare("cremad", releases["cremad"], out, workers=1) == {"done": 8, "skipped": 0, "failed": [],
+                                                                         "no_video": []}
+    assert len(data.list_frames(out / "Image-01-FPS" / "1001_DFA_ANG_XX")) == CREMAD_SECONDS
+    assert (out / "AudioWAV" / "1001_DFA_ANG_XX.wav").is_file() and not list(out.rglob("*.part"))
 
 
 def test_upper_case_suffixes_are_found(tmp_path):
