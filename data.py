@@ -1359,10 +1359,11 @@ def prepare_clip(clip, name, root):
         audio_dir.mkdir(parents=True, exist_ok=True)
         write_audio(clip.audio, part_wav)
         write_frames(clip.video, part_frames, clip.start, clip.end)
-        os.replace(part_wav, wav)
-        # frames left without their WAV (the audio folder removed, say) are no whole clip: replaced, as os.replace
-        # cannot put a folder over one that is not empty
+        # frames left without their WAV (the audio folder removed, say) are no whole clip: removed first (os.replace
+        # cannot put a folder over one that is not empty), so that an interruption never leaves half of them
+        # beside a WAV, which a rerun would take for whole
         shutil.rmtree(frames, ignore_errors=True)
+        os.replace(part_wav, wav)
         os.replace(part_frames, frames)
     except (av.FFmpegError, OSError, ValueError) as err:  # a corrupt or odd file fails this clip, not the run
         part_wav.unlink(missing_ok=True)
