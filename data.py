@@ -51,9 +51,9 @@ Design choices (the paper leaves them open):
   - training's random frames and crops come from each sample's own seed (set_epoch), so a resume
     or another number of DataLoader workers gives the same inputs.
   - WAVs at another sample rate are resampled to 16 kHz (band-limited windowed sinc, `encoders.resample`).
-  - every WAV's and image's header is checked when the dataset is built (a git-lfs pointer file is named as
-    such): a file that is not an image, a WAV shorter than one 25 ms analysis window, an image of a mode we
-    do not read or of an aspect ratio above encoders.MAX_ASPECT_RATIO are named then, not after training.
+  - every WAV's, image's and video frame's header is checked when the dataset is built (a git-lfs pointer file is
+    named as such): a file that is not an image, a WAV shorter than one 25 ms analysis window, an image of a mode
+    we do not read or of an aspect ratio above encoders.MAX_ASPECT_RATIO are named then, not after training.
   - 16-bit and float grey images are read by their range (encoders.FULL_SCALE), not clipped at 255.
   - a split list's entries are plain names: one with a folder part ('../x', '/abs') is refused, naming the line.
   - Food-101's hidden folders (.ipynb_checkpoints) are not classes; an empty class folder is an error.
@@ -1123,25 +1123,34 @@ def samples_at_16k(frames, rate, source):
     return math.ceil(frames * SAMPLE_RATE / rate)
 
 
+def _image_file_problem(path):
+    """Why an image file (or a video frame) cannot be used ("git-lfs pointer", "bad header: ...", "unusable: ..."),
+    or None. Its header only: the pixels are decoded when the sample is read."""
+    if is_lfs_pointer(path):
+        return "git-lfs pointer"
+    try:
+        with Image.open(path) as pil:
+            unusable = image_problem(pil)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
+        return f"bad header: {err}"
+    return f"unusable: {unusable}" if unusable else None
+
+
 def _problem(modality, source):
     """Why a sample's `modality` cannot be used ("missing", "git-lfs pointer", "bad header: ...",
     "too short: ...", "unusable: ..."), or None. Headers only: nothing is decoded."""
     if modality == "text":
         return "missing" if is_missing_text(source) else None
-    if modality == "video":
-        return None if list_frames(source) else "missing"
+    if modality == "video":  # every frame is an image: one that is not would stop the run when its clip is read
+        frames = list_frames(source)
+        return next(filter(None, map(_image_file_problem, frames)), None) if frames else "missing"
     path = source.path if isinstance(source, AudioWindow) else source
     if not os.path.isfile(path):
         return "missing"
+    if modality == "image":
+        return _image_file_problem(path)
     if is_lfs_pointer(path):
         return "git-lfs pointer"
-    if modality == "image":
-        try:
-            with Image.open(path) as pil:  # reads the header; the pixels are decoded when the sample is read
-                unusable = image_problem(pil)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: an OSError
-            return f"bad header: {err}"
-        return f"unusable: {unusable}" if unusable else None
     try:
         header = sf.info(path)
     except RuntimeError as err:  # soundfile.LibsndfileError

@@ -89,6 +89,24 @@ def test_a_file_that_is_not_an_image_is_found_when_the_dataset_is_built(tmp_path
     assert ds.present.tolist() == [[True, True], [False, True], [True, True]]
 
 
+def test_a_frame_that_is_not_an_image_is_found_when_the_dataset_is_built(tmp_path):
+    """Seen: a zero-byte frame (an extraction stopped by a full disk) passed the build, which checked only that a
+    clip's folder held *.jpg files, and stopped the run with UnidentifiedImageError when its clip was first read:
+    mid-epoch, or in the test split after training. Frames are images: their headers are read at build too."""
+    root = make_cremad(tmp_path / "cremad")
+    (root / "Image-01-FPS" / "1088_IOM_NEU_XX" / "00003.jpg").write_bytes(b"")  # a frame the test read does not pick
+    with pytest.raises(ValueError, match=r"cremad/test: 1 of 2 video files have no readable image header "
+                                         r"\(e.g. .*1088_IOM_NEU_XX: .*00003.jpg"):
+        data.make_dataset("cremad", root, "test")
+    with pytest.warns(UserWarning, match="no readable image header"):
+        ds = data.make_dataset("cremad", root, "test", on_error="skip")
+    assert ds.present.tolist() == [[True, False], [True, True]]
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n"  # fetched without git-lfs
+    (root / "Image-01-FPS" / "1088_IOM_NEU_XX" / "00003.jpg").write_text(pointer)
+    with pytest.raises(ValueError, match=r"1 of 2 video files are git-lfs pointer files.*git lfs pull"):
+        data.make_dataset("cremad", root, "test")
+
+
 # ----------------------------------------------------------------------------- split files (item 6)
 
 def add_line(path, line):

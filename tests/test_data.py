@@ -625,7 +625,7 @@ def test_corrupt_files_raise_or_are_skipped(tmp_path):
 def test_skip_mode_drops_a_sample_with_nothing_readable_and_counts_it(tmp_path):
     root = make_cremad(tmp_path / "cremad")  # test: 1088_IOM_NEU_XX, 1089_DFA_ANG_XX
     write_float_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", np.nan)  # its only present modality: NaN
-    (root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg").write_bytes(b"\xff\xd8 truncated")  # a test frame
+    truncate(root / "Image-01-FPS" / "1089_DFA_ANG_XX" / "00001.jpg")  # a test frame: header whole, pixels cut
     present = torch.tensor([[True, False], [True, True]])
     with pytest.raises(RuntimeError, match="cannot read audio .*1088_IOM_NEU_XX.wav"):
         data.make_dataset("cremad", root, "test").set_present(present)[0]
