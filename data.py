@@ -950,8 +950,15 @@ def _read_mmimdb(root, split, info, on_error):
     keeps its image, its text marked absent. Raise mode names the file."""
     split_path = _need_file(root / "split.json", "mmimdb")
     key = {"train": "train", "val": "dev", "test": "test"}[split]
-    with open(split_path, encoding=LIST_ENCODING) as f:
-        ids = _not_empty(json.load(f)[key], split_path, "mmimdb")
+    expected = 'expected a JSON object whose "train", "dev" and "test" are lists of movie ids'
+    try:
+        with open(split_path, encoding=LIST_ENCODING) as f:
+            ids = json.load(f)[key]
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, no such key, not an object
+        raise ValueError(f"mmimdb: {split_path} has no {key!r} list ({type(err).__name__}: {err}); {expected}") from None
+    if not isinstance(ids, list):  # a string would be read one character per movie
+        raise ValueError(f"mmimdb: {split_path} holds {key!r} as a {type(ids).__name__}, not a list; {expected}")
+    ids = _not_empty(ids, split_path, "mmimdb")
     sources, labels, dropped, no_plot = {"image": [], "text": []}, [], [], []
     for position, movie in enumerate(map(str, ids), start=1):
         _plain_name(movie, f'{split_path}: "{key}" entry {position}')

@@ -173,6 +173,18 @@ def test_mmimdb_movie_without_a_genre_list_is_refused_or_skipped(meta, tmp_path)
     assert len(ds) == 2 and [s.rsplit("/", 1)[1] for s in ds.sources["image"]] == ["0001.jpeg", "0003.jpeg"]
 
 
+@pytest.mark.parametrize("content", ['{"train": ["0001"], "test": ["0005"]}', "not json", '["0001", "0002"]',
+                                     '{"train": ["0001"], "dev": "0004", "test": ["0005"]}'])
+def test_a_split_json_that_is_not_the_releases_names_its_file(content, tmp_path):
+    """Seen: a split.json without "dev" stopped the start with a bare KeyError: 'dev' (a traceback), one that is
+    not JSON with "Expecting value: line 1 column 1 (char 0)", naming no file."""
+    root = make_mmimdb(tmp_path / "mmimdb")
+    (root / "split.json").write_text(content)
+    with pytest.raises(ValueError, match=r'mmimdb: .*split.json .*expected a JSON object whose "train", "dev" and '
+                                         r'"test" are lists of movie ids'):
+        data.make_dataset("mmimdb", root, "val")
+
+
 def test_mmimdb_movie_without_a_plot_names_its_file(tmp_path):
     root = make_mmimdb(tmp_path / "mmimdb")
     (root / "dataset" / "0001.json").write_text(json.dumps({"genres": ["Drama"], "plot": []}))
