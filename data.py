@@ -955,7 +955,8 @@ def _read_mmimdb(root, split, info, on_error):
         with open(split_path, encoding=LIST_ENCODING) as f:
             ids = json.load(f)[key]
     except (ValueError, KeyError, TypeError) as err:  # not JSON, no such key, not an object
-        raise ValueError(f"mmimdb: {split_path} has no {key!r} list ({type(err).__name__}: {err}); {expected}") from None
+        raise ValueError(f"mmimdb: cannot read the {key!r} list of {split_path} ({type(err).__name__}: {err}); "
+                         f"{expected}") from None
     if not isinstance(ids, list):  # a string would be read one character per movie
         raise ValueError(f"mmimdb: {split_path} holds {key!r} as a {type(ids).__name__}, not a list; {expected}")
     ids = _not_empty(ids, split_path, "mmimdb")

@@ -180,7 +180,7 @@ def test_a_split_json_that_is_not_the_releases_names_its_file(content, tmp_path)
     not JSON with "Expecting value: line 1 column 1 (char 0)", naming no file."""
     root = make_mmimdb(tmp_path / "mmimdb")
     (root / "split.json").write_text(content)
-    with pytest.raises(ValueError, match=r'mmimdb: .*split.json .*expected a JSON object whose "train", "dev" and '
+    with pytest.raises(ValueError, match=r'mmimdb: .*split.json.*expected a JSON object whose "train", "dev" and '
                                          r'"test" are lists of movie ids'):
         data.make_dataset("mmimdb", root, "val")
 
