@@ -751,10 +751,13 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
         logits = scenario_logits(model, tokens, present, placeholders)
         results[sc.name] = {"groups": list(sc.groups), "shares": sc.shares,
                             **scores(logits[keep], labels[keep], multilabel)}
+    # Figure 4 compares each MT with the CLS it stands in for: only a sample with both files has that CLS
+    # (a missing one's is zeros for U2A, a placeholder's CLS for naive), as eq. 6 aligns only complete ones
+    both = tokens["present"].all(1)                                         # (n,)
     m1, m2 = model.modalities
-    mse = {f"{m1}->{m2}": ((tokens[f"mt.{m1}"] - tokens[f"cls.{m2}"]) ** 2).mean(1),  # MT_1 estimates CLS_2
-           f"{m2}->{m1}": ((tokens[f"mt.{m2}"] - tokens[f"cls.{m1}"]) ** 2).mean(1)}
-    per_class = {}
+    mse = {f"{m1}->{m2}": ((tokens[f"mt.{m1}"][both] - tokens[f"cls.{m2}"][both]) ** 2).mean(1),  # MT_1 ~ CLS_2
+           f"{m2}->{m1}": ((tokens[f"mt.{m2}"][both] - tokens[f"cls.{m1}"][both]) ** 2).mean(1)}
+    per_class, labels = {}, labels[both]
     for key, per_sample in mse.items():
         if multilabel:  # a film counts towards each of its genres
             weights = labels / labels.sum(0).clamp(min=1)

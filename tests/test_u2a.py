@@ -292,6 +292,27 @@ def test_trainable_parameters_of_the_paper_configuration(num_classes):
 
 
 # -----------------------------------------------------------------------------
+# Scoring the scenarios over stored tokens (section 4.4, Figure 4)
+
+def test_mask_token_mse_is_over_the_samples_that_have_both_modalities():
+    """Figure 4's MSE compares an MT with the CLS it estimates: a sample whose file is missing in the test
+    split has no CLS to compare with (U2A stores zeros there), so it must not count."""
+    model = tiny_model()
+    batch = tiny_batch()  # rows 0 and 3 complete, 1 and 4 without text, 2 and 5 without image
+    with torch.no_grad():
+        cls, mt = model.encode(batch)
+    tokens = {**{f"cls.{m}": cls[m] for m in cls}, **{f"mt.{m}": mt[m] for m in mt},
+              "labels": torch.tensor([0, 1, 2, 0, 1, 2]), "present": batch["present"], "index": torch.arange(6)}
+    _, analysis = u2a.evaluate_scenarios(model, tokens, [])
+    complete = [0, 3]
+    expected = ((mt["image"][complete] - cls["text"][complete]) ** 2).mean(1)  # (2,)
+    assert analysis["mt_cls_mse"]["image->text"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    # per class: class 0 holds both complete samples; classes 1 and 2 none, so no MSE to show
+    assert analysis["mt_cls_mse_per_class"]["image->text"][0] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert analysis["mt_cls_mse_per_class"]["image->text"][1:3] == [0.0, 0.0]
+
+
+# -----------------------------------------------------------------------------
 # predict: a user's own image and/or text, either missing, through the toy model
 
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"
