@@ -675,7 +675,9 @@ def placeholder_tokens(model, tokenizer=None):
     """The naive baseline's stand-ins: each encoder's CLS on the paper's placeholders (one sample missing
     every modality, which encoders.batch_inputs fills with zeros / ""), {modality: (1, D)}. tokenizer: the
     run's (the placeholder text "" is [CLS][SEP] whatever its length limit); default: model_batch's."""
-    cls, _ = model.encode(model_batch(model, {m: [None] for m in model.modalities}, tokenizer))
+    was_training = model.training  # in training mode LoRA's dropout would draw the stand-ins at random
+    cls, _ = model.eval().encode(model_batch(model, {m: [None] for m in model.modalities}, tokenizer))
+    model.train(was_training)
     return {m: cls[m].float().cpu() for m in model.modalities}
 
 

@@ -377,6 +377,16 @@ def test_placeholder_tokens_are_the_cls_of_what_a_training_batch_holds_for_a_mis
     assert all(torch.equal(got[m], default[m]) for m in got)
 
 
+def test_placeholder_tokens_of_a_model_in_training_mode_are_its_eval_outputs():
+    """Scoring stand-ins are inference: LoRA's dropout must not draw them at random, and the caller's
+    training mode is kept (as predict keeps it)."""
+    model = toy_model("naive")
+    expected = u2a.placeholder_tokens(model)
+    model.train()
+    got = u2a.placeholder_tokens(model)
+    assert all(torch.equal(got[m], expected[m]) for m in got) and model.training
+
+
 def test_the_method_module_does_not_import_the_data_module():
     """u2a.py (the method) reads batches through encoders.py alone: importing it leaves data.py unloaded."""
     out = subprocess.run([sys.executable, "-c", "import u2a, sys; print('data' in sys.modules)"],
