@@ -708,6 +708,11 @@ def encode_batches(model, batches, device, autocast=nullcontext()):
 def scenario_logits(model, tokens, present, placeholders=None):
     """Eq. 4-5 over stored tokens {"cls.<m>", "mt.<m>": (n, D)} under a present table (n, 2) -> (n, C)
     float32 on the CPU. The naive baseline's missing CLS become its placeholders' CLS, as in its forward."""
+    encoded = tokens.get("present", torch.ones_like(present)).to(present.device)  # (n, 2): the inputs encoded
+    if placeholders is None and model.method.stand_in == "placeholder" and (encoded & ~present).any():
+        # its stored CLS is the real input's: without the placeholders it would classify with the missing input
+        raise ValueError(f"{model.config.method} stands in its placeholders' CLS for a missing modality: pass "
+                         "placeholders=u2a.placeholder_tokens(model, tokenizer) to score a table that drops one")
     device = model.head.weight.device
     cls = {m: tokens[f"cls.{m}"].to(device) for m in model.modalities}
     mt = {m: tokens[f"mt.{m}"].to(device) for m in model.modalities}

@@ -294,6 +294,25 @@ def test_trainable_parameters_of_the_paper_configuration(num_classes):
 # -----------------------------------------------------------------------------
 # Scoring the scenarios over stored tokens (section 4.4, Figure 4)
 
+def test_a_placeholder_method_scored_without_its_placeholders_is_refused():
+    """A placeholder method's stored CLS is the real input's where the file was there: scoring a scenario that
+    drops it without the placeholders' CLS would classify with the very input said to be missing (seen: the
+    text-missing scenario scored exactly as the complete case)."""
+    model = toy_model("naive")
+    info = data.dataset_info("synthetic")
+    batch = data.collate([data.make_dataset("synthetic", None, "test", limit=4)[i] for i in range(4)], info)
+    tokens = {k: torch.cat(v) for k, v in u2a.encode_batches(model, [batch], "cpu").items()}
+    text_missing = torch.tensor([[True, False]] * 4)
+    with pytest.raises(ValueError, match="placeholder_tokens"):
+        u2a.scenario_logits(model, tokens, text_missing)
+    u2a.scenario_logits(model, tokens, tokens["present"])  # nothing dropped: the encoded CLS are the inputs'
+    with torch.no_grad():  # with them, the forward pass on the same samples with the text removed
+        expected = model(data.collate([{**data.make_dataset("synthetic", None, "test", limit=4)[i], "text": None}
+                                       for i in range(4)], info)).logits
+    got = u2a.scenario_logits(model, tokens, text_missing, u2a.placeholder_tokens(model))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_mask_token_mse_is_over_the_samples_that_have_both_modalities():
     """Figure 4's MSE compares an MT with the CLS it estimates: a sample whose file is missing in the test
     split has no CLS to compare with (U2A stores zeros there), so it must not count."""
