@@ -228,8 +228,8 @@ class Branch(nn.Module):
 @dataclass
 class U2AOutput:
     logits: torch.Tensor   # (B, C)
-    cls: dict              # modality -> (B, D) CLS output; zeros where that modality is missing
-    mt: dict               # modality -> (B, D) MT output; zeros where that modality is missing
+    cls: dict              # modality -> (B, D) CLS output; where that modality is missing: zeros (mask-token
+    mt: dict               # modality -> (B, D) MT output;  methods), its placeholder's outputs (placeholder ones)
     present: torch.Tensor  # (B, 2) bool, column i = modality i was used
 
 
