@@ -294,23 +294,38 @@ def test_trainable_parameters_of_the_paper_configuration(num_classes):
 # -----------------------------------------------------------------------------
 # Scoring the scenarios over stored tokens (section 4.4, Figure 4)
 
+def stored_tokens(model, samples):
+    """encode_batches' tokens of `samples` (synthetic items), concatenated as train.py does."""
+    batch = data.collate(samples, data.dataset_info("synthetic"))
+    return {k: torch.cat(v) for k, v in u2a.encode_batches(model, [batch], "cpu").items()}
+
+
+@pytest.mark.parametrize("method", ["u2a", "naive"])
+@pytest.mark.parametrize("present", [(True, True), (True, False), (False, True)])
+def test_scenario_logits_equal_the_forward_pass_with_the_modality_removed(method, present):
+    """Section 4.4's scores come from tokens encoded once: exactly the forward pass on the same samples with
+    the scenario's modality removed (for naive: its placeholder, through the encoder)."""
+    model = toy_model(method)
+    samples = [data.make_dataset("synthetic", None, "test", limit=4)[i] for i in range(4)]
+    tokens = stored_tokens(model, samples)
+    placeholders = u2a.placeholder_tokens(model) if method == "naive" else None
+    table = torch.tensor([present] * 4)
+    removed = [{**s, **({} if present[0] else {"image": None}), **({} if present[1] else {"text": None})}
+               for s in samples]
+    with torch.no_grad():
+        expected = model(data.collate(removed, data.dataset_info("synthetic"))).logits
+    assert torch.allclose(u2a.scenario_logits(model, tokens, table, placeholders), expected, atol=1e-5)
+
+
 def test_a_placeholder_method_scored_without_its_placeholders_is_refused():
-    """A placeholder method's stored CLS is the real input's where the file was there: scoring a scenario that
+    """A placeholder method's stored CLS is the real input's where the file was there: scoring a table that
     drops it without the placeholders' CLS would classify with the very input said to be missing (seen: the
-    text-missing scenario scored exactly as the complete case)."""
+    text-missing table scored exactly as the complete case)."""
     model = toy_model("naive")
-    info = data.dataset_info("synthetic")
-    batch = data.collate([data.make_dataset("synthetic", None, "test", limit=4)[i] for i in range(4)], info)
-    tokens = {k: torch.cat(v) for k, v in u2a.encode_batches(model, [batch], "cpu").items()}
-    text_missing = torch.tensor([[True, False]] * 4)
+    tokens = stored_tokens(model, [data.make_dataset("synthetic", None, "test", limit=4)[i] for i in range(4)])
     with pytest.raises(ValueError, match="placeholder_tokens"):
-        u2a.scenario_logits(model, tokens, text_missing)
-    u2a.scenario_logits(model, tokens, tokens["present"])  # nothing dropped: the encoded CLS are the inputs'
-    with torch.no_grad():  # with them, the forward pass on the same samples with the text removed
-        expected = model(data.collate([{**data.make_dataset("synthetic", None, "test", limit=4)[i], "text": None}
-                                       for i in range(4)], info)).logits
-    got = u2a.scenario_logits(model, tokens, text_missing, u2a.placeholder_tokens(model))
-    assert torch.allclose(got, expected, atol=1e-5)
+        u2a.scenario_logits(model, tokens, torch.tensor([[True, False]] * 4))
+    u2a.scenario_logits(model, tokens, tokens["present"])  # nothing dropped: the stored CLS are the inputs'
 
 
 def test_mask_token_mse_is_over_the_samples_that_have_both_modalities():
