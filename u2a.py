@@ -102,6 +102,8 @@ class U2AConfig:
     mt_init: str = "cls"                # "cls": MT starts as the pretrained class token, as CLS does;
                                         # "random": Gaussian, of the class token's norm (see the docstring)
     align_stop_grad: bool = False       # eq. 6's CLS target as a constant: the alignment moves only the MT
+    text_max_len: int = None            # the run's text length in tokens ([CLS], [SEP] included): predict
+                                        # cuts a text there too; None: the text encoder's longest input
     encoder_configs: dict = field(default_factory=dict)  # filled when built: checked when rebuilt
 
     def __post_init__(self):
@@ -660,10 +662,10 @@ def to_device(batch, device):
 def model_batch(model, inputs, tokenizer=None):
     """{modality: B inputs, None where missing} -> the batch `model` reads, on its device: encoders.batch_inputs
     at the size of the model's image encoder, with `tokenizer` (default: the text encoder's own folder's,
-    truncating at the encoder's longest input)."""
+    truncating where the run did, config.text_max_len, or else at the encoder's longest input)."""
     if "text" in model.modalities and tokenizer is None:
-        bert = model.branches["text"].encoder
-        tokenizer = load_tokenizer(model.config.encoders["text"], bert.config.max_position_embeddings)
+        longest = model.branches["text"].encoder.config.max_position_embeddings
+        tokenizer = load_tokenizer(model.config.encoders["text"], model.config.text_max_len or longest)
     # the side of images and video frames: the model's ViT's own (a model without one never reads it)
     sizes = [model.branches[m].encoder.config.image_size for m in model.modalities if m in ("image", "video")]
     batch = batch_inputs({m: inputs[m] for m in model.modalities}, tokenizer, sizes[0] if sizes else IMAGE_SIZE)
@@ -830,7 +832,7 @@ def predict(model, image=None, text=None, tokenizer=None):
     selects the other modality's mask token for it (eq. 4), the naive baseline encodes the paper's placeholder.
     Other types, and NaN/Inf in an image tensor, are refused (checked_image, checked_text).
     tokenizer: the run's (encoders.load_tokenizer(folder, max_len)); default: the text encoder's own folder's,
-    truncating at the encoder's longest input."""
+    truncating where the run did (config.text_max_len), else at the encoder's longest input."""
     if set(model.modalities) != {"image", "text"}:
         raise ValueError(f"predict takes an image and a text; this model reads {model.modalities}")
     size = model.branches["image"].encoder.config.image_size  # the encoder's own: CLIP's 224, the toy ViT's 32

@@ -386,6 +386,20 @@ def test_predict_multilabel_gives_a_sigmoid_per_class_and_keeps_the_training_mod
     assert [p for _, p in got] == sorted((p for _, p in got), reverse=True) and model.training
 
 
+def test_predict_truncates_a_text_where_the_run_did(tmp_path):
+    """A model trained on texts cut at the dataset's length (Food-101: 40 tokens) must read a user's text cut
+    there too, not at BERT's 512 (seen: a 32-token text gave other probabilities than the test pipeline's 16)."""
+    model = toy_model("u2a")
+    model.config.text_max_len = data.dataset_info("synthetic").text_max_len  # 16; the toy BERT takes 32
+    u2a.save_checkpoint(tmp_path / "c.safetensors", model)
+    model = u2a.from_checkpoint(tmp_path / "c.safetensors")  # the length travels with the checkpoint
+    item = data.make_dataset("synthetic", None, "test", limit=1)[0]
+    text = " ".join([item["text"]] * 3)  # 16 tokens cut at 16, 32 at 32
+    run_tokenizer = encoders.load_tokenizer(TOY / "bert", 16)
+    assert predict(model, image=item["image"], text=text) == predict(model, image=item["image"], text=text,
+                                                                       tokenizer=run_tokenizer)
+
+
 def test_predict_refuses_no_input_and_an_image_of_the_wrong_size():
     model = toy_model("u2a")
     with pytest.raises(ValueError, match="an image, a text or both"):
