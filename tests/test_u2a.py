@@ -328,6 +328,21 @@ def test_a_placeholder_method_scored_without_its_placeholders_is_refused():
     u2a.scenario_logits(model, tokens, tokens["present"])  # nothing dropped: the stored CLS are the inputs'
 
 
+def test_scores_by_hand():
+    """MM-IMDb's F1 (README, "MM-IMDb's F1"): a genre predicted when its sigmoid exceeds 0.5; macro averages
+    every genre's F1, one never predicted nor present counting 0; micro pools the counts (sklearn's f1_score
+    with zero_division=0). Accuracy per class: the share of its samples classified right."""
+    predicted = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    truth = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0]], dtype=torch.float)
+    got = u2a.scores(torch.where(predicted, 2.0, -2.0), truth, multilabel=True)
+    # genre 0: tp 1, fp 1, fn 1 -> 2/4; genre 1: tp 2 -> 1; genre 2: nothing -> 0; pooled: tp 3, fp 1, fn 1 -> 6/8
+    assert got["per_class"] == pytest.approx([50.0, 100.0, 0.0])
+    assert got["f1_macro"] == pytest.approx(50.0) and got["f1_micro"] == pytest.approx(75.0)
+    logits = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [2.0, 0, 0], [0, 0, 2.0]])  # predicts 0, 1, 0, 2
+    got = u2a.scores(logits, torch.tensor([0, 1, 1, 1]), multilabel=False)
+    assert got["accuracy"] == pytest.approx(50.0) and got["per_class"] == pytest.approx([100.0, 100 / 3, 0.0])
+
+
 def test_mask_token_mse_is_over_the_samples_that_have_both_modalities():
     """Figure 4's MSE compares an MT with the CLS it estimates: a sample whose file is missing in the test
     split has no CLS to compare with (U2A stores zeros there), so it must not count."""
