@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -583,10 +584,13 @@ def load_tokenizer(path, max_len):
 
 
 def is_missing_text(text):
-    """None, "" and whitespace-only texts are all a missing text. The paper's placeholder for a missing text
-    is the empty string, so a blank text carries nothing a missing one does not: it is marked absent (U2A
-    then uses the other modality's mask token) rather than encoded as a present [CLS][SEP]."""
-    return text is None or (isinstance(text, str) and not text.strip())
+    """None, "" and blank texts are all a missing text. The paper's placeholder for a missing text is the empty
+    string, so a blank text carries nothing a missing one does not: it is marked absent (U2A then uses the other
+    modality's mask token) rather than encoded as a present [CLS][SEP]. Blank: whitespace and what BERT's
+    normalizer deletes (clean_text): control, format (a byte-order mark, a zero-width space) and private-use
+    characters, and U+FFFD."""
+    deleted = lambda c: c.isspace() or c == "\ufffd" or unicodedata.category(c) in ("Cc", "Cf", "Co")
+    return text is None or (isinstance(text, str) and all(deleted(c) for c in text))
 
 
 # Audio, for AST: its Kaldi-compatible log-mel filterbank, matching transformers'

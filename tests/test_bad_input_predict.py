@@ -52,7 +52,9 @@ def probabilities(pairs):
 # -----------------------------------------------------------------------------
 # item 2: an empty or blank text is a missing text, in predict and in the datasets
 
-@pytest.mark.parametrize("blank", ["", "   ", "\n\t ", "\u3000"])
+# the last three hold only characters BERT's normalizer deletes (a byte-order mark, as a scraped page can
+# leave, zero-width spaces, NUL): the tokenizer makes them [CLS][SEP], the placeholder itself
+@pytest.mark.parametrize("blank", ["", "   ", "\n\t ", "\u3000", "\ufeff", "\u200b \u200c", "\x00\ufffd"])
 def test_predict_reads_a_blank_text_as_a_missing_text(model, image, blank):
     assert probabilities(u2a.predict(model, image=image, text=blank)) == \
         probabilities(u2a.predict(model, image=image, text=None))
