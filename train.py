@@ -260,7 +260,7 @@ def model_config(args, info, method):
     return U2AConfig(encoders={m: str(p) for m, p in encoder_paths(args, info.modalities).items()},
                      class_names=list(info.class_names), multilabel=info.multilabel, method=method, rank=args.rank,
                      alpha=args.alpha, lora_dropout=args.lora_dropout, lam=args.lam, mt_init=args.mt_init,
-                     align_stop_grad=args.align_stop_grad)
+                     align_stop_grad=args.align_stop_grad, text_max_len=info.text_max_len)
 
 
 # -----------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def test_checkpoint_round_trip(tmp_path):
     for (n, a), b in zip(model.named_parameters(), rebuilt.parameters()):
         assert torch.equal(a, b), n
     assert rebuilt.config.class_names == info.class_names and rebuilt.config.rank == args.rank
+    assert rebuilt.config.text_max_len == info.text_max_len == 16  # predict cuts a text where the run did
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a safetensors checkpoint"):
         u2a.load_trained(fresh, tmp_path / "bad.safetensors")
