@@ -452,18 +452,21 @@ def train(args, method, out, sets, ctx):
             losses = train_step(learner, batch, lr, ctx, may_be_empty=args.on_error == "skip")
             nonfinite += ~torch.isfinite(losses).all()
             step, seen = step + 1, seen + len(batch["label"]) * ctx.world
-            if step % LOG_EVERY == 0 or step % steps_per_epoch == 0:  # the only place the loop waits for the GPU
-                if ctx.all_sum(nonfinite.clone()).item() > 0:  # stop before a NaN checkpoint is written
-                    raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopped before writing "
-                                        f"a checkpoint (the last good one, if any: {last}). Check the inputs (a "
-                                        f"file with NaN/Inf values) or lower --lr")
+            logging = step % LOG_EVERY == 0 or step % steps_per_epoch == 0
+            saving = args.save_every and step % args.save_every == 0
+            # the only places the loop waits for the GPU: a check before any checkpoint can hold NaN, and the log
+            if (logging or saving) and ctx.all_sum(nonfinite.clone()).item() > 0:
+                raise NonFiniteLoss(f"the loss became NaN or infinite by step {step}; stopped before writing "
+                                    f"a checkpoint (the last good one, if any: {last}). Check the inputs (a "
+                                    f"file with NaN/Inf values) or lower --lr")
+            if logging:
                 loss, task, align = ctx.all_sum(losses).tolist()  # each process holds its share of eq. 7
                 if ctx.rank == 0:
                     sps = round(seen / (time.time() - t0), 1)
                     u2a.append_log(out, {"step": step, "epoch": epoch, "loss": loss, "task": task, "align": align,
                                          "lr": lr, "samples_per_s": sps})
                     bar.set_postfix(loss=f"{loss:.3f}", align=f"{align:.3f}", lr=f"{lr:.1e}", sps=f"{sps:.0f}")
-            if args.save_every and step % args.save_every == 0 and ctx.rank == 0:
+            if saving and ctx.rank == 0:
                 u2a.save_checkpoint(last, model, meta(), optimizer)
         # the epoch's end: validation, best.safetensors when it improved, last.safetensors always
         score = validate(model, sets["val"], args, ctx)

@@ -314,6 +314,24 @@ def test_a_nan_loss_stops_the_run_without_saving_nan_weights(tmp_path, monkeypat
     assert not (tmp_path / "best.safetensors").exists() and not (tmp_path / "last.safetensors").exists()
 
 
+def test_a_nan_loss_stops_the_run_before_a_save_every_checkpoint_holds_nan_weights(tmp_path, monkeypatch):
+    """--save-every writes last.safetensors between the log steps: the loss is checked before each such write
+    too (seen: with --save-every 1 the step after a NaN loss saved NaN weights as the "last good one")."""
+    real = train.u2a_loss
+
+    def nan_from_step_2(out, *a, **k):
+        loss, task, align = real(out, *a, **k)
+        nan_from_step_2.calls += 1
+        return (loss * float("nan"), task, align) if nan_from_step_2.calls >= 2 else (loss, task, align)
+    nan_from_step_2.calls = 0
+    monkeypatch.setattr(train, "u2a_loss", nan_from_step_2)
+    with pytest.raises(FloatingPointError, match="NaN or infinite by step 2"):
+        train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--save-every", "1", "--out", str(tmp_path)])
+    last = tmp_path / "last.safetensors"  # step 1's, the one before the NaN
+    assert last.is_file() and all(torch.isfinite(t).all() for t in trained_tensors(last).values())
+    assert u2a.open_checkpoint(last)[1]["step"] == 1
+
+
 # -----------------------------------------------------------------------------
 # 16 and 17. A run folder belongs to one run; --resume continues the run as configured
 
