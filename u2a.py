@@ -652,7 +652,7 @@ def from_checkpoint(path, encoders=None):
 # Scoring the paper's scenarios (section 4.4). A present modality's CLS and MT outputs depend on that
 # modality alone (each encoder reads only its own input), so a split is encoded once with every modality
 # it has, and each scenario is then eq. 4-5 over the stored tokens: the same select_tokens + head as the
-# forward pass, exact, and ~20x cheaper than re-running the encoders per scenario.
+# forward pass, exact, and ~10x cheaper than re-running the encoders per scenario.
 
 def to_device(batch, device):
     """A batch's tensors on `device` (its other entries as they are)."""
