@@ -367,11 +367,39 @@ def test_resume_refuses_changed_settings_and_an_empty_folder(tmp_path):
 # The paths only a GPU runs, run here as far as a CPU can: bf16 autocast through train.py's own code path,
 # torch.compile on the toy model
 
-def test_a_bf16_autocast_run_trains_and_evaluates_on_the_cpu(tmp_path):
+def autocast_spies(monkeypatch):
+    """What a run computes in: the dtype of each training step's logits, whether its grad scaler is on, and the
+    autocast dtype each evaluation encodes under (None: no autocast)."""
+    seen = {"logits": [], "scaler": [], "eval": []}
+    real_loss, real_step, real_encode = train.u2a_loss, train.train_step, u2a.encode_batches
+
+    def loss(out, *a, **k):
+        seen["logits"].append(out.logits.dtype)
+        return real_loss(out, *a, **k)
+
+    def step(learner, *a, **k):
+        seen["scaler"].append(learner.scaler.is_enabled())
+        return real_step(learner, *a, **k)
+
+    def encode(model, batches, device, autocast=None, **k):
+        seen["eval"].append(getattr(autocast, "fast_dtype", None))
+        return real_encode(model, batches, device, *([] if autocast is None else [autocast]), **k)
+    monkeypatch.setattr(train, "u2a_loss", loss)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(u2a, "encode_batches", encode)
+    return seen
+
+
+def test_a_bf16_autocast_run_trains_and_evaluates_on_the_cpu(tmp_path, monkeypatch):
+    seen = autocast_spies(monkeypatch)
     metrics = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--precision", "bf16", "--out", str(tmp_path)])
     accuracy = [r["accuracy"] for r in metrics["u2a"]["scenarios"].values()]
     assert all(0 <= a <= 100 for a in accuracy)
     assert json.loads((tmp_path / "config.json").read_text())["precision"] == "bf16"
+    # under autocast indeed: training's logits are bf16, evaluation encodes under bf16 autocast, no grad scaler
+    assert seen["logits"] and set(seen["logits"]) == {torch.bfloat16}
+    assert seen["eval"] and set(seen["eval"]) == {torch.bfloat16}
+    assert seen["scaler"] and not any(seen["scaler"])
 
 
 @pytest.mark.slow
@@ -457,7 +485,12 @@ def test_eval_only_under_torchrun_splits_the_test_set_and_equals_one_process(tmp
     assert ddp["scenarios"] == trained["scenarios"]
 
 
-def test_an_fp16_run_with_its_grad_scaler_trains_on_the_cpu(tmp_path):
+def test_an_fp16_run_with_its_grad_scaler_trains_on_the_cpu(tmp_path, monkeypatch):
+    seen = autocast_spies(monkeypatch)
     metrics = train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--precision", "fp16", "--out", str(tmp_path)])
     assert all(0 <= r["accuracy"] <= 100 for r in metrics["u2a"]["scenarios"].values())
     assert all(torch.isfinite(t).all() for t in trained_tensors(tmp_path / "best.safetensors").values())
+    # fp16 indeed, with the grad scaler on at every step
+    assert seen["logits"] and set(seen["logits"]) == {torch.float16}
+    assert seen["eval"] and set(seen["eval"]) == {torch.float16}
+    assert seen["scaler"] and all(seen["scaler"])
