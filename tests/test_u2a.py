@@ -45,6 +45,17 @@ def tiny_model(num_classes=5, method="u2a", dropout=0.0):
     return model.eval()
 
 
+def mask_tokens_apart(model):
+    """tiny_model's MTs start as copies of its CLS tokens (mt_init="cls"), and an MT, with no position of its own,
+    then reads just what its CLS reads: its output equals the CLS output, and a CLS used in an MT's place would
+    not show. Moves each MT off its CLS, as training does. Returns the model."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for branch in model.branches.values():
+            branch.mt.add_(torch.randn(branch.mt.shape, generator=g))
+    return model
+
+
 def tiny_batch(B=6, L=7, seed=1, present=None):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 100, (B, L), generator=g)
@@ -84,7 +95,7 @@ def test_token_selection_all_three_cases():
 
 
 def test_forward_shapes_and_outputs():
-    model = tiny_model()
+    model = mask_tokens_apart(tiny_model())
     batch = tiny_batch()
     out = model(batch)
     assert isinstance(out, U2AOutput)
@@ -94,6 +105,15 @@ def test_forward_shapes_and_outputs():
     # missing rows carry zeros, present rows do not
     assert (out.cls["image"][2] == 0).all() and (out.cls["text"][1] == 0).all()
     assert (out.cls["image"][0] != 0).any() and (out.mt["text"][2] != 0).any()
+    # each present row holds its own branch's CLS and MT outputs, in its own row
+    for i, m in enumerate(("image", "text")):
+        rows = batch["present"][:, i].nonzero().squeeze(1)
+        with torch.no_grad():
+            cls, mt = model.branches[m]({k: batch[k][rows] for k in model.branches[m].input_keys})
+        assert torch.allclose(out.cls[m][rows], cls, atol=1e-6) and torch.allclose(out.mt[m][rows], mt, atol=1e-6)
+        assert not torch.allclose(cls, mt)  # so a CLS in an MT's place would show
+        missing = ~batch["present"][:, i]
+        assert (out.cls[m][missing] == 0).all() and (out.mt[m][missing] == 0).all()
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +190,7 @@ def test_padding_does_not_change_text_tokens():
 # eq. 6-7: the loss, by hand
 
 def test_loss_matches_hand_computation():
-    model = tiny_model()
+    model = mask_tokens_apart(tiny_model())
     batch = tiny_batch()
     out = model(batch)
     labels = batch["label"]
@@ -346,7 +366,7 @@ def test_scores_by_hand():
 def test_mask_token_mse_is_over_the_samples_that_have_both_modalities():
     """Figure 4's MSE compares an MT with the CLS it estimates: a sample whose file is missing in the test
     split has no CLS to compare with (U2A stores zeros there), so it must not count."""
-    model = tiny_model()
+    model = mask_tokens_apart(tiny_model())
     batch = tiny_batch()  # rows 0 and 3 complete, 1 and 4 without text, 2 and 5 without image
     with torch.no_grad():
         cls, mt = model.encode(batch)
@@ -478,7 +498,7 @@ def test_the_method_table_says_what_each_method_is():
 def test_a_placeholder_method_stands_in_the_placeholder_cls_and_a_mask_token_method_the_mt():
     batch = tiny_batch()
     for name in ("placeholder-dropout", "u2a-no-align"):
-        model = tiny_model(method=name)
+        model = mask_tokens_apart(tiny_model(method=name))
         out = model(batch)
         t1, t2 = model.select_tokens(out.cls, out.mt, out.present)
         text_missing = ~batch["present"][:, 1]
