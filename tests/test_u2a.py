@@ -395,7 +395,7 @@ def toy_model(method):
     for mod in model.modules():  # trained-looking factors, so that every input matters
         if isinstance(mod, LoRALinear):
             torch.nn.init.normal_(mod.lora_B, std=0.1)
-    return model.eval()
+    return mask_tokens_apart(model).eval()  # and trained-looking MTs, whose outputs differ from the CLS outputs
 
 
 @pytest.mark.parametrize("method", ["u2a", "naive"])
