@@ -419,6 +419,12 @@ def test_predict_multilabel_gives_a_sigmoid_per_class_and_keeps_the_training_mod
     got = predict(model, text="the sun at the top left")
     assert len(got) == len(model.config.class_names) and sum(p for _, p in got) > 1.0  # independent per class
     assert [p for _, p in got] == sorted((p for _, p in got), reverse=True) and model.training
+    # each probability is the sigmoid of its class's logit (a softmax's sum only rounds to about 1.0)
+    batch = u2a.model_batch(model, {"image": [None], "text": ["the sun at the top left"]})
+    with torch.no_grad():
+        logits = model.eval()(batch).logits[0]
+    assert dict(got) == pytest.approx({c: p for c, p in zip(model.config.class_names, logits.sigmoid().tolist())},
+                                      abs=1e-6)
 
 
 def test_predict_truncates_a_text_where_the_run_did(tmp_path):
