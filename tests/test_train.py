@@ -286,6 +286,7 @@ def test_each_method_trains_as_its_table_row_says(tmp_path):
         train.main(SMALL + ["--epochs", "2", "--out", str(tmp_path)])
     finally:
         train.train_step = real_step
+    assert list(seen) == list(u2a.METHODS)  # the toy default trains all four: none escapes the checks below
     for method, steps in seen.items():
         dropped_some = not all(complete for complete, _, _ in steps)
         assert dropped_some == u2a.METHODS[method].dropout, method
@@ -293,14 +294,20 @@ def test_each_method_trains_as_its_table_row_says(tmp_path):
         assert steps[0][2] == [1.0, 1.0, args.token_lr_scale]  # matrices, biases, CLS/MT tokens
 
 
-def test_a_dropout_method_on_an_incomplete_training_set_says_it_does_not_drop(tmp_path, capsys):
+def test_a_dropout_method_on_an_incomplete_training_set_says_it_does_not_drop(tmp_path, capsys, monkeypatch):
     """Section 3: no dropout when the training set already misses modalities. Seen: placeholder-dropout then
     printed naive's numbers to the digit without a word on why."""
+    drawn = []  # the steps that drew a modality dropout
+    real_dropout = train.modality_dropout
+    monkeypatch.setattr(train, "modality_dropout", lambda *a, **k: drawn.append(1) or real_dropout(*a, **k))
     missing = ["--train-missing-rate", "0.5", "--train-missing-type", "both"]
-    train.main(SMALL + missing + ["--method", "placeholder-dropout", "naive", "--out", str(tmp_path / "auto")])
+    metrics = train.main(SMALL + missing + ["--method", "placeholder-dropout", "naive", "--out", str(tmp_path / "auto")])
     said = [line for line in capsys.readouterr().out.splitlines() if "no modality dropout" in line]
     assert said == ["placeholder-dropout: no modality dropout: the training set already misses modalities "
                     "(section 3); --modality-dropout on drops anyway"]
+    assert not drawn  # and it does not drop: it trains as naive does
+    assert metrics["placeholder-dropout"]["scenarios"] == metrics["naive"]["scenarios"]
     train.main(SMALL + missing + ["--method", "placeholder-dropout", "--modality-dropout", "on",
                                   "--out", str(tmp_path / "on")])
     assert "no modality dropout" not in capsys.readouterr().out
+    assert len(drawn) == train.RECIPES["synthetic"]["epochs"] * 64 // 16  # --modality-dropout on: one per step
