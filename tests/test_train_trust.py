@@ -483,6 +483,13 @@ def test_eval_only_under_torchrun_splits_the_test_set_and_equals_one_process(tmp
     torchrun(["--eval-only", str(out), "--out", str(tmp_path / "ddp")])
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["scenarios"] == trained["scenarios"]
+    # the processes' shares, gathered, are the test set once: every sample, none twice (a process encoding the
+    # whole set scores each sample twice, which leaves every accuracy as it was)
+    assert ddp["test_samples"] == trained["test_samples"] and ddp["test_skipped"] == 0
+    one, split = load_file(str(out / "test_tokens.safetensors")), load_file(str(tmp_path / "ddp" / "test_tokens.safetensors"))
+    assert one.keys() == split.keys() and torch.equal(split["index"], torch.arange(trained["test_samples"]))
+    for k in one:
+        assert torch.allclose(one[k].float(), split[k].float(), atol=1e-5), k
 
 
 def test_an_fp16_run_with_its_grad_scaler_trains_on_the_cpu(tmp_path, monkeypatch):
