@@ -273,13 +273,16 @@ def test_a_flag_that_contradicts_the_methods_is_refused(flags, named, tmp_path, 
 def test_each_method_trains_as_its_table_row_says(tmp_path):
     """Dropout on for every method but naive, lambda only for u2a, tokens at their own learning rate."""
     args, _ = train.parse_args(SMALL)
-    seen = {}
+    seen, groups = {}, {}  # groups: each method's optimizer groups, as parameter names
     real_step = train.train_step
     def spy(learner, batch, lr, ctx, may_be_empty=False):
         losses = real_step(learner, batch, lr, ctx, may_be_empty)
         config = learner.model.config
         seen.setdefault(config.method, []).append((batch["present"].all().item(), config.align_weight,
                                                    [g["lr"] / lr for g in learner.optimizer.param_groups]))
+        names = {id(p): n for n, p in learner.model.named_parameters()}
+        groups.setdefault(config.method, [sorted(names[id(p)] for p in g["params"])
+                                          for g in learner.optimizer.param_groups])
         return losses
     train.train_step = spy
     try:
@@ -292,6 +295,8 @@ def test_each_method_trains_as_its_table_row_says(tmp_path):
         assert dropped_some == u2a.METHODS[method].dropout, method
         assert {w for _, w, _ in steps} == {args.lam if u2a.METHODS[method].align else 0.0}
         assert steps[0][2] == [1.0, 1.0, args.token_lr_scale]  # matrices, biases, CLS/MT tokens
+        # ... and the group at the tokens' rate holds the four CLS/MT tokens, and only them
+        assert groups[method][2] == sorted(f"branches.{m}.{t}" for m in ("image", "text") for t in ("cls", "mt"))
 
 
 def test_a_dropout_method_on_an_incomplete_training_set_says_it_does_not_drop(tmp_path, capsys, monkeypatch):
