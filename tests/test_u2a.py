@@ -250,6 +250,20 @@ def test_a_few_steps_reduce_the_loss():
             assert torch.equal(p, frozen[n]), n
 
 
+def test_the_optimizer_decays_matrices_only_and_trains_the_tokens_at_their_own_rate():
+    """README, "Weight decay": AdamW's decay on the matrices (LoRA factors, the head's weight), none on the
+    biases and the CLS/MT tokens; the tokens at token_lr_scale x lr; frozen weights in no group."""
+    model = tiny_model()
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.02, token_lr_scale=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [(sorted(names[id(p)] for p in g["params"]), g["weight_decay"], g["lr_scale"]) for g in opt.param_groups]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    tokens = sorted(f"branches.{m}.{t}" for m in ("image", "text") for t in ("cls", "mt"))
+    matrices = sorted(n for n in trained if "lora_" in n or n == "head.weight")
+    assert groups == [(matrices, 0.02, 1.0), (["head.bias"], 0.0, 1.0), (tokens, 0.0, 10.0)]
+    assert len(matrices) == 2 * 2 * 4 * 2 + 1  # 2 encoders x 2 blocks x q/k/v/out x A, B; the head's weight
+
+
 # -----------------------------------------------------------------------------
 # Video: frames share one CLS and one MT, averaged over frames
 
