@@ -40,6 +40,17 @@ def test_lr_schedule():
     assert all(a > b for a, b in zip(decay, decay[1:]))
 
 
+def test_a_run_steps_at_the_scheduled_lr(tmp_path, monkeypatch):
+    """train.py's steps use lr_factor's schedule: 4 steps per epoch, 1 warm-up epoch at 0.1x, then the decay."""
+    lrs, real_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda learner, batch, lr, *a, **k: lrs.append(lr) or
+                        real_step(learner, batch, lr, *a, **k))
+    args = ["--data", "synthetic", "--limit", "64", "--batch-size", "16", "--workers", "0", "--warmup-epochs", "1"]
+    train.main(args + ["--epochs", "2", "--method", "u2a", "--out", str(tmp_path)])
+    lr = train.RECIPES["synthetic"]["lr"]
+    assert lrs == pytest.approx([0.1 * lr] * 4 + [lr * (1 - k / 4) ** 0.9 for k in range(4)], rel=1e-12)
+
+
 def test_paper_defaults_per_dataset():
     food, _ = train.parse_args(["--data", "food101"])
     assert (food.lr, food.epochs, food.batch_size, food.warmup_epochs) == (1e-3, 10, 8, 5)
