@@ -1,5 +1,6 @@
 """train.py end to end on the synthetic data with the shipped toy encoders (CPU, seconds each): the CLI,
 the default's summary table, checkpoints, exact resume after a crash, DDP == one process, the schedule."""
+import inspect
 import json
 import os
 import random
@@ -284,22 +285,30 @@ def test_a_flag_that_contradicts_the_methods_is_refused(flags, named, tmp_path, 
 def test_each_method_trains_as_its_table_row_says(tmp_path):
     """Dropout on for every method but naive, lambda only for u2a, tokens at their own learning rate."""
     args, _ = train.parse_args(SMALL)
-    seen, groups = {}, {}  # groups: each method's optimizer groups, as parameter names
-    real_step = train.train_step
+    seen, groups, passed = {}, {}, {}  # groups: each method's optimizer groups, as parameter names
+    real_step, real_loss = train.train_step, train.u2a_loss
+    def loss_spy(*a, **k):  # lambda and stop_grad as the step gives them to eq. 7, not as the config says
+        given = inspect.signature(real_loss).bind(*a, **k)
+        given.apply_defaults()
+        passed.update(lam=given.arguments["lam"], stop_grad=given.arguments["stop_grad"])
+        return real_loss(*a, **k)
     def spy(learner, batch, lr, ctx, may_be_empty=False):
         losses = real_step(learner, batch, lr, ctx, may_be_empty)
         config = learner.model.config
-        seen.setdefault(config.method, []).append((batch["present"].all().item(), config.align_weight,
+        seen.setdefault(config.method, []).append((batch["present"].all().item(), passed.pop("lam"),
                                                    [g["lr"] / lr for g in learner.optimizer.param_groups]))
+        stop_grads.setdefault(config.method, set()).add(passed.pop("stop_grad"))
         names = {id(p): n for n, p in learner.model.named_parameters()}
         groups.setdefault(config.method, [sorted(names[id(p)] for p in g["params"])
                                           for g in learner.optimizer.param_groups])
         return losses
-    train.train_step = spy
+    stop_grads = {}
+    train.train_step, train.u2a_loss = spy, loss_spy
     try:
         train.main(SMALL + ["--epochs", "2", "--out", str(tmp_path)])
     finally:
-        train.train_step = real_step
+        train.train_step, train.u2a_loss = real_step, real_loss
+    assert stop_grads["u2a"] == {args.align_stop_grad} == {True}  # the toy recipe's eq. 6 stop-gradient
     assert list(seen) == list(u2a.METHODS)  # the toy default trains all four: none escapes the checks below
     for method, steps in seen.items():
         dropped_some = not all(complete for complete, _, _ in steps)
