@@ -283,7 +283,8 @@ def test_a_flag_that_contradicts_the_methods_is_refused(flags, named, tmp_path, 
 
 
 def test_each_method_trains_as_its_table_row_says(tmp_path):
-    """Dropout on for every method but naive, lambda only for u2a, tokens at their own learning rate."""
+    """Dropout on for every method but naive, lambda only for u2a, tokens at their own learning rate; and the
+    recipe's token settings (the toy's: MTs from random, eq. 6's stop-gradient) reach the model and the loss."""
     args, _ = train.parse_args(SMALL)
     seen, groups, passed = {}, {}, {}  # groups: each method's optimizer groups, as parameter names
     real_step, real_loss = train.train_step, train.u2a_loss
@@ -298,17 +299,19 @@ def test_each_method_trains_as_its_table_row_says(tmp_path):
         seen.setdefault(config.method, []).append((batch["present"].all().item(), passed.pop("lam"),
                                                    [g["lr"] / lr for g in learner.optimizer.param_groups]))
         stop_grads.setdefault(config.method, set()).add(passed.pop("stop_grad"))
+        mt_inits.setdefault(config.method, set()).add(config.mt_init)
         names = {id(p): n for n, p in learner.model.named_parameters()}
         groups.setdefault(config.method, [sorted(names[id(p)] for p in g["params"])
                                           for g in learner.optimizer.param_groups])
         return losses
-    stop_grads = {}
+    stop_grads, mt_inits = {}, {}
     train.train_step, train.u2a_loss = spy, loss_spy
     try:
         train.main(SMALL + ["--epochs", "2", "--out", str(tmp_path)])
     finally:
         train.train_step, train.u2a_loss = real_step, real_loss
     assert stop_grads["u2a"] == {args.align_stop_grad} == {True}  # the toy recipe's eq. 6 stop-gradient
+    assert mt_inits["u2a"] == {args.mt_init} == {"random"}
     assert list(seen) == list(u2a.METHODS)  # the toy default trains all four: none escapes the checks below
     for method, steps in seen.items():
         dropped_some = not all(complete for complete, _, _ in steps)
