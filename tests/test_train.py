@@ -198,6 +198,25 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     assert json.loads((tmp_path / "crashed" / "metrics.json").read_text())["train_seconds"] >= 3600
 
 
+def test_the_best_validation_epoch_is_kept_and_tested(tmp_path, monkeypatch):
+    """Model selection on validation: best.safetensors is the epoch with the best validation score (not the
+    last), and the test scores are that checkpoint's."""
+    scores = iter([50.0, 80.0, 60.0])  # epoch 2 is the best
+    monkeypatch.setattr(train, "validate", lambda *a, **k: next(scores))
+    tested = []
+    real_evaluate = train.evaluate_test
+    monkeypatch.setattr(train, "evaluate_test", lambda model, *a, **k: tested.append(
+        {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}) or real_evaluate(model, *a, **k))
+    train.main(SMALL + ["--epochs", "3", "--method", "u2a", "--out", str(tmp_path)])
+    best, last = u2a.open_checkpoint(tmp_path / "best.safetensors")[1], u2a.open_checkpoint(tmp_path / "last.safetensors")[1]
+    assert (best["step"], best["best"], last["step"]) == (8, 80.0, 12)  # 4 steps per epoch
+    saved = {k[len("model."):]: v for k, v in load_file(str(tmp_path / "best.safetensors")).items()}
+    assert len(tested) == 1 and tested[0].keys() == saved.keys()
+    assert all(torch.equal(tested[0][n], saved[n]) for n in saved)  # the model tested is the best one
+    assert not all(torch.equal(saved[k[len("model."):]], v) for k, v in model_tensors(tmp_path / "last.safetensors").items()
+                   if k.startswith("model."))  # which differs from the last
+
+
 def _meta(path):
     from safetensors import safe_open
     return safe_open(str(path), framework="pt").metadata()["u2a"]
