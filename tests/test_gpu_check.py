@@ -31,6 +31,27 @@ def test_parity_lines_and_precision_probe(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("VERDICT: FAIL, 1 of 8 checks failed (train.py --precision)")
 
 
+def test_a_parity_line_fails_when_ours_and_transformers_differ(tmp_path, capsys, monkeypatch):
+    """The parity checks can fail: against a transformers model whose weights were moved, every line is FAIL."""
+    weights = Path(checkpoints.save_run_encoders(tmp_path, u2a.ENCODER_FOLDERS["paper"], ["best", "recipe"]))
+    real_reference = gpu_check.test_encoders.reference
+
+    def moved(kind, directory):
+        model = real_reference(kind, directory)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        return model
+    monkeypatch.setattr(gpu_check.test_encoders, "reference", moved)
+    report = gpu_check.Report()
+    gpu_check.parity(report, weights, torch.device("cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"FAIL parity {p} {kind}" for kind in ("vit", "bert", "ast")
+                                                      for p in ("fp32", "bf16")]
+    assert len(report.failed) == 6
+
+
 @pytest.mark.slow
 def test_dry_run_on_the_cpu():
     done = subprocess.run([sys.executable, "tests/gpu_check.py", "--cpu"], cwd=ROOT, capture_output=True, text=True)
