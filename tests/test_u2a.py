@@ -455,6 +455,22 @@ def test_predict_truncates_a_text_where_the_run_did(tmp_path):
                                                                        tokenizer=run_tokenizer)
 
 
+def test_a_checkpoint_refuses_encoders_of_another_config(tmp_path):
+    """A trained model rebuilt on encoders whose config differs from those it was trained on (here only
+    layer_norm_eps: the same shapes, so every tensor would load) is refused by name, not silently rebuilt."""
+    import json
+    import shutil
+    model = toy_model("u2a")
+    u2a.save_checkpoint(tmp_path / "c.safetensors", model)
+    other = shutil.copytree(TOY / "vit", tmp_path / "vit")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-6}))
+    with pytest.raises(ValueError, match=r"the image encoder at .*vit is not the one this model was trained on"):
+        u2a.from_checkpoint(tmp_path / "c.safetensors", {"image": other, "text": TOY / "bert"})
+    rebuilt = u2a.from_checkpoint(tmp_path / "c.safetensors", {"image": TOY / "vit", "text": TOY / "bert"})
+    assert rebuilt.config.encoder_configs == model.config.encoder_configs  # the same encoders: rebuilt
+
+
 def test_predict_refuses_no_input_and_an_image_of_the_wrong_size():
     model = toy_model("u2a")
     with pytest.raises(ValueError, match="an image, a text or both"):
