@@ -41,6 +41,23 @@ def test_lr_schedule():
     assert all(a > b for a, b in zip(decay, decay[1:]))
 
 
+def test_a_step_whose_every_sample_was_skipped_moves_nothing():
+    """Skip mode (--on-error skip): a step left with no readable sample is left out, not taken with zero
+    gradients (AdamW would still decay the matrices and move every parameter by its momentum)."""
+    args, _ = train.parse_args(SMALL)
+    info = data.dataset_info(args.data, args.data_root)
+    model = u2a.U2A(train.model_config(args, info, "u2a"))
+    learner = train.Learner(model, model, model.configure_optimizer(1e-2, 0.5), torch.amp.GradScaler("cpu", enabled=False))
+    ctx = train.Context(0, 1, torch.device("cpu"), info)
+    loader = data.make_loader(data.make_dataset("synthetic", None, "train", limit=4), 4, False)
+    train.train_step(learner, next(iter(loader)), 1e-2, ctx)  # one real step: AdamW now has momentum
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    empty = data.collate([None, None], info)
+    losses = train.train_step(learner, empty, 1e-2, ctx, may_be_empty=True)
+    assert losses.tolist() == [0.0, 0.0, 0.0]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_a_run_steps_at_the_scheduled_lr(tmp_path, monkeypatch):
     """train.py's steps use lr_factor's schedule: 4 steps per epoch, 1 warm-up epoch at 0.1x, then the decay."""
     lrs, real_step = [], train.train_step
