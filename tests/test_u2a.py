@@ -395,6 +395,35 @@ def test_mask_token_mse_is_over_the_samples_that_have_both_modalities():
     assert analysis["mt_cls_mse_per_class"]["image->text"][1:3] == [0.0, 0.0]
 
 
+def test_a_sample_a_scenario_leaves_with_nothing_is_not_scored():
+    """A sample whose image could not be read (present False in the stored tokens) keeps it missing in every
+    scenario; where the scenario drops its text too it has nothing left and is not scored (else it would be
+    classified from the head's bias alone)."""
+    model = mask_tokens_apart(tiny_model())
+    batch = tiny_batch()  # rows 2 and 5 without image
+    with torch.no_grad():
+        cls, mt = model.encode(batch)
+
+    class TextDropped:  # data.eval_scenarios' interface: every sample's text missing
+        name, groups, shares = "image 100% + text 0%", ("table4",), {"image": 100.0, "text": 0.0}
+
+        def table(self, n, seed=None):
+            return torch.tensor([[True, False]] * n)
+    tokens = {**{f"cls.{m}": cls[m] for m in cls}, **{f"mt.{m}": mt[m] for m in mt},
+              "present": batch["present"], "index": torch.arange(6)}
+    scored = batch["present"] & TextDropped().table(6)
+    assert scored.any(1).tolist() == [True, True, False, True, True, False]
+    pred = u2a.scenario_logits(model, tokens, scored).argmax(1)
+    keep = scored.any(1)
+    # right on the samples scored; on the two others, wrong whatever they are classified from (their remaining
+    # MT, or the head's bias alone were they scored with no input)
+    bias_class = int(model.head.bias.argmax())
+    wrong = torch.tensor([next(c for c in range(5) if c not in (int(p), bias_class)) for p in pred])
+    labels = torch.where(keep, pred, wrong)
+    results, _ = u2a.evaluate_scenarios(model, {**tokens, "labels": labels}, [TextDropped()])
+    assert results["image 100% + text 0%"]["accuracy"] == 100.0
+
+
 # -----------------------------------------------------------------------------
 # predict: a user's own image and/or text, either missing, through the toy model
 
