@@ -271,8 +271,8 @@ def test_video_frames_are_encoded_separately_and_averaged():
     torch.manual_seed(0)
     vit_video, vit_image = tiny_vit(), tiny_vit()
     vit_image.load_state_dict(vit_video.state_dict())
-    model = in_memory({"audio": AST(ASTConfig(max_length=64, num_mel_bins=32, **TINY)), "video": vit_video}, 4,
-                      lora_dropout=0.0).eval()
+    model = mask_tokens_apart(in_memory({"audio": AST(ASTConfig(max_length=64, num_mel_bins=32, **TINY)),
+                                         "video": vit_video}, 4, lora_dropout=0.0)).eval()
     image_model = in_memory({"image": vit_image, "text": tiny_bert()}, 4, lora_dropout=0.0).eval()
     image_model.branches["image"].load_state_dict(model.branches["video"].state_dict())
     frames = torch.randn(2, 3, 3, 32, 32)  # (B, T, 3, H, W)
@@ -280,11 +280,15 @@ def test_video_frames_are_encoded_separately_and_averaged():
     out = model(batch)
     assert out.logits.shape == (2, 4)
     # the clip's CLS is the mean of each frame's CLS through the image branch
-    per_frame = [image_model.branches["image"]({"image": frames[:, t]})[0] for t in range(3)]
-    assert torch.allclose(out.cls["video"], torch.stack(per_frame).mean(0), atol=1e-5)
+    per_frame = [image_model.branches["image"]({"image": frames[:, t]}) for t in range(3)]  # (CLS, MT) each
+    assert torch.allclose(out.cls["video"], torch.stack([c for c, _ in per_frame]).mean(0), atol=1e-5)
+    # and the clip's MT the mean of each frame's MT
+    assert torch.allclose(out.mt["video"], torch.stack([t for _, t in per_frame]).mean(0), atol=1e-5)
+    assert not torch.allclose(out.mt["video"], out.cls["video"], atol=1e-3)
     # and so frame order does not matter
-    shuffled = dict(batch, video=frames[:, [2, 0, 1]])
-    assert torch.allclose(model(shuffled).cls["video"], out.cls["video"], atol=1e-5)
+    shuffled = model(dict(batch, video=frames[:, [2, 0, 1]]))
+    assert torch.allclose(shuffled.cls["video"], out.cls["video"], atol=1e-5)
+    assert torch.allclose(shuffled.mt["video"], out.mt["video"], atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
