@@ -42,14 +42,19 @@ def write_video(path, seconds, codecs=("libx264", "aac")):
             pixels[:, (4 * i) % WIDTH:(4 * i) % WIDTH + 4] = 255
             out.mux(video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         out.mux(video.encode())
-        t = np.arange(seconds * SOURCE_RATE) / SOURCE_RATE
-        pcm = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-        for start in range(0, len(pcm), 1024):
-            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = SOURCE_RATE, start
-            out.mux(audio.encode(frame))
-        out.mux(audio.encode())
+        mux_tone(out, audio, seconds)
     return path
+
+
+def mux_tone(out, audio, seconds):
+    """`seconds` of a 440 Hz tone through the open container `out`'s mono audio stream."""
+    t = np.arange(seconds * SOURCE_RATE) / SOURCE_RATE
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    for start in range(0, len(pcm), 1024):
+        frame = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
+        frame.sample_rate, frame.pts = SOURCE_RATE, start
+        out.mux(audio.encode(frame))
+    out.mux(audio.encode())
 
 
 def write_lines(path, lines, end="\r\n"):
@@ -259,13 +264,7 @@ def write_audio_only(path, seconds):
     with av.open(str(path), "w") as out:
         audio = out.add_stream("aac", rate=SOURCE_RATE)
         audio.layout = "mono"
-        t = np.arange(seconds * SOURCE_RATE) / SOURCE_RATE
-        pcm = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-        for start in range(0, len(pcm), 1024):
-            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + 1024], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = SOURCE_RATE, start
-            out.mux(audio.encode(frame))
-        out.mux(audio.encode())
+        mux_tone(out, audio, seconds)
 
 
 def test_a_file_with_no_video_track_fails_its_clip_not_the_run(tmp_path):

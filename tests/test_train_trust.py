@@ -300,15 +300,19 @@ def test_lora_dropout_masks_differ_across_processes_and_repeat_across_resumes():
 # -----------------------------------------------------------------------------
 # 15. A non-finite loss stops the run before a NaN checkpoint is written
 
-def test_a_nan_loss_stops_the_run_without_saving_nan_weights(tmp_path, monkeypatch):
-    real = train.u2a_loss
+def nan_loss_from_step_2(monkeypatch):
+    """train.py's loss becomes NaN from the second training step on."""
+    real, calls = train.u2a_loss, []
 
     def nan_from_step_2(out, *a, **k):
         loss, task, align = real(out, *a, **k)
-        nan_from_step_2.calls += 1
-        return (loss * float("nan"), task, align) if nan_from_step_2.calls >= 2 else (loss, task, align)
-    nan_from_step_2.calls = 0
+        calls.append(1)
+        return (loss * float("nan"), task, align) if len(calls) >= 2 else (loss, task, align)
     monkeypatch.setattr(train, "u2a_loss", nan_from_step_2)
+
+
+def test_a_nan_loss_stops_the_run_without_saving_nan_weights(tmp_path, monkeypatch):
+    nan_loss_from_step_2(monkeypatch)
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
         train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--out", str(tmp_path)])
     assert not (tmp_path / "best.safetensors").exists() and not (tmp_path / "last.safetensors").exists()
@@ -317,14 +321,7 @@ def test_a_nan_loss_stops_the_run_without_saving_nan_weights(tmp_path, monkeypat
 def test_a_nan_loss_stops_the_run_before_a_save_every_checkpoint_holds_nan_weights(tmp_path, monkeypatch):
     """--save-every writes last.safetensors between the log steps: the loss is checked before each such write
     too (seen: with --save-every 1 the step after a NaN loss saved NaN weights as the "last good one")."""
-    real = train.u2a_loss
-
-    def nan_from_step_2(out, *a, **k):
-        loss, task, align = real(out, *a, **k)
-        nan_from_step_2.calls += 1
-        return (loss * float("nan"), task, align) if nan_from_step_2.calls >= 2 else (loss, task, align)
-    nan_from_step_2.calls = 0
-    monkeypatch.setattr(train, "u2a_loss", nan_from_step_2)
+    nan_loss_from_step_2(monkeypatch)
     with pytest.raises(FloatingPointError, match="NaN or infinite by step 2"):
         train.main(SMALL + ["--epochs", "1", "--method", "u2a", "--save-every", "1", "--out", str(tmp_path)])
     last = tmp_path / "last.safetensors"  # step 1's, the one before the NaN
