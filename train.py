@@ -596,8 +596,8 @@ def check_args(p, given):
                 f"drop --gpu to run on the CPU")
     if gpu is not None and gpu >= torch.cuda.device_count():
         n = torch.cuda.device_count()
-        p.error(f"--gpu {gpu}: this machine has {n} CUDA device{'s' if n > 1 else ''} (index "
-                f"{'0' if n == 1 else f'0 to {n - 1}'})")
+        indices = "index 0" if n == 1 else f"index 0 to {n - 1}"
+        p.error(f"--gpu {gpu}: this machine has {n} CUDA device{'s' if n > 1 else ''} ({indices})")
 
 
 def check_method_flags(p, args, given):

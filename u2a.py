@@ -766,14 +766,14 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
     m1, m2 = model.modalities
     mse = {f"{m1}->{m2}": ((tokens[f"mt.{m1}"][both] - tokens[f"cls.{m2}"][both]) ** 2).mean(1),  # MT_1 ~ CLS_2
            f"{m2}->{m1}": ((tokens[f"mt.{m2}"][both] - tokens[f"cls.{m1}"][both]) ** 2).mean(1)}
-    per_class, labels = {}, labels[both]
+    per_class, labels_both = {}, labels[both]  # the labels of the samples compared
     for key, per_sample in mse.items():
         if multilabel:  # a film counts towards each of its genres
-            weights = labels / labels.sum(0).clamp(min=1)
+            weights = labels_both / labels_both.sum(0).clamp(min=1)
             per_class[key] = (weights * per_sample[:, None]).sum(0).tolist()
         else:
-            counts = torch.bincount(labels, minlength=len(model.config.class_names)).clamp(min=1)
-            per_class[key] = (torch.bincount(labels, per_sample, minlength=len(model.config.class_names))
+            counts = torch.bincount(labels_both, minlength=len(model.config.class_names)).clamp(min=1)
+            per_class[key] = (torch.bincount(labels_both, per_sample, minlength=len(model.config.class_names))
                               / counts).tolist()
     analysis = {"mt_cls_mse": {k: v.mean().item() for k, v in mse.items()}, "mt_cls_mse_per_class": per_class}
     return results, analysis
