@@ -8,7 +8,7 @@ this file only finds files and builds the objects those modules expect, so that 
 `load_run(folder)` instead of repeating twenty lines of set-up.
 
 Importing it is the notebooks' one set-up: Jupyter starts a notebook's kernel in the notebook's folder, and
-this puts the repository root on sys.path, so that the cell after it can `import data, encoders, u2a`.
+this puts the repository root on sys.path, so that the line after it can `import data, encoders, u2a`.
 
 Read top to bottom: set-up -> where the code does a step -> the toy model -> a train.py run folder (its
 methods, model, stored test tokens, scenarios, log) -> the fused feature -> demo inputs for real datasets.
@@ -107,8 +107,8 @@ def load_run(folder):
     metrics = json.loads((folder / "metrics.json").read_text())
     tokens_file = folder / "test_tokens.safetensors"
     if not tokens_file.is_file():
-        raise FileNotFoundError(f"{tokens_file} is missing: train.py stores the test tokens only when they are "
-                                "under 50M numbers; re-run with --eval-only on a smaller --limit")
+        raise FileNotFoundError(f"{tokens_file} is missing: train.py stores the test tokens only when test samples "
+                                "x width D is at most 50M; re-run with --eval-only on a smaller --limit")
     settings = run_settings(folder)
     model = u2a.from_checkpoint(folder / "best.safetensors")  # its encoders where training found them
     info = data.dataset_info(settings["data"])  # no data root: Food-101's class names come from the model
