@@ -18,8 +18,8 @@ and run folders -> scoring the paper's scenarios -> predict.
 
 Choices the paper leaves open, made here:
 - CLS starts as the encoder's own pretrained class token (as it enters the encoder, position included), so
-  an untrained model reads every input as the pretrained one does. The MT starts either as a copy of it
-  (mt_init="cls", the real datasets' default) or as a random vector of its norm (mt_init="random", the
+  an untrained model reads every input as the pretrained one does, but for attention to the MT, which starts
+  as a copy of it (mt_init="cls", the real datasets' default) or a random vector of its norm (mt_init="random", the
   toy's). On the toy's default design both learn to estimate the other modality's CLS (README, "The default
   run": mean MSE 0.30 / 0.50 from a copy over seeds 0-1, 0.76 / 0.93 from random over seeds 0-3, against
   0.97 / 0.88 for a constant guess; from random, seed 2 and seed 3's text -> image ended above that guess);
