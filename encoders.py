@@ -438,7 +438,7 @@ def load_weights(model, checkpoint, file, prefixes, skip, renames):
     if prefix is None:
         raise KeyError(f"{file}: no key starts with {prefixes}: not a {type(model).__name__} checkpoint")
     params = dict(model.named_parameters())
-    loaded = set()
+    loaded = {}  # our name -> the key it came from
     for key in keys:
         if not key.startswith(prefix) or key[len(prefix):].startswith(skip):
             continue
@@ -447,13 +447,15 @@ def load_weights(model, checkpoint, file, prefixes, skip, renames):
             name = name.replace(old, new, 1)
         if name not in params:
             raise KeyError(f"{file}: key {key!r} (our name {name!r}) has no place in {type(model).__name__}")
+        if name in loaded:  # e.g. a LayerNorm under both names (gamma and weight): the later would silently win
+            raise KeyError(f"{file}: keys {loaded[name]!r} and {key!r} both load {name!r}: keep one of them")
         shape = tuple(checkpoint.get_slice(key).get_shape())
         if shape != tuple(params[name].shape):
             raise ValueError(f"{file}: key {key!r} (our name {name!r}): expected shape "
                              f"{tuple(params[name].shape)}, found {shape}")
         with torch.no_grad():
             params[name].copy_(checkpoint.get_tensor(key))
-        loaded.add(name)
+        loaded[name] = key
     missing = [name for name in params if name not in loaded]
     if missing:
         raise KeyError(f"{file}: missing weights for {missing} (key prefix {prefix!r}): not a complete "

@@ -310,3 +310,13 @@ def test_missing_path(tmp_path):
 def test_wrong_model_for_file(small):
     with pytest.raises(KeyError):
         ViT.from_pretrained(small["bert"])  # a BERT file has no vision_model.* keys
+
+
+def test_two_keys_for_one_weight_are_refused(small, tmp_path):
+    """A file holding a LayerNorm under both names (gamma and weight) fills one parameter twice: whichever key
+    comes last would silently win. Seen before the check: loaded, with the embedding norm's scale all zeros."""
+    key = "bert.embeddings.LayerNorm.weight"
+    path = broken_bert(small, tmp_path, lambda s: s.__setitem__(key, torch.zeros(64)))
+    with pytest.raises(KeyError, match=r"LayerNorm\.gamma.*LayerNorm\.weight.*both.*embed_norm\.weight"):
+        BERT.from_pretrained(path)
+
