@@ -403,6 +403,10 @@ def find_checkpoint(path):
         raise FileNotFoundError(f"{path} does not exist: expected a .safetensors file or a directory "
                                 "holding model.safetensors")
     file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(file) and os.path.isfile(index):  # transformers' layout for files above its shard size
+        raise FileNotFoundError(f"{path} holds a sharded checkpoint ({index} and its model-*-of-*.safetensors): "
+                                "only one model.safetensors is read; merge the shards into one file first")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path} is a directory without model.safetensors "
                                 "(only safetensors files are read)")

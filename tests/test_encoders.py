@@ -5,6 +5,7 @@ Checkpoints are written in the published hub layouts by tests/checkpoints.py and
 from_pretrained and by transformers' from_pretrained. Small models run by default; the real sizes are
 `@pytest.mark.slow` (run them with `pytest -m slow -s`, which prints the max abs differences).
 """
+import json
 import os
 import shutil
 
@@ -319,4 +320,19 @@ def test_two_keys_for_one_weight_are_refused(small, tmp_path):
     path = broken_bert(small, tmp_path, lambda s: s.__setitem__(key, torch.zeros(64)))
     with pytest.raises(KeyError, match=r"LayerNorm\.gamma.*LayerNorm\.weight.*both.*embed_norm\.weight"):
         BERT.from_pretrained(path)
+
+
+def test_a_sharded_checkpoint_is_refused_by_name(small, tmp_path):
+    """transformers splits large files into model-0000k-of-0000n.safetensors + model.safetensors.index.json;
+    the message must say that this is what the folder holds, not that it has no safetensors file."""
+    state = load_file(os.path.join(small["bert"], "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[:10], "model-00002-of-00002.safetensors": keys[10:]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(tmp_path / name))
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = r"sharded checkpoint.*model\.safetensors\.index\.json.*one model\.safetensors"
+    with pytest.raises(FileNotFoundError, match=message):
+        BERT.from_pretrained(str(tmp_path))
 
