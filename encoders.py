@@ -431,7 +431,9 @@ def open_safetensors(file):
     try:
         return safe_open(file, framework="pt")  # never torch.load: unpickling can run arbitrary code
     except SafetensorError as e:
-        raise ValueError(f"{file} is not a safetensors file ({e}); convert it to .safetensors first") from e
+        # a truncated file (an interrupted copy) fails here too: the same words would send its owner to convert it
+        raise ValueError(f"{file} is not a safetensors file, or one cut short ({e}): fetch it again if a download "
+                         "or copy was interrupted, else convert it to .safetensors first") from e
 
 
 def load_weights(model, checkpoint, file, prefixes, skip, renames):

@@ -336,3 +336,11 @@ def test_a_sharded_checkpoint_is_refused_by_name(small, tmp_path):
     with pytest.raises(FileNotFoundError, match=message):
         BERT.from_pretrained(str(tmp_path))
 
+
+def test_a_download_cut_short_is_named_as_such(small, tmp_path):
+    """A partial file is a safetensors file: 'convert it to .safetensors' would be the wrong advice."""
+    whole = open(os.path.join(small["bert"], "model.safetensors"), "rb").read()
+    (tmp_path / "model.safetensors").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*cut short"):
+        BERT.from_pretrained(str(tmp_path))
+
