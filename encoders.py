@@ -560,7 +560,8 @@ def wordpiece_tokenizer(vocab):
 def bert_template(tok, max_len, source):
     """`tok` with BERT's [CLS] ... [SEP] template, truncating to max_len (specials included) and right-padding
     with [PAD] to the longest text of each encode_batch call. source: named when a special token is missing."""
-    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    # [UNK] is read only at the first unknown word (WordPiece then fails): checked here, not mid-training
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]")}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
         raise ValueError(f"tokenizer {source} lacks the BERT special tokens {missing}")

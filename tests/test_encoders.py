@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from encoders import AST, BERT, ViT, ASTConfig, BERTConfig, ViTConfig
+from encoders import AST, BERT, ViT, ASTConfig, BERTConfig, ViTConfig, load_tokenizer
 
 transformers.logging.set_verbosity_error()  # its load reports list the skipped heads we skip on purpose
 
@@ -344,3 +344,10 @@ def test_a_download_cut_short_is_named_as_such(small, tmp_path):
     with pytest.raises(ValueError, match=r"model\.safetensors.*cut short"):
         BERT.from_pretrained(str(tmp_path))
 
+
+def test_a_vocab_without_unk_is_refused_when_loaded(tmp_path):
+    """WordPiece needs [UNK] only at the first word it does not know: without the check, training crashed there
+    ('WordPiece error: Missing [UNK] token from the vocabulary'), possibly epochs in."""
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "hello"]) + "\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt lacks the BERT special tokens \['\[UNK\]'\]"):
+        load_tokenizer(tmp_path, 16)
