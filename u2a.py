@@ -57,8 +57,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from encoders import (AST, BERT, IMAGE_SIZE, MODALITY_INPUTS, ASTConfig, BERTConfig, ViT, ViTConfig, batch_inputs,
-                      clip_image, is_missing_text, load_tokenizer)
+from encoders import (AST, BERT, IMAGE_SIZE, MAX_FRAMES, MODALITY_INPUTS, NUM_MEL_BINS, ASTConfig, BERTConfig, ViT,
+                      ViTConfig, batch_inputs, clip_image, is_missing_text, load_tokenizer)
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
 from weights.download import CHECKPOINTS
 
@@ -146,8 +146,9 @@ def encoder_config(modality, folder):
 
 
 def check_encoders_fit(folders, info, tokenizer):
-    """Before training: the encoders ({modality: folder}) take the data's image size (info: data.py's
-    DatasetInfo) and every token id of its tokenizer (None without text); a ValueError names each misfit."""
+    """Before training: the encoders ({modality: folder}) take the data's image size (info: data.py's DatasetInfo),
+    fbank's frames and mel bins, and every token id of its tokenizer (None without text); a ValueError names each
+    misfit. Unchecked, each fails only at the first batch that meets it (maybe epochs in)."""
     problems = []
     for m, folder in folders.items():
         config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
@@ -157,6 +158,10 @@ def check_encoders_fit(folders, info, tokenizer):
         if m == "text" and tokenizer.get_vocab_size() > config.vocab_size:
             problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
                             f"{config_file}); {info.name}'s tokenizer gives {tokenizer.get_vocab_size()}")
+        if m == "audio" and (config.max_length, config.num_mel_bins) != (MAX_FRAMES, NUM_MEL_BINS):
+            problems.append(f"the audio encoder at {folder} takes {config.max_length} frames x {config.num_mel_bins} "
+                            f"mel bins (max_length, num_mel_bins in {config_file}); encoders.fbank gives "
+                            f"{MAX_FRAMES} frames x {NUM_MEL_BINS}")
     if problems:
         raise ValueError(f"the encoders do not fit the data: {'; '.join(problems)}. Point --weights at the encoders "
                          f"made for {info.name} (weights/make_toy.py's toy encoders fit only the synthetic data)")

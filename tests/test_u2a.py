@@ -1,7 +1,9 @@
 """U2A itself (paper section 3): token selection (eq. 4), loss (eq. 6-7), skipping missing encoders,
 video frames, parameter counts, modality dropout, and that it learns."""
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -595,3 +597,26 @@ def test_a_random_mask_token_starts_apart_from_the_cls_at_its_norm():
         assert not torch.allclose(branch.mt, branch.cls)
         assert torch.allclose(branch.mt.norm(), branch.cls.norm())
     assert torch.equal(tiny_model().branches["text"].mt, tiny_model().branches["text"].cls)  # "cls": a copy
+
+
+# -----------------------------------------------------------------------------
+# check_encoders_fit: what would otherwise fail at the first batch, or never
+
+def config_folder(folder, config):
+    """A folder holding only the config.json of `config` (all check_encoders_fit reads of an encoder)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(asdict(config)))
+    return folder
+
+
+@pytest.mark.parametrize("field, value", [("max_length", 128), ("num_mel_bins", 64)])
+def test_an_audio_encoder_of_another_input_size_is_refused(field, value, tmp_path):
+    """encoders.fbank always gives 1024 frames x 128 mel bins. An AST made for others (AST's speech-commands
+    checkpoint has max_length 128) passed the check and crashed at its first batch: 'The size of tensor a
+    (1214) must match the size of tensor b (146)'."""
+    info = data.dataset_info("cremad")
+    folders = {"audio": config_folder(tmp_path / "ast", ASTConfig(**{field: value})),
+               "video": config_folder(tmp_path / "vit", ViTConfig())}
+    with pytest.raises(ValueError, match=rf"audio encoder at .*ast takes .*{value}.*fbank gives 1024 frames x 128"):
+        u2a.check_encoders_fit(folders, info, None)
+
