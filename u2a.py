@@ -147,8 +147,8 @@ def encoder_config(modality, folder):
 
 def check_encoders_fit(folders, info, tokenizer):
     """Before training: the encoders ({modality: folder}) take the data's image size (info: data.py's DatasetInfo),
-    fbank's frames and mel bins, and every token id of its tokenizer (None without text); a ValueError names each
-    misfit. Unchecked, each fails only at the first batch that meets it (maybe epochs in)."""
+    fbank's frames and mel bins, its longest text, and every token id of its tokenizer (None without text); a
+    ValueError names each misfit. Unchecked, each fails only at the first batch that meets it (maybe epochs in)."""
     problems = []
     for m, folder in folders.items():
         config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
@@ -158,6 +158,10 @@ def check_encoders_fit(folders, info, tokenizer):
         if m == "text" and tokenizer.get_vocab_size() > config.vocab_size:
             problems.append(f"the text encoder at {folder} knows {config.vocab_size} tokens (vocab_size in "
                             f"{config_file}); {info.name}'s tokenizer gives {tokenizer.get_vocab_size()}")
+        if m == "text" and info.text_max_len and info.text_max_len > config.max_position_embeddings:
+            problems.append(f"the text encoder at {folder} has {config.max_position_embeddings} positions "
+                            f"(max_position_embeddings in {config_file}); {info.name}'s texts run to "
+                            f"{info.text_max_len} tokens")
         if m == "audio" and (config.max_length, config.num_mel_bins) != (MAX_FRAMES, NUM_MEL_BINS):
             problems.append(f"the audio encoder at {folder} takes {config.max_length} frames x {config.num_mel_bins} "
                             f"mel bins (max_length, num_mel_bins in {config_file}); encoders.fbank gives "

@@ -609,6 +609,16 @@ def config_folder(folder, config):
     return folder
 
 
+def text_folder(folder, vocab, **config):
+    """A text encoder's config.json and its vocab.txt -> (folder, its tokenizer at food101's length)."""
+    config_folder(folder, BERTConfig(**config))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return folder, encoders.load_tokenizer(folder, data.TEXT_MAX_LEN["food101"])
+
+
+BERT_SPECIALS = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # 101 [CLS]
+
+
 @pytest.mark.parametrize("field, value", [("max_length", 128), ("num_mel_bins", 64)])
 def test_an_audio_encoder_of_another_input_size_is_refused(field, value, tmp_path):
     """encoders.fbank always gives 1024 frames x 128 mel bins. An AST made for others (AST's speech-commands
@@ -619,4 +629,13 @@ def test_an_audio_encoder_of_another_input_size_is_refused(field, value, tmp_pat
                "video": config_folder(tmp_path / "vit", ViTConfig())}
     with pytest.raises(ValueError, match=rf"audio encoder at .*ast takes .*{value}.*fbank gives 1024 frames x 128"):
         u2a.check_encoders_fit(folders, info, None)
+
+
+def test_a_text_encoder_shorter_than_the_datasets_texts_is_refused(tmp_path):
+    """MM-IMDb's texts run to 256 tokens: a BERT of 128 positions crashed only at the first batch holding a text
+    longer than 128 tokens ('256 tokens, but BERT has 128 positions'), possibly epochs in."""
+    info = data.dataset_info("mmimdb")
+    folder, tokenizer = text_folder(tmp_path / "bert", BERT_SPECIALS + ["plot"], max_position_embeddings=128)
+    with pytest.raises(ValueError, match=r"text encoder at .*bert has 128 positions .*mmimdb's texts run to 256"):
+        u2a.check_encoders_fit({"text": folder}, info, tokenizer)
 
