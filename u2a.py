@@ -147,8 +147,9 @@ def encoder_config(modality, folder):
 
 def check_encoders_fit(folders, info, tokenizer):
     """Before training: the encoders ({modality: folder}) take the data's image size (info: data.py's DatasetInfo),
-    fbank's frames and mel bins, its longest text, and every token id of its tokenizer (None without text); a
-    ValueError names each misfit. Unchecked, each fails only at the first batch that meets it (maybe epochs in)."""
+    fbank's frames and mel bins, its longest text, and its tokenizer's (None without text) every token id and
+    [CLS]; a ValueError names each misfit. Unchecked, each fails only at the first batch that meets it (maybe
+    epochs in), and a wrong [CLS] never: CLS would silently start from another token's embedding."""
     problems = []
     for m, folder in folders.items():
         config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
@@ -162,6 +163,9 @@ def check_encoders_fit(folders, info, tokenizer):
             problems.append(f"the text encoder at {folder} has {config.max_position_embeddings} positions "
                             f"(max_position_embeddings in {config_file}); {info.name}'s texts run to "
                             f"{info.text_max_len} tokens")
+        if m == "text" and (cls := tokenizer.token_to_id("[CLS]")) != config.cls_token_id:  # else CLS starts wrong
+            problems.append(f"[CLS] is token {cls} in the tokenizer, but the text encoder at {folder} takes its class "
+                            f"token from cls_token_id {config.cls_token_id} (101 when absent): set it in {config_file}")
         if m == "audio" and (config.max_length, config.num_mel_bins) != (MAX_FRAMES, NUM_MEL_BINS):
             problems.append(f"the audio encoder at {folder} takes {config.max_length} frames x {config.num_mel_bins} "
                             f"mel bins (max_length, num_mel_bins in {config_file}); encoders.fbank gives "

@@ -639,3 +639,14 @@ def test_a_text_encoder_shorter_than_the_datasets_texts_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"text encoder at .*bert has 128 positions .*mmimdb's texts run to 256"):
         u2a.check_encoders_fit({"text": folder}, info, tokenizer)
 
+
+def test_a_tokenizer_whose_cls_is_not_the_encoders_class_token_is_refused(tmp_path):
+    """BERT's class token (CLS's starting value, eq. 2) is the embedding of config.cls_token_id, 101 unless
+    config.json says otherwise (hub configs never do). A vocabulary with [CLS] elsewhere (SciBERT's is 102)
+    started CLS from another token's embedding, silently."""
+    folder, tokenizer = text_folder(tmp_path / "bert", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ["w"] * 200)
+    assert tokenizer.token_to_id("[CLS]") == 2 and encoders.BERTConfig().cls_token_id == 101
+    with pytest.raises(ValueError, match=r"\[CLS\] is token 2 .*cls_token_id 101 .*config\.json"):
+        u2a.check_encoders_fit({"text": folder}, data.dataset_info("food101"), tokenizer)
+    fits, tokenizer = text_folder(tmp_path / "fits", BERT_SPECIALS + ["w"])
+    u2a.check_encoders_fit({"text": fits}, data.dataset_info("food101"), tokenizer)
