@@ -89,15 +89,20 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, targets, rank: int = 1, alpha: float = 1.0, dropout: float = 0.0) -> list[str]:
     """Replace, in place, every nn.Linear child whose attribute name is in `targets` by a LoRALinear wrapping
-    it. Returns the dotted paths of the replaced modules. (U2A's targets and settings: u2a.U2AConfig.)"""
+    it; every name in `targets` must match one at least. Returns the dotted paths of the replaced modules.
+    (U2A's targets and settings: u2a.U2AConfig.)"""
     # collect first, replace after: swapping children while walking named_modules() would change the walk
     found = [(parent_name, parent, name, child)
              for parent_name, parent in model.named_modules()
              for name, child in parent.named_children()
              if name in targets and isinstance(child, nn.Linear)]
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     if not found:
-        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"add_lora: no nn.Linear named any of {list(targets)} in {type(model).__name__}; "
+                         f"nn.Linear names found: {linears}")
+    unmatched = [t for t in targets if t not in {name for _, _, name, _ in found}]
+    if unmatched:  # a typo (peft's "o_proj" for out_proj) would silently leave that projection unadapted
+        raise ValueError(f"add_lora: targets {unmatched} match no nn.Linear in {type(model).__name__}; "
                          f"nn.Linear names found: {linears}")
     paths = []
     for parent_name, parent, name, child in found:
