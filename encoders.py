@@ -159,7 +159,12 @@ class Config:
     @classmethod
     def from_json(cls, path):
         with open(path) as f:
-            d = json.load(f)
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:  # json's own message names no file
+                raise ValueError(f"{path} is not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds a JSON {type(d).__name__}, not the object of a config.json")
         d = d.get("vision_config", d)  # a full CLIPConfig nests the vision tower; every other config.json is flat
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
