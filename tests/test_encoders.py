@@ -164,7 +164,8 @@ def test_configs_read_transformers_json(tmp_path):
 @pytest.mark.parametrize("text", ["{\"hidden_size\": 64,", "[64, 2]"], ids=["cut short", "not an object"])
 def test_a_broken_config_json_is_named(small, tmp_path, text):
     """Seen before: json's bare 'Expecting property name enclosed in double quotes: line 1 column 20', naming
-    no file (train.py's as_user_errors reports str(err), so that was the whole error), and for a JSON list "'list' object has no attribute 'get'"."""
+    no file (train.py's as_user_errors reports str(err), so that was the whole error), and for a JSON list
+    "'list' object has no attribute 'get'"."""
     shutil.copy(os.path.join(small["bert"], "model.safetensors"), tmp_path)
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ValueError, match=r"config\.json (is not valid JSON|holds a JSON list, not the object)"):
