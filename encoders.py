@@ -643,6 +643,8 @@ def fbank(waveform, sample_rate):
     ASTFeatureExtractor. Another sample rate is resampled to 16 kHz first."""
     if waveform.dim() != 1:
         raise ValueError(f"fbank expects a 1-D (mono) waveform, got shape {tuple(waveform.shape)}")
+    if not waveform.is_floating_point():  # integer PCM read as it is would be ~32768x too loud, silently
+        raise ValueError(f"fbank expects float samples in [-1, 1], got {waveform.dtype}: divide 16-bit PCM by 32768")
     if sample_rate != SAMPLE_RATE:
         waveform = resample(waveform, sample_rate, SAMPLE_RATE)
     if waveform.numel() < FRAME_LENGTH:

@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from encoders import AST, BERT, ViT, ASTConfig, BERTConfig, ViTConfig, load_tokenizer
+from encoders import AST, BERT, ViT, ASTConfig, BERTConfig, ViTConfig, fbank, load_tokenizer
 
 transformers.logging.set_verbosity_error()  # its load reports list the skipped heads we skip on purpose
 
@@ -361,3 +361,12 @@ def test_a_vocab_without_unk_is_refused_when_loaded(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[CLS]", "[SEP]", "[MASK]", "hello"]) + "\n")
     with pytest.raises(ValueError, match=r"vocab\.txt lacks the BERT special tokens \['\[UNK\]'\]"):
         load_tokenizer(tmp_path, 16)
+
+
+def test_fbank_refuses_integer_samples():
+    """fbank reads samples in [-1, 1]. 16-bit PCM passed as it is (what wave or scipy.io.wavfile give) was read
+    32767x too loud: seen, every log-mel value 20.6 higher (2.26 in AST's normalised units), no error."""
+    t = torch.arange(16_000) / 16_000
+    pcm = (0.3 * torch.sin(2 * torch.pi * 440 * t) * 32767).round().to(torch.int16)
+    with pytest.raises(ValueError, match=r"float samples in \[-1, 1\], got torch\.int16.*32768"):
+        fbank(pcm, 16_000)
