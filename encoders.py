@@ -559,6 +559,8 @@ def wordpiece_tokenizer(vocab):
     tok.normalizer = BertNormalizer(lowercase=True)  # strip_accents follows lowercase, as in BERT
     tok.pre_tokenizer = BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
+    # as transformers' BertTokenizer (and tokenizer.json's added tokens): "[SEP]" in a text is that one token
+    tok.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
     return tok
 
 

