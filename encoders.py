@@ -126,9 +126,7 @@ class Block(nn.Module):
 
 
 def make_blocks(cfg, pre_norm):
-    if cfg.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; expected one of {list(ACTIVATIONS)}")
-    act = ACTIVATIONS[cfg.hidden_act]
+    act = ACTIVATIONS[cfg.hidden_act]  # checked when the config was made (Config.__post_init__)
     return nn.ModuleList(
         Block(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, act, cfg.layer_norm_eps, pre_norm)
         for _ in range(cfg.num_hidden_layers)
@@ -156,6 +154,13 @@ class Config:
     hidden_act: str = "gelu"  # transformers' "gelu" is the exact erf GELU (BERT, AST)
     layer_norm_eps: float = 1e-12
 
+    def __post_init__(self):
+        # here rather than when the model is built: u2a.check_encoders_fit reads configs before a run starts
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {list(ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+
     @classmethod
     def from_json(cls, path):
         with open(path) as f:
@@ -166,7 +171,10 @@ class Config:
         if not isinstance(d, dict):
             raise ValueError(f"{path} holds a JSON {type(d).__name__}, not the object of a config.json")
         d = d.get("vision_config", d)  # a full CLIPConfig nests the vision tower; every other config.json is flat
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        try:
+            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -309,6 +309,10 @@ def test_eval_only_after_the_encoders_moved_says_to_pass_weights(tmp_path):
 @pytest.mark.parametrize("encoder, field, value, message", [
     ("vit", "image_size", 64, "takes 64x64 images (image_size in "),
     ("bert", "vocab_size", 20, "knows 20 tokens (vocab_size in "),
+    # seen before the check in encoders.Config: passed, then U2A's build raised a bare ValueError (or an
+    # AssertionError) naming no file, after the run folder was written
+    ("bert", "hidden_act", "gelu_new", "config.json: hidden_act 'gelu_new' is not supported"),
+    ("vit", "num_attention_heads", 5, "config.json: hidden size 64 is not divisible by 5 heads"),
 ])
 def test_toy_encoders_that_do_not_fit_the_synthetic_data_are_refused(encoder, field, value, message, tmp_path,
                                                                      monkeypatch):
