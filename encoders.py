@@ -28,6 +28,7 @@ import json
 import math
 import os
 import unicodedata
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -427,13 +428,16 @@ def find_checkpoint(path):
 
 
 def load_pretrained(model_cls, config_cls, path, config=None, device=None, dtype=None):
-    """Build model_cls from the config.json beside the weights (or `config`) and copy the weights in."""
+    """Build model_cls from the config.json beside the weights (or `config`) and copy the weights in.
+    device="meta" reads no tensor: the model is built without memory and the file's keys and shapes are checked,
+    all from the file's header (u2a.check_encoders_fit, before a run writes anything)."""
     file = find_checkpoint(path)
     with open_safetensors(file) as checkpoint:  # opened first: a bad file fails before a model is built
         config_file = os.path.join(os.path.dirname(file), "config.json")
         if config is None:
             config = config_cls.from_json(config_file) if os.path.isfile(config_file) else config_cls()
-        model = model_cls(config)
+        with torch.device("meta") if str(device) == "meta" else nullcontext():
+            model = model_cls(config)
         load_weights(model, checkpoint, file, **LAYOUTS[model_cls])
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)  # frozen: only LoRA factors and U2A's own tokens/heads are trained
@@ -472,8 +476,9 @@ def load_weights(model, checkpoint, file, prefixes, skip, renames):
         if shape != tuple(params[name].shape):
             raise ValueError(f"{file}: key {key!r} (our name {name!r}): expected shape "
                              f"{tuple(params[name].shape)}, found {shape}")
-        with torch.no_grad():
-            params[name].copy_(checkpoint.get_tensor(key))
+        if not params[name].is_meta:  # a meta model (load_pretrained's check) has no values to fill
+            with torch.no_grad():
+                params[name].copy_(checkpoint.get_tensor(key))
         loaded[name] = key
     missing = [name for name in params if name not in loaded]
     if missing:

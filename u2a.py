@@ -149,7 +149,8 @@ def check_encoders_fit(folders, info, tokenizer):
     """Before training: the encoders ({modality: folder}) take the data's image size (info: data.py's DatasetInfo),
     fbank's frames and mel bins, its longest text, and its tokenizer's (None without text) every token id and
     [CLS]; a ValueError names each misfit. Unchecked, each fails only at the first batch that meets it (maybe
-    epochs in), and a wrong [CLS] never: CLS would silently start from another token's embedding."""
+    epochs in), and a wrong [CLS] never: CLS would silently start from another token's embedding. Then each
+    weights file is checked as load_encoder reads it (keys, shapes), from its header: it is read only later."""
     problems = []
     for m, folder in folders.items():
         config, config_file = encoder_config(m, folder), Path(folder) / "config.json"
@@ -173,6 +174,11 @@ def check_encoders_fit(folders, info, tokenizer):
     if problems:
         raise ValueError(f"the encoders do not fit the data: {'; '.join(problems)}. Point --weights at the encoders "
                          f"made for {info.name} (weights/make_toy.py's toy encoders fit only the synthetic data)")
+    for m, folder in folders.items():  # then each weights file: every key and shape, read from its header alone
+        try:
+            MODALITY_ENCODER[m].from_pretrained(folder, device="meta")
+        except KeyError as e:  # a key missing or out of place: the file's to fix, a ValueError as the others
+            raise ValueError(e.args[0]) from e
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import test_data
 import train
@@ -336,6 +337,33 @@ def test_the_toy_vit_pointed_at_food101_is_refused(tmp_path, published_weights, 
         train.main(food_args(root, weights, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
+
+def cut_short(file):
+    whole = file.read_bytes()
+    file.write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+
+
+def drop_a_vision_key(file):
+    state = load_file(file)
+    del state["vision_model.encoder.layers.0.mlp.fc2.weight"]
+    save_file(state, file)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (cut_short, r"model\.safetensors is not a safetensors file, or one cut short"),
+    (drop_a_vision_key, r"model\.safetensors: missing weights for \['blocks\.0\.mlp\.fc2\.weight'\]"),
+], ids=["cut short", "a key missing"])
+def test_a_broken_weights_file_is_refused_before_anything_is_written(edit, message, tmp_path, published_weights,
+                                                                    monkeypatch):
+    """The weights were read only when U2A was built, after the run folder was written: seen, a bare ValueError
+    or KeyError traceback and a run folder left behind (config.json and the missing tables)."""
+    root = test_data.make_food101(tmp_path / "food")
+    weights = shutil.copytree(published_weights, tmp_path / "w")
+    edit(weights / u2a.ENCODER_FOLDERS["paper"]["image"] / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(train.UserError, match=message):
+        train.main(food_args(root, weights, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 # -----------------------------------------------------------------------------
 # 24. A user's mistake: one `train.py: error: ...` line and exit status 2, as argparse; no traceback

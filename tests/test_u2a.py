@@ -17,6 +17,7 @@ from encoders import AST, ASTConfig, BERT, BERTConfig, ViT, ViTConfig
 from lora import LoRALinear
 import u2a
 from u2a import U2A, U2AConfig, U2AOutput, alignment_loss, modality_dropout, predict, u2a_loss
+from weights import make_toy
 
 D = 32
 TINY = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -648,5 +649,7 @@ def test_a_tokenizer_whose_cls_is_not_the_encoders_class_token_is_refused(tmp_pa
     assert tokenizer.token_to_id("[CLS]") == 2 and encoders.BERTConfig().cls_token_id == 101
     with pytest.raises(ValueError, match=r"\[CLS\] is token 2 .*cls_token_id 101 .*config\.json"):
         u2a.check_encoders_fit({"text": folder}, data.dataset_info("food101"), tokenizer)
-    fits, tokenizer = text_folder(tmp_path / "fits", BERT_SPECIALS + ["w"])
-    u2a.check_encoders_fit({"text": fits}, data.dataset_info("food101"), tokenizer)
+    fits = tmp_path / "fits"  # [CLS] 101, as the config's default: passes, weights file included
+    make_toy.save(BERT(BERTConfig(vocab_size=200, **TINY)), fits)
+    (fits / "vocab.txt").write_text("\n".join(BERT_SPECIALS + ["w"]) + "\n")
+    u2a.check_encoders_fit({"text": fits}, data.dataset_info("food101"), encoders.load_tokenizer(fits, 40))
