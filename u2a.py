@@ -17,13 +17,13 @@ the two-branch model (token selection, fusion, head) -> the loss -> random modal
 and run folders -> scoring the paper's scenarios -> predict.
 
 Choices the paper leaves open, made here:
-- CLS starts as the encoder's own pretrained class token (as it enters the encoder, position included), so
-  an untrained model reads every input as the pretrained one does, but for attention to the MT, which starts
-  as a copy of it (mt_init="cls", the real datasets' default) or a random vector of its norm (mt_init="random", the
-  toy's). On the toy's default design both learn to estimate the other modality's CLS (README, "The default
-  run": mean MSE 0.30 / 0.50 from a copy over seeds 0-1, 0.76 / 0.93 from random over seeds 0-3, against
-  0.97 / 0.88 for a constant guess; from random, seed 2 and seed 3's text -> image ended above that guess);
-  random gave the complete case 2.2 points more over seeds 0-1.
+- CLS starts as the encoder's own pretrained class token (as it enters the encoder, position included): an
+  untrained model reads each input as the pretrained one does but for every token's attention to the MT. The MT
+  starts as a copy of the CLS (mt_init="cls", the real datasets' default) or a random vector of its norm
+  (mt_init="random", the toy's). On the toy's default design both learn to estimate the other modality's CLS
+  (README, "The default run": mean MSE 0.30 / 0.50 from a copy over seeds 0-1, 0.76 / 0.93 from random over
+  seeds 0-3, against 0.97 / 0.88 for a constant guess; from random, seed 2 and seed 3's text -> image ended
+  above that guess); random gave the complete case 2.2 points more over seeds 0-1.
 - Eq. 6 may treat its CLS targets as constants (align_stop_grad, the toy's default): the alignment then
   moves the MTs only, and never pulls a CLS towards what its MT can guess. On the toy, without it, the
   complete case fell from 98.1 to 91.2 (seeds 0-1).
