@@ -1538,7 +1538,7 @@ def lesson_table(summary, shares, info):
 
 def setting_notes(info, counts, limit, changed):
     """What a reader must know before comparing a row with the paper. counts: {split: samples loaded};
-    changed: the run's settings other than Table 5's, as flags."""
+    changed: the run's settings other than the paper's (Table 5, eq. 6, section 3), as flags."""
     if info.name in SYNTHETIC:
         return ["synthetic data and toy encoders: a demonstration of the paper's lesson, not one of its experiments "
                 "(no paper number applies); the Bayes ceiling is the best any model can reach on this design "
@@ -1555,7 +1555,7 @@ def setting_notes(info, counts, limit, changed):
     loaded = " / ".join(f"{counts[s]:,}" if s in counts else "?" for s in ("train", "val", "test"))
     notes.append(f"samples loaded (train / val / test): {loaded}; the paper's: {PAPER_SAMPLES[info.name]}"
                  + (f" (--limit {limit})" if limit else ""))
-    return notes + (["settings other than the paper's Table 5: " + ", ".join(changed)] if changed else [])
+    return notes + (["settings other than the paper's: " + ", ".join(changed)] if changed else [])
 
 
 def summary_markdown(summary, shares, info, trained, seeds, notes):
