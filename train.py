@@ -425,7 +425,9 @@ def train(args, method, out, sets, ctx):
     learner = Learner(model, wrapped, optimizer, torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16"))
     meta = lambda: {"step": step, "best": best, "best_step": best_step, "train_seconds": spent + time.time() - t0,
                     "data": args.data, "config": vars_json(args)}
-    complete = bool(sets["train"].present.all())  # section 3: dropout on a complete training set only
+    # section 3: dropout on complete training data only, i.e. no missing rate (files marked absent in skip mode
+    # are a few samples of a complete setting; dropout never takes a sample's only modality)
+    complete = not args.train_missing_rate
     use_dropout = model.method.dropout and (args.modality_dropout == "on" or complete)
     if model.method.dropout and not use_dropout and ctx.rank == 0:  # else it would train as naive does, unsaid
         print(f"{method}: no modality dropout: the training set already misses modalities (section 3); "

@@ -375,3 +375,22 @@ def test_a_dropout_method_on_an_incomplete_training_set_says_it_does_not_drop(tm
                                   "--out", str(tmp_path / "on")])
     assert "no modality dropout" not in capsys.readouterr().out
     assert len(drawn) == train.RECIPES["synthetic"]["epochs"] * 64 // 16  # --modality-dropout on: one per step
+def test_a_few_files_marked_absent_leave_modality_dropout_on(published_weights, tmp_path, capsys, monkeypatch):
+    """Section 3: dropout on complete training data, none where the training set misses modalities (its missing
+    rate). Seen: --on-error skip with two of Food-101's training images gone marked them absent, and the whole run
+    then trained without modality dropout ("the training set already misses modalities"), unlike the paper's
+    complete-data runs (Tables 1, 2, 4) whose numbers its summary prints beside it."""
+    import test_data
+    root = test_data.make_food101(tmp_path / "food101")
+    for cls in ("baklava", "ramen"):
+        (root / "images" / "train" / cls / f"{cls}_0.jpg").unlink()
+    drawn = []  # the steps that drew a modality dropout
+    real_dropout = train.modality_dropout
+    monkeypatch.setattr(train, "modality_dropout", lambda *a, **k: drawn.append(1) or real_dropout(*a, **k))
+    train.main(["--data", "food101", "--data-root", str(root), "--weights", str(published_weights), "--out",
+                str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--warmup-epochs", "0",
+                "--method", "u2a", "--on-error", "skip"])
+    assert "no modality dropout" not in capsys.readouterr().out
+    assert len(drawn) == (12 - 1) // 4  # one per step: 12 training titles less the 10% val carve, batches of 4
+
+
