@@ -88,7 +88,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from encoders import (FRAME_LENGTH, IMAGE_SIZE, NUM_FRAMES, SAMPLE_RATE, SPECIAL_TOKENS, batch_inputs, bert_template,
-                      clip_image, fbank, image_problem, is_missing_text, wordpiece_tokenizer)
+                      clip_image, fbank, image_problem, is_missing_text, upright_rgb, wordpiece_tokenizer)
 
 # -----------------------------------------------------------------------------
 # 0. Seeds: every random stream of a run comes from the run's one seed, here
@@ -768,6 +768,7 @@ CROP_SCALE, CROP_RATIO, CROP_TRIES, FLIP_PROB = (0.08, 1.0), (3 / 4, 4 / 3), 10,
 
 def augment_frame(pil, generator):
     """RandomResizedCrop + horizontal flip, every draw from `generator` (the sample's own stream)."""
+    pil = upright_rgb(pil)  # drawn on the picture the test read sees (clip_image): upright, 8-bit RGB
     w, h = pil.size
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))  # aspect is log-uniform, as torchvision's
     for _ in range(CROP_TRIES):
@@ -782,7 +783,7 @@ def augment_frame(pil, generator):
         cw = ch = min(w, h)
         left, top = (w - cw) // 2, (h - ch) // 2
     box = (left, top, left + cw, top + ch)
-    pil = pil.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC, box=box)
+    pil = pil.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC, box=box)
     flip = torch.rand((), generator=generator).item() < FLIP_PROB
     return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import WordPiece
@@ -538,14 +538,18 @@ def to_8_bit(pil):
     return Image.fromarray(np.rint(x * (255 / top)).astype(np.uint8))
 
 
-def clip_image(pil, size=IMAGE_SIZE):
-    """PIL image -> (3, size, size) float, as CLIPImageProcessor: shortest side to size (bicubic),
-    centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy ViT's 32).
-    16-bit and float grey images are first read by their range (FULL_SCALE); other modes and aspect ratios
+def upright_rgb(pil):
+    """PIL image -> the 8-bit RGB picture CLIP's preprocessing reads: turned upright by its EXIF Orientation tag,
+    16-bit and float grey read by their range (FULL_SCALE), transparency on white. Other modes and aspect ratios
     above MAX_ASPECT_RATIO raise a ValueError naming them."""
     problem = image_problem(pil)
     if problem:
         raise ValueError(problem)
+    # A phone stores a portrait photo sideways with an Orientation tag. CLIPImageProcessor given a file opens it
+    # with transformers' load_image, which applies the tag (ImageOps.exif_transpose); given an already opened PIL
+    # image it does not, and would read such a photo sideways: we turn it upright in both cases. exif_transpose
+    # returns the image without the tag, so a second call (augment_frame, then clip_image) turns nothing.
+    pil = ImageOps.exif_transpose(pil)
     if pil.mode in FULL_SCALE:
         pil = to_8_bit(pil)
     if pil.mode != "RGB":  # transparent pixels become white, as in transformers' convert_to_rgb
@@ -553,6 +557,14 @@ def clip_image(pil, size=IMAGE_SIZE):
         if has_alpha:
             pil = Image.alpha_composite(Image.new("RGBA", pil.size, WHITE), pil.convert("RGBA"))
         pil = pil.convert("RGB")
+    return pil
+
+
+def clip_image(pil, size=IMAGE_SIZE):
+    """PIL image -> (3, size, size) float, as CLIPImageProcessor: upright 8-bit RGB (upright_rgb), shortest side
+    to size (bicubic), centre crop size, /255, CLIP mean/std. size: CLIP's 224, or an encoder's own (the toy
+    ViT's 32). Unsupported modes and aspect ratios raise a ValueError naming them (image_problem)."""
+    pil = upright_rgb(pil)
     w, h = pil.size
     long = int(size * max(w, h) / min(w, h))  # transformers truncates, so do we
     pil = pil.resize((size, long) if w <= h else (long, size), Image.Resampling.BICUBIC)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 import encoders
@@ -75,6 +75,52 @@ def test_absurd_aspect_ratios_are_refused_and_normal_ones_match_the_processor(tm
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         torch.testing.assert_close(encoders.clip_image(img), Processor()(img, return_tensors="pt")["pixel_values"][0],
                                    atol=1e-2, rtol=0)
+
+
+def pil_clip_processor():
+    """CLIPImageProcessor's pillow backend: the one clip_image reproduces (torchvision resizes differently)."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+    except ImportError:
+        Processor = transformers.CLIPImageProcessor
+    return Processor()
+
+
+def test_an_exif_rotated_photo_is_read_upright_as_clip_image_processor_reads_the_file(tmp_path):
+    """A phone stores a portrait photo sideways, with an EXIF Orientation tag saying how to turn it. Given the file,
+    CLIPImageProcessor opens it with transformers' load_image, which turns it upright (PIL.ImageOps.exif_transpose):
+    clip_image read it sideways, a silently different picture for predict(path), the datasets and video frames."""
+    pixels = np.random.default_rng(2).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored sideways, turn 90 degrees clockwise to view
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    reference = pil_clip_processor()(str(tmp_path / "photo.jpg"), return_tensors="pt")["pixel_values"][0]
+    with Image.open(tmp_path / "photo.jpg") as pil:
+        assert pil.size == (100, 60)  # as stored
+        torch.testing.assert_close(encoders.clip_image(pil), reference, atol=1e-2, rtol=0)
+    # training's random crop of a video frame is drawn on the upright frame too, and turned only once
+    with Image.open(tmp_path / "photo.jpg") as pil:
+        upright = ImageOps.exif_transpose(pil)
+        for seed in range(3):
+            crops = [encoders.clip_image(data.augment_frame(im, torch.Generator().manual_seed(seed)))
+                     for im in (pil, upright)]
+            torch.testing.assert_close(crops[0], crops[1], atol=0, rtol=0)
+
+
+def test_training_crops_read_a_frame_as_the_test_read_does():
+    """augment_frame (training's random crop of a video frame) converted with a bare convert("RGB"): a 16-bit frame
+    turned white and transparent pixels black, where clip_image (the test read) reads the range and puts them on
+    white. A frame file is any image under a .jpg name: it is read the same way in training and in testing."""
+    grey = grey_gradient()
+    alpha = np.where(grey > 128, 255, 0).astype(np.uint8)
+    pairs = [(Image.fromarray(grey.astype(np.uint16) * 257), Image.fromarray(grey)),  # I;16 and its 8 bits
+             (Image.fromarray(np.dstack([grey] * 3 + [alpha]), "RGBA"),               # half transparent
+              Image.fromarray(np.where(alpha[..., None] > 0, np.dstack([grey] * 3), 255).astype(np.uint8)))]
+    for frame, as_read in pairs:
+        crops = [encoders.clip_image(data.augment_frame(im, torch.Generator().manual_seed(0)))
+                 for im in (frame, as_read)]
+        torch.testing.assert_close(crops[0], crops[1], atol=0, rtol=0)
 
 
 def test_a_file_that_is_not_an_image_is_found_when_the_dataset_is_built(tmp_path):
