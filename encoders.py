@@ -672,8 +672,14 @@ def fbank(waveform, sample_rate):
         raise ValueError(f"fbank expects a 1-D (mono) waveform, got shape {tuple(waveform.shape)}")
     if not waveform.is_floating_point():  # integer PCM read as it is would be ~32768x too loud, silently
         raise ValueError(f"fbank expects float samples in [-1, 1], got {waveform.dtype}: divide 16-bit PCM by 32768")
+    # Only the first MAX_FRAMES frames are kept: resampling and analysing the rest of a long recording to drop it
+    # cost 3.7 GB and 5.5 s for 10 minutes at 48 kHz. The kept samples are unchanged by the cut: a resampled
+    # sample reads its input up to one phase cycle (at most 1 s) plus the filter's half-width past its own time.
+    kept = (MAX_FRAMES - 1) * FRAME_SHIFT + FRAME_LENGTH                  # 16 kHz samples the kept frames read
+    waveform = waveform[:math.ceil(kept * sample_rate / SAMPLE_RATE) + 2 * int(sample_rate)]
     if sample_rate != SAMPLE_RATE:
         waveform = resample(waveform, sample_rate, SAMPLE_RATE)
+    waveform = waveform[:kept]
     if waveform.numel() < FRAME_LENGTH:
         raise ValueError(f"audio has {waveform.numel()} samples, fewer than one {FRAME_LENGTH}-sample window")
     frames = waveform.double().unfold(0, FRAME_LENGTH, FRAME_SHIFT)       # (T, 400), no centring

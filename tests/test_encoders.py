@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import checkpoints
-from encoders import AST, BERT, ViT, ASTConfig, BERTConfig, ViTConfig, fbank, load_tokenizer
+from encoders import MAX_FRAMES, AST, BERT, ViT, ASTConfig, BERTConfig, ViTConfig, fbank, load_tokenizer, resample
 
 transformers.logging.set_verbosity_error()  # its load reports list the skipped heads we skip on purpose
 
@@ -370,6 +370,23 @@ def test_fbank_refuses_integer_samples():
     pcm = (0.3 * torch.sin(2 * torch.pi * 440 * t) * 32767).round().to(torch.int16)
     with pytest.raises(ValueError, match=r"float samples in \[-1, 1\], got torch\.int16.*32768"):
         fbank(pcm, 16_000)
+
+
+@pytest.mark.filterwarnings("ignore:At least one mel filter")  # Kaldi's lowest filter is empty: expected
+@pytest.mark.parametrize("rate", [16_000, 48_000, 8_000, 44_056])  # 44_056 (NTSC's 44.1k): a 5507-sample phase cycle
+def test_fbank_of_a_long_recording_analyses_only_the_seconds_it_keeps(monkeypatch, rate):
+    """fbank keeps the first MAX_FRAMES frames (10.24 s) of a recording, but resampled and analysed all of it first:
+    seen, a 10-minute WAV at 48 kHz took 5.5 s and 3.7 GB (peak RSS) per clip, enough for a few DataLoader workers
+    to run out of memory. The features kept must not change: ASTFeatureExtractor on the whole clip, resampled."""
+    wave = 0.1 * torch.randn(20 * rate, generator=torch.Generator().manual_seed(0))  # 20 s
+    frames, rfft = [], torch.fft.rfft
+    monkeypatch.setattr(torch.fft, "rfft", lambda x, *args, **kw: frames.append(x.shape[0]) or rfft(x, *args, **kw))
+    feats = fbank(wave, rate)
+    assert frames == [MAX_FRAMES]
+    monkeypatch.undo()
+    whole = wave if rate == 16_000 else resample(wave, rate, 16_000)
+    reference = transformers.ASTFeatureExtractor()(whole.numpy(), sampling_rate=16_000, return_tensors="pt")
+    torch.testing.assert_close(feats, reference["input_values"][0], atol=1e-4, rtol=0)
 
 
 def test_a_bare_vocab_keeps_special_tokens_in_a_text_whole():
