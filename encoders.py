@@ -574,6 +574,24 @@ def clip_image(pil, size=IMAGE_SIZE):
     return (x - CLIP_MEAN) / CLIP_STD
 
 
+# clip_image's values lie within +-2.15 ((1 - 0.408) / 0.276, blue); the synthetic data's images reach ~5. A tensor
+# beyond MAX_PREPROCESSED is not a preprocessed image: most often a photo's 0..255 pixels made float.
+MAX_PREPROCESSED = 10.0
+
+
+def preprocessed_image_problem(x):
+    """Why a float tensor given as a preprocessed image is not one (NaN/Inf, or values beyond MAX_PREPROCESSED),
+    or None."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:  # they would make every probability NaN
+        return f"holds {bad} NaN/Inf value{'s' if bad > 1 else ''}"
+    top = x.abs().max().item() if x.numel() else 0.0
+    if top > MAX_PREPROCESSED:
+        return (f"holds values up to {top:g}: it is not preprocessed (clip_image's lie within +-2.15): pass raw "
+                f"pixels as a PIL image (PIL.Image.fromarray) or a file path, or preprocess them with clip_image")
+    return None
+
+
 # Text, for BERT: uncased WordPiece, [CLS] ... [SEP], truncated to the dataset's max length (sec. 4.2)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's vocab.txt order
 

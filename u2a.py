@@ -58,7 +58,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from encoders import (AST, BERT, IMAGE_SIZE, MAX_FRAMES, MODALITY_INPUTS, NUM_MEL_BINS, ASTConfig, BERTConfig, ViT,
-                      ViTConfig, batch_inputs, clip_image, is_missing_text, load_tokenizer)
+                      ViTConfig, batch_inputs, clip_image, is_missing_text, load_tokenizer, preprocessed_image_problem)
 from lora import add_lora, mark_only_lora_as_trainable, parameter_table
 from weights.download import CHECKPOINTS
 
@@ -802,8 +802,8 @@ def evaluate_scenarios(model, tokens, scenarios, placeholders=None, n=None, seed
 # Predicting for a user's own inputs: an image and/or a text, either may be missing
 
 def checked_image(image, size):
-    """predict's image once a path or PIL image has been preprocessed: None, or a preprocessed
-    (3, size, size) float tensor (encoders.clip_image's output) that is finite -> float32."""
+    """predict's image once a path or PIL image has been preprocessed: None, or a preprocessed (3, size, size)
+    float tensor (encoders.clip_image's output), finite and in its range (preprocessed_image_problem) -> float32."""
     if image is None:
         return None
     accepted = f"a file path, a PIL image or a preprocessed (3, {size}, {size}) float tensor (encoders.clip_image)"
@@ -816,9 +816,9 @@ def checked_image(image, size):
                         f"them with encoders.clip_image")
     if tuple(image.shape) != (3, size, size):
         raise ValueError(f"the image encoder takes (3, {size}, {size}) images, got {tuple(image.shape)}")
-    bad = int((~torch.isfinite(image)).sum())
-    if bad:  # they would make every probability NaN
-        raise ValueError(f"predict: the image tensor holds {bad} NaN/Inf value{'s' if bad > 1 else ''}")
+    problem = preprocessed_image_problem(image)  # NaN/Inf, or e.g. 0..255 pixels made float
+    if problem:
+        raise ValueError(f"predict: the image tensor {problem}")
     return image.float()
 
 

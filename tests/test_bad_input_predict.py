@@ -122,6 +122,16 @@ def test_predict_refuses_an_image_tensor_of_raw_pixels_or_with_nan(model, image)
         u2a.predict(model, image=image.tolist())
 
 
+def test_predict_refuses_an_image_tensor_of_raw_pixels_made_float(model):
+    """A photo's 0..255 pixels made a float tensor (np.array(photo), permuted, .float()) passed every check: the
+    encoder read values up to ~100x beyond any CLIP-preprocessed image, and predict answered about that picture."""
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    raw = torch.from_numpy(pixels).permute(2, 0, 1).float()                    # (3, 32, 32) in [0, 255]
+    with pytest.raises(ValueError, match=r"values up to 255.*not preprocessed.*PIL image"):
+        u2a.predict(model, image=raw, text="a sunny scene")
+    u2a.predict(model, image=encoders.clip_image(Image.fromarray(pixels), 32), text="a sunny scene")  # preprocessed
+
+
 def test_predict_takes_a_half_precision_image_tensor_as_floats(model, image):
     got = probabilities(u2a.predict(model, image=image.half(), text="a sunny scene"))
     expected = probabilities(u2a.predict(model, image=image.half().float(), text="a sunny scene"))
