@@ -827,8 +827,12 @@ def read_frames(folder, generator=None):
         raise FileNotFoundError(f"no {'/'.join(FRAME_SUFFIXES)} frames in {folder}")
     frames = []
     for i in frame_indices(len(frame_paths), generator):
-        with Image.open(frame_paths[i]) as pil:
-            frames.append(clip_image(pil if generator is None else augment_frame(pil, generator)))
+        try:
+            with Image.open(frame_paths[i]) as pil:
+                frames.append(clip_image(pil if generator is None else augment_frame(pil, generator)))
+        except (OSError, ValueError) as err:  # e.g. a frame cut short: say which one, not only the clip's folder
+            name = f"frame {os.path.basename(frame_paths[i])}: {err}"
+            raise (OSError if isinstance(err, OSError) else ValueError)(name) from err
     return torch.stack(frames)
 
 

@@ -153,6 +153,18 @@ def test_a_frame_that_is_not_an_image_is_found_when_the_dataset_is_built(tmp_pat
         data.make_dataset("cremad", root, "test")
 
 
+
+def test_a_frame_that_does_not_decode_is_named_when_its_clip_is_read(tmp_path):
+    """A frame cut short (a copy interrupted) has a good header, so the build passes it, and fails to decode when
+    its clip is read. The error named the clip's folder only, "image file is truncated", not which of its frames."""
+    root = make_cremad(tmp_path / "cremad")
+    frame = root / "Image-01-FPS" / "1088_IOM_NEU_XX" / "00003.jpg"  # one of the 3 the test read picks of 4
+    frame.write_bytes(frame.read_bytes()[:len(frame.read_bytes()) // 2])
+    ds = data.make_dataset("cremad", root, "test")
+    with pytest.raises(data.UnreadableFile, match=r"cannot read video .*1088_IOM_NEU_XX: frame .*00003.jpg: "
+                                                  r"image file is truncated"):
+        ds[0]
+
 # ----------------------------------------------------------------------------- split files (item 6)
 
 def add_line(path, line):
