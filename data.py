@@ -88,7 +88,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from encoders import (FRAME_LENGTH, IMAGE_SIZE, NUM_FRAMES, SAMPLE_RATE, SPECIAL_TOKENS, batch_inputs, bert_template,
-                      clip_image, fbank, image_problem, is_missing_text, upright_rgb, wordpiece_tokenizer)
+                      clip_image, fbank, image_problem, is_missing_text, resample_problem, upright_rgb,
+                      wordpiece_tokenizer)
 
 # -----------------------------------------------------------------------------
 # 0. Seeds: every random stream of a run comes from the run's one seed, here
@@ -1168,6 +1169,9 @@ def _problem(modality, source):
         header = sf.info(path)
     except RuntimeError as err:  # soundfile.LibsndfileError
         return f"bad header: {getattr(err, 'error_string', err)}"
+    unusable = resample_problem(header.samplerate)  # a rate whose resampling filter would take gigabytes
+    if unusable:
+        return f"unusable: {unusable}"
     # A clip shorter than one analysis window has no feature frame. Refused (skip mode: marked absent), not
     # padded: a few ms of sound is a failed extraction far more often than a sample, and padded with silence
     # it would pass for a present audio that holds nothing.

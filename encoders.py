@@ -717,14 +717,41 @@ def fbank(waveform, sample_rate):
 # each side. Accuracy 44.1 kHz -> 16 kHz: tones up to ~3 kHz land within 5e-4 of the exact 16 kHz
 # signal; tones within ~1.5 kHz of the new 8 kHz Nyquist are attenuated (transition band).
 RESAMPLE_ROLLOFF, RESAMPLE_WIDTH = 0.99, 6
+# The filter bank holds one filter per output phase, each as long as the input's phase cycle: new * (orig + 2 width)
+# taps, the rates divided by their gcd. 44.1 kHz -> 16 kHz: 76k taps; 44.056 kHz (NTSC's pull-down): 11M. A rate
+# sharing few factors with 16 kHz needs far more: 11127 Hz (an old Macintosh rate) 178M, seen taking 5.8 GB and
+# 14 s for a 10 s clip. Beyond MAX_RESAMPLE_TAPS the rate is refused, naming the conversion that fixes it.
+MAX_RESAMPLE_TAPS = 2 ** 24
 
 
-def resample(waveform, orig_rate, new_rate):
-    """1-D waveform at orig_rate -> 1-D waveform at new_rate (polyphase conv1d, one filter per phase)."""
+def resample_plan(orig_rate, new_rate):
+    """(orig, new, cutoff, width): the rates divided by their gcd, the low-pass cutoff and the filter's half-width,
+    in those units."""
     g = math.gcd(int(orig_rate), int(new_rate))
     orig, new = int(orig_rate) // g, int(new_rate) // g
     cutoff = min(orig, new) * RESAMPLE_ROLLOFF
-    width = math.ceil(RESAMPLE_WIDTH * orig / cutoff)
+    return orig, new, cutoff, math.ceil(RESAMPLE_WIDTH * orig / cutoff)
+
+
+def resample_problem(orig_rate, new_rate=SAMPLE_RATE):
+    """Why resample refuses orig_rate (its filter bank would be beyond MAX_RESAMPLE_TAPS), or None. The datasets
+    ask it of each WAV's header when they are built."""
+    orig, new, _, width = resample_plan(orig_rate, new_rate)
+    taps = new * (orig + 2 * width)
+    if taps <= MAX_RESAMPLE_TAPS:
+        return None
+    return (f"sample rate {orig_rate} Hz shares too few factors with {new_rate} Hz: resampling it needs a filter "
+            f"bank of {taps / 1e6:.0f}M taps ({taps * 8 / 1e9:.1f} GB); convert the file first, e.g. "
+            f"`ffmpeg -i IN.wav -ar {new_rate} OUT.wav`")
+
+
+def resample(waveform, orig_rate, new_rate):
+    """1-D waveform at orig_rate -> 1-D waveform at new_rate (polyphase conv1d, one filter per phase).
+    A rate whose filter bank would be too large raises a ValueError (resample_problem)."""
+    problem = resample_problem(orig_rate, new_rate)
+    if problem:
+        raise ValueError(problem)
+    orig, new, cutoff, width = resample_plan(orig_rate, new_rate)
     taps = torch.arange(-width, width + orig, dtype=torch.float64)[None] / orig         # (1, K)
     t = (taps - torch.arange(new, dtype=torch.float64)[:, None] / new) * cutoff         # (new, K)
     t = t.clamp(-RESAMPLE_WIDTH, RESAMPLE_WIDTH)

@@ -282,6 +282,22 @@ def test_wavs_shorter_than_one_analysis_window_are_found_when_the_dataset_is_bui
     assert ds[0]["audio"] is None and ds[1]["audio"].shape == (1024, 128)
 
 
+def test_a_wav_at_a_rate_sharing_few_factors_with_16_khz_is_refused_by_name(tmp_path):
+    """resample builds one filter per output phase, each as long as the input's phase cycle. 11127 Hz (an old
+    Macintosh rate, found in old sound libraries) shares no factor with 16000: 16000 filters of ~11141 taps. Seen:
+    5.8 GB and 14 s for one 10 s clip, at every read of it (22254 Hz: 3 GB, 10 s), where a run's DataLoader workers
+    run out of memory. Found when the dataset is built instead, naming the conversion that fixes it."""
+    root = make_cremad(tmp_path / "cremad")
+    write_wav(root / "AudioWAV" / "1088_IOM_NEU_XX.wav", rate=11_127)
+    assert_broken_first_wav_found_at_build(root, r"cremad/test: 1 of 2 audio files cannot be used \(e.g. "
+                                                 r".*1088_IOM_NEU_XX.wav: sample rate 11127 Hz.*-ar 16000",
+                                           "sample rate 11127 Hz")
+    with pytest.raises(ValueError, match=r"sample rate 11127 Hz.*-ar 16000"):
+        encoders.fbank(torch.zeros(11_127), 11_127)
+    for rate in (8_000, 11_025, 22_050, 32_000, 44_100, 44_056, 47_952, 48_000, 96_000, 192_000):  # NTSC pull-downs too
+        assert encoders.resample_problem(rate) is None
+
+
 def test_an_ave_wav_already_cut_to_its_event_is_found_when_the_dataset_is_built(tmp_path):
     """audio/<id>.wav is the whole video's audio, the event window is cut from it. Seen: a WAV already cut to its
     event (PMR's extractWav_SE writes those), Bark at 3-7 s as a 4 s file, was cut again to seconds 3-4 of the
