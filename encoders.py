@@ -522,6 +522,8 @@ def image_problem(pil):
         return (f"image mode {pil.mode!r} is not supported: expected one of {', '.join(EIGHT_BIT_MODES)} "
                 f"(8 bits a channel), or grey {', '.join(FULL_SCALE)} (16-bit, or float in [0, 1])")
     w, h = pil.size
+    if min(w, h) == 0:  # e.g. a crop with no area; resizing it would divide by zero
+        return f"{w} x {h} pixels: the image is empty"
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         return (f"{w} x {h} pixels, an aspect ratio above {MAX_ASPECT_RATIO}:1: CLIP's 224 x 224 centre crop "
                 f"would keep too little of it (crop or pad it nearer to square)")

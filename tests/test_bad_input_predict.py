@@ -132,6 +132,14 @@ def test_predict_refuses_an_image_tensor_of_raw_pixels_made_float(model):
     u2a.predict(model, image=encoders.clip_image(Image.fromarray(pixels), 32), text="a sunny scene")  # preprocessed
 
 
+def test_predict_refuses_an_empty_image_by_its_size(model):
+    """A crop with no area (img.crop((10, 10, 10, 10)): 0 x 0) ended in a bare ZeroDivisionError inside clip_image
+    (CLIPImageProcessor fails the same way); 0 x 5 was called "an aspect ratio above 20:1"."""
+    for empty in (Image.new("RGB", (40, 30)).crop((10, 10, 10, 10)), Image.new("RGB", (0, 5))):
+        with pytest.raises(ValueError, match=rf"{empty.width} x {empty.height} pixels: the image is empty"):
+            u2a.predict(model, image=empty, text="a sunny scene")
+
+
 def test_predict_takes_a_half_precision_image_tensor_as_floats(model, image):
     got = probabilities(u2a.predict(model, image=image.half(), text="a sunny scene"))
     expected = probabilities(u2a.predict(model, image=image.half().float(), text="a sunny scene"))
