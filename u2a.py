@@ -856,8 +856,11 @@ def predict(model, image=None, text=None, tokenizer=None):
         raise ValueError(f"predict takes an image and a text; this model reads {model.modalities}")
     size = model.branches["image"].encoder.config.image_size  # the encoder's own: CLIP's 224, the toy ViT's 32
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as pil:
-            image = clip_image(pil, size)                                     # (3, size, size)
+        try:
+            with Image.open(image) as pil:
+                image = clip_image(pil, size)                                 # (3, size, size)
+        except (OSError, ValueError) as err:  # a file cut short, a mode or size refused: say which file
+            raise (OSError if isinstance(err, OSError) else ValueError)(f"predict: image {image}: {err}") from err
     elif isinstance(image, Image.Image):
         image = clip_image(image, size)
     image, text = checked_image(image, size), checked_text(text)

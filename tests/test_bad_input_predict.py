@@ -140,6 +140,21 @@ def test_predict_refuses_an_empty_image_by_its_size(model):
             u2a.predict(model, image=empty, text="a sunny scene")
 
 
+def test_predict_names_the_image_file_it_cannot_read(model, tmp_path):
+    """An image given by path that does not decode or fit was refused without its name: a JPEG cut short said
+    only "image file is truncated (8 bytes not processed)", a 30:1 banner only its size."""
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo, quality=95)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo.read_bytes()[:len(photo.read_bytes()) // 2])  # an interrupted copy
+    banner = tmp_path / "banner.png"
+    Image.new("RGB", (300, 10)).save(banner)
+    for path in (cut, banner):
+        with pytest.raises((OSError, ValueError), match=re.escape(str(path))):
+            u2a.predict(model, image=path, text="a sunny scene")
+    u2a.predict(model, image=photo, text="a sunny scene")  # the whole file reads
+
+
 def test_predict_takes_a_half_precision_image_tensor_as_floats(model, image):
     got = probabilities(u2a.predict(model, image=image.half(), text="a sunny scene"))
     expected = probabilities(u2a.predict(model, image=image.half().float(), text="a sunny scene"))
