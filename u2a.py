@@ -392,7 +392,7 @@ def u2a_loss(out, labels, multilabel=False, lam=U2AConfig.lam, n_samples=None, n
 
 def modality_dropout(present, generator=None):
     """present (B, 2) bool -> (B, 2): unchanged, m1 dropped, or m2 dropped, each with probability 1/3.
-    A sample never loses its only modality (possible only if the set was not complete after all)."""
+    A sample never loses its only modality (one whose other file --on-error skip marked absent)."""
     choice = int(torch.randint(3, (1,), generator=generator))
     if choice == 0:
         return present
